@@ -1,0 +1,38 @@
+"""Attention backends, registered by name and chosen once at startup.
+
+``torch_native`` is the CPU path and the reference for GPU kernels. GPU backends import their
+kernels (Triton) inside their factory, so importing this package never needs a GPU toolchain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+
+_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[[], AttentionBackend]], Callable[[], AttentionBackend]]:
+    def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
+        assert name not in _FACTORIES, f"attention backend {name!r} registered twice"
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_backend("torch_native")
+def _torch_native() -> AttentionBackend:
+    from engine.attention.torch_native import TorchNativeBackend
+
+    return TorchNativeBackend()
+
+
+def create_backend(name: str) -> AttentionBackend:
+    if name not in _FACTORIES:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; available: {sorted(_FACTORIES)}")
+    return _FACTORIES[name]()
+
+
+__all__ = ["AttentionBackend", "ForwardBatch", "ForwardMode", "create_backend", "register_backend"]

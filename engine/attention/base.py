@@ -1,0 +1,66 @@
+"""The attention-backend contract and the per-step batch description every backend reads.
+
+A batch is *packed*: the new tokens of all sequences are concatenated into one ``[num_tokens, ...]``
+tensor. In an EXTEND batch each sequence brings ``extend_len >= 1`` new tokens on top of a cached
+prefix (``prefix_len = seq_len - extend_len`` tokens already in the page pool, from a prefix-cache
+hit or an earlier chunk). In a DECODE batch every sequence brings exactly one token.
+
+Backend contract (``AttentionBackend``):
+- ``prepare(batch)`` runs once per step, before the forward, and may attach backend-specific
+  metadata to ``batch.attn_metadata`` (index tensors, split counts). It must not sync with the GPU.
+- ``forward(layer, q, k, v, batch)`` first stores the new tokens' K/V into the pool at
+  ``batch.out_cache_loc``, then attends each query over its sequence's whole KV (prefix + new),
+  causally, and returns ``[num_tokens, num_heads * head_dim]``.
+Backends are registered by name in ``engine.attention`` and chosen once at startup.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.kvcache.page_pool import KVPagePool
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"
+    DECODE = "decode"
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    out_cache_loc: torch.Tensor  # [num_tokens] int64 slot of each new token's K/V
+    page_table: torch.Tensor  # [batch, max_pages] int64, rows padded with page 0
+    seq_lens: torch.Tensor  # [batch] int64 KV length after this step
+    logits_indices: torch.Tensor  # [batch] int64 row of each sequence's last new token
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+    kv_pool: KVPagePool
+    attn_backend: AttentionBackend
+    attn_metadata: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class AttentionBackend:
+    """Base class; see the module docstring for the contract."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        pass
+
+    def forward(
+        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        raise NotImplementedError

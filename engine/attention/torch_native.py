@@ -1,0 +1,64 @@
+"""Attention in plain torch (SDPA) over the paged pool: the CPU path and the GPU kernels' reference.
+
+Decode gathers every sequence's pages into a padded ``[batch, max_pages * page_size]`` view and
+masks positions past ``seq_len``: one batched SDPA call. Extend loops over sequences (prompt
+lengths differ a lot, padding would waste more than the loop costs) with a causal mask offset by
+the cached prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+
+
+class TorchNativeBackend(AttentionBackend):
+    def forward(
+        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
+        pool = batch.kv_pool
+        pool.store(layer.layer_id, batch.out_cache_loc, k, v)
+        k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
+        if batch.mode is ForwardMode.DECODE:
+            out = self._decode(q, k_pages, v_pages, batch, layer.scaling)
+        else:
+            out = self._extend(q, k_pages, v_pages, batch, layer.scaling)
+        return out.reshape(q.shape[0], -1)
+
+    @staticmethod
+    def _decode(q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        bs, max_pages = batch.page_table.shape
+        _, page_size, num_kv_heads, head_dim = k_pages.shape
+        max_len = max_pages * page_size
+        k = k_pages[batch.page_table].view(bs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+        v = v_pages[batch.page_table].view(bs, max_len, num_kv_heads, head_dim).transpose(1, 2)
+        valid = torch.arange(max_len, device=q.device)[None, :] < batch.seq_lens[:, None]  # [bs, max_len]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+        )  # [bs, num_heads, 1, head_dim]
+        return out.squeeze(2)
+
+    @staticmethod
+    def _extend(q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        _, page_size, num_kv_heads, head_dim = k_pages.shape
+        outs = []
+        start = 0
+        for i, (seq_len, ext) in enumerate(zip(batch.seq_lens_cpu, batch.extend_lens_cpu, strict=True)):
+            pages = batch.page_table[i, : -(-seq_len // page_size)]
+            k = k_pages[pages].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            v = v_pages[pages].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            qi = q[start : start + ext].transpose(0, 1)  # [num_heads, ext, head_dim]
+            prefix = seq_len - ext
+            # query t (absolute position prefix + t) sees keys 0..prefix + t
+            key_pos = torch.arange(seq_len, device=q.device)
+            query_pos = torch.arange(prefix, seq_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # [ext, seq_len]
+            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            outs.append(o.transpose(0, 1))  # [ext, num_heads, head_dim]
+            start += ext
+        return torch.cat(outs, dim=0)

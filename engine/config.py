@@ -1,0 +1,155 @@
+"""Configuration as data: the model's shape (read from an HF ``config.json``) and the engine's knobs.
+
+Both are frozen dataclasses validated in ``__post_init__`` and resolved once at the entry point;
+nothing reads configuration from globals later.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters. ``scaling`` is "default" or "llama3" (Llama 3.1 frequency scaling)."""
+
+    theta: float = 10000.0
+    scaling: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.scaling not in ("default", "llama3"):
+            raise ValueError(f"rope_scaling: rope_type {self.scaling!r} is not supported (default, llama3)")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> RopeConfig:
+        # transformers >= 5 writes "rope_parameters" (theta inside); hub checkpoints use the legacy
+        # top-level "rope_theta" + "rope_scaling". Accept both.
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default"))
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return cls(theta=float(theta), scaling=kind, **{k: params[k] for k in keys if k in params})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape, from its HF ``config.json``; ``dtype`` is the compute/storage dtype to use."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope: RopeConfig
+    dtype: str
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_kv_heads})"
+            )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, dtype: str = "auto") -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
+        cfg = json.loads(path.read_text())
+        archs = cfg.get("architectures") or []
+        if len(archs) != 1:
+            raise ValueError(f"{path}: 'architectures' must name exactly one class, got {archs!r}")
+        if dtype == "auto":
+            dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        num_heads = cfg["num_attention_heads"]
+        try:
+            return cls(
+                architecture=archs[0],
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                num_layers=cfg["num_hidden_layers"],
+                num_heads=num_heads,
+                num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                attention_bias=cfg.get("attention_bias", False),
+                rope=RopeConfig.from_hf(cfg),
+                dtype=dtype,
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ValueError(f"{path}: missing required field {e.args[0]!r}") from None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine instance (one model replica on one device).
+
+    KV cache size: on CUDA, ``gpu_memory_utilization`` of total device memory minus what weights and
+    activations use; on CPU, ``kv_cache_bytes``. ``max_num_batched_tokens`` is the per-step token budget
+    and therefore the chunked-prefill chunk size.
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    page_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    kv_cache_bytes: int = 256 << 20
+    gpu_memory_utilization: float = 0.85
+    attention_backend: str = "torch_native"
+    enable_prefix_cache: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
+            (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
+            (self.max_num_batched_tokens >= self.page_size, "max_num_batched_tokens", ">= page_size"),
+            (self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0"),
+            (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
+            (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ValueError(f"{name}: must be {want}, got {getattr(self, name)!r}")

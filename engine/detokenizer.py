@@ -1,0 +1,101 @@
+"""Incremental, UTF-8-safe detokenization and stop-string search, for streaming (torch-free).
+
+A token can end in the middle of a multi-byte character (byte-level BPE splits é, 中 and emoji across
+tokens), and some decoders change a token's text depending on its neighbours (SentencePiece strips
+the leading space of the first token). So the text of token i is never `decode([i])`: we decode a
+short window of recent tokens twice, without and with the new ones, and emit the difference
+(the prefix/read-offset technique of HF TGI and vLLM). A window whose text ends in U+FFFD is an
+incomplete character; its text is held back until a later token completes it (or `flush`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.tokenizer import Tokenizer
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens decoded with the first output tokens, so context-dependent decoders (SentencePiece's
+# leading space) render the first output token as it reads after the prompt.
+_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output token ids into a stream of text deltas.
+
+    Contract: for output ids t1..tn, "".join(push(t) for t in ids) + flush() equals
+    tokenizer.decode(ids) for byte-level tokenizers (decoders whose output does not depend on what
+    precedes the first token); and push() never returns text ending in a partial character.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self.output_ids: list[int] = []
+        self._text_parts: list[str] = []
+        # self._ids[self._prefix:self._read] is already emitted context; self._ids[self._read:] is pending.
+        self._ids = list(prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT_TOKENS) :])
+        self._prefix_text = self._decode(self._ids)
+        if self._prefix_text.endswith(_REPLACEMENT):
+            # The prompt ends inside a character: its context would make our deltas inconsistent.
+            self._ids, self._prefix_text = [], ""
+        self._prefix = 0
+        self._read = len(self._ids)
+
+    @property
+    def text(self) -> str:
+        """All text returned by push() and flush() so far."""
+        if len(self._text_parts) > 1:
+            self._text_parts = ["".join(self._text_parts)]
+        return self._text_parts[0] if self._text_parts else ""
+
+    def push(self, token_id: int) -> str:
+        """Add one output token; return the newly completed text ("" while a character is
+        incomplete or the token has no text, e.g. a skipped special token)."""
+        self.output_ids.append(token_id)
+        self._ids.append(token_id)
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+            return ""
+        return self._advance(new_text)
+
+    def flush(self) -> str:
+        """Return the held-back text (a trailing partial character as U+FFFD), as when the request
+        ends; the stream is then consistent with decode(output_ids)."""
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) <= len(self._prefix_text):
+            return ""
+        return self._advance(new_text)
+
+    def _advance(self, new_text: str) -> str:
+        delta = new_text[len(self._prefix_text) :]
+        # The pending tokens become the next window's context; older tokens are no longer needed.
+        del self._ids[: self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        self._text_parts.append(delta)
+        return delta
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+
+
+def find_stop(text: str, stop: Sequence[str], new_text_len: int) -> int | None:
+    """Index in `text` where the earliest stop string starts, among occurrences that end inside the
+    last `new_text_len` characters (older occurrences were found by earlier calls); None if none.
+
+    Stop strings may straddle the old/new boundary: "\\n\\n" is found when each "\\n" arrives in a
+    different delta.
+    """
+    if new_text_len <= 0:
+        return None
+    old_len = len(text) - new_text_len
+    best: int | None = None
+    for s in stop:
+        # Any match starting here or later ends past old_len, i.e. inside the new text.
+        at = text.find(s, max(0, old_len - len(s) + 1))
+        if at != -1 and (best is None or at < best):
+            best = at
+    return best

@@ -1,0 +1,100 @@
+"""One engine: a model replica with its scheduler, KV cache and output processing, stepped by a caller.
+
+``Engine.step`` is the whole algorithm: schedule → prepare → forward → sample → postprocess. The
+offline ``LLM`` drives it in a loop; the services (#3) drive it from their own loops.
+"""
+
+from __future__ import annotations
+
+import random
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kvcache.allocator import PageAllocator
+from engine.kvcache.radix_cache import RadixCache
+from engine.model_runner import ModelRunner, SampledTokens
+from engine.output import OutputProcessor, RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.model_config = ModelConfig.from_dir(cfg.model, cfg.dtype)
+        self.tokenizer = Tokenizer.from_dir(cfg.model)
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = min(cfg.max_model_len or limit, limit)
+        self.runner = ModelRunner(cfg, self.model_config)
+        self.allocator = PageAllocator(self.runner.num_pages)
+        self.prefix_cache = RadixCache(self.allocator, cfg.page_size) if cfg.enable_prefix_cache else None
+        self.scheduler = Scheduler(
+            self.allocator, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.prefix_cache
+        )
+        eos = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.outputs = OutputProcessor(self.tokenizer, eos)
+        self._seqs: dict[str, Sequence] = {}
+        self._seed_rng = random.Random(cfg.seed)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request. Raises ValueError (field name first) if it can never run here."""
+        if request_id in self._seqs:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        if not prompt_ids:
+            raise ValueError("prompt: must contain at least one token")
+        vocab = self.model_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's context "
+                f"of {self.max_model_len} tokens"
+            )
+        max_len = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        capacity = self.scheduler.capacity_tokens()
+        if max_len > capacity:
+            raise ValueError(
+                f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) needs {max_len} "
+                f"tokens of KV cache but the whole pool holds {capacity}"
+            )
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.release(seq, "abort")
+        return self.outputs.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        forward_batch = self.runner.prepare(batch)
+        logits = self.runner.forward(forward_batch)
+        sampled = self.runner.sample(logits, batch)
+        return self._postprocess(batch, sampled)
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens) -> list[RequestOutput]:
+        row = {id(seq): i for i, seq in enumerate(batch.seqs)}
+        outputs = []
+        for seq in self.scheduler.update(batch, sampled.token_ids):
+            i = row[id(seq)]
+            token = seq.token_ids[-1]
+            logprob = None
+            if seq.params.logprobs is not None and sampled.logprobs is not None:
+                top = sampled.top_logprobs[i][: seq.params.logprobs] if sampled.top_logprobs else []
+                logprob = TokenLogprob(token, sampled.logprobs[i], top)
+            out, reason = self.outputs.process(seq, token, logprob, seq.max_len)
+            if reason is not None:
+                self.scheduler.release(seq, reason)
+                del self._seqs[seq.request_id]
+            outputs.append(out)
+        return outputs

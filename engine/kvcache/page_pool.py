@@ -1,0 +1,47 @@
+"""The KV page pool: one tensor holding every layer's K and V pages.
+
+Layout ``[num_layers, 2 (k, v), num_pages, page_size, num_kv_heads, head_dim]``: a layer's K (or V)
+pages are one contiguous block, so layer-by-layer KV transfer and per-layer kernels index pages
+directly. A token's *slot* is ``page * page_size + offset``; ``store`` writes new tokens by slot.
+Page 0 is never allocated (see ``PageAllocator``) so padded rows can write there harmlessly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPagePool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        # [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]
+        self.kv_gpu = torch.zeros(
+            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_page(
+        num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return num_layers * 2 * page_size * num_kv_heads * head_dim * dtype.itemsize
+
+    def k_pages(self, layer: int) -> torch.Tensor:
+        return self.kv_gpu[layer, 0]  # [num_pages, page_size, num_kv_heads, head_dim]
+
+    def v_pages(self, layer: int) -> torch.Tensor:
+        return self.kv_gpu[layer, 1]  # [num_pages, page_size, num_kv_heads, head_dim]
+
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # slots [num_tokens]; k, v [num_tokens, num_kv_heads, head_dim]
+        self.k_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k)
+        self.v_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v)

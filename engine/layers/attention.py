@@ -1,0 +1,43 @@
+"""Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary, the
+paged attention backend, output projection."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.attention.base import ForwardBatch
+from engine.config import ModelConfig
+from engine.layers.linear import Linear, PackedLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qk_norm: bool, qkv_bias: bool
+    ) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scaling = cfg.head_dim**-0.5
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.qkv_proj = PackedLinear(
+            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=qkv_bias
+        )
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # x [num_tokens, hidden]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = batch.attn_backend.forward(self, q, k, v, batch)  # [num_tokens, num_heads * head_dim]
+        return self.o_proj(out)

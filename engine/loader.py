@@ -1,0 +1,112 @@
+"""Build a model from an HF directory: pick the class by architecture, stream safetensors into it.
+
+Every failure is one ``ModelLoadError`` naming the file, the tensor and what was expected: an
+unknown architecture, a missing or unexpected tensor, a shape that does not fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers.linear import ShapeMismatch, default_weight_loader
+from engine.models import model_class
+
+# Tensors some checkpoints carry that have no parameter (recomputed at init).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def load_model(cfg: ModelConfig, model_dir: str | Path, device: torch.device | str) -> nn.Module:
+    try:
+        cls = model_class(cfg.architecture)
+    except ValueError as e:
+        raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
+    with _default_dtype(cfg.torch_dtype), torch.device(device):
+        model = cls(cfg)
+    load_weights(model, model_dir)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    params = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_weights", {})
+    tied = model.config.tie_word_embeddings  # type: ignore[union-attr]
+    expected = {(name, part) for name, p in params.items() for part in getattr(p, "packed_parts", (None,))}
+    loaded: set[tuple[str, str | None]] = set()
+    for file, name, tensor in _iter_tensors(Path(model_dir)):
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, part = _map_name(name, packed)
+        if target not in params:
+            raise ModelLoadError(
+                f"{file}: unexpected tensor {name!r}: {type(model).__name__} has no such parameter"
+            )
+        param = params[target]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            with torch.no_grad():
+                loader(param, tensor, part)
+        except ShapeMismatch as e:
+            raise ModelLoadError(f"{file}: tensor {name!r}: {e}") from None
+        loaded.add((target, part))
+    missing = sorted(f"{name}" + (f" (part {part})" if part else "") for name, part in expected - loaded)
+    if missing:
+        raise ModelLoadError(
+            f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}"
+        )
+
+
+def _map_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | None]:
+    for fragment, (module, part) in packed.items():
+        if f".{fragment}." in name:
+            return name.replace(f".{fragment}.", f".{module}."), part
+    return name, None
+
+
+def _iter_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    for file in _weight_files(model_dir):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield file, name, f.get_tensor(name)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: no 'weight_map' object")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index}: names shard {f.name!r}, which does not exist")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir}: no model.safetensors, no index, no *.safetensors files")
+    return files
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created directly in the target dtype: no float32 copy of an 8B model first.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

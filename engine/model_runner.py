@@ -1,0 +1,159 @@
+"""Owns the device side of an engine: weights, the KV page pool, the attention backend, the sampler.
+
+``prepare`` turns a scheduled batch (plain Python) into a ``ForwardBatch`` of device tensors,
+``forward`` runs the model to last-token logits, ``sample`` picks tokens and reads them back (the
+step's one host sync).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import ForwardBatch, ForwardMode, create_backend
+from engine.config import EngineConfig, ModelConfig
+from engine.kvcache.page_pool import KVPagePool
+from engine.loader import load_model
+from engine.sampling import Sampler, SamplingTensors
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampledTokens:
+    """Host-side sampling results for one step, one entry per sequence of the batch."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig) -> None:
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.device = torch.device(cfg.device)
+        self.model = load_model(model_cfg, cfg.model, self.device)
+        self.attn_backend = create_backend(cfg.attention_backend)
+        self.sampler = Sampler()
+        self.num_pages = self._num_pages()
+        self.kv_pool = self._make_pool(self.num_pages)
+        log.info(
+            "KV pool: %d pages x %d tokens (%.1f MiB) on %s",
+            self.num_pages,
+            cfg.page_size,
+            self.kv_pool.kv_gpu.numel() * self.kv_pool.kv_gpu.element_size() / 2**20,
+            self.device,
+        )
+
+    # -- the step ------------------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        ps = self.cfg.page_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
+            start, end = seq.num_computed, seq.num_computed + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += [seq.pages[p // ps] * ps + p % ps for p in range(start, end)]
+            seq_lens.append(end)
+        max_pages = max(len(seq.pages) for seq in batch.seqs)
+        page_table = [seq.pages + [0] * (max_pages - len(seq.pages)) for seq in batch.seqs]
+        last_rows = torch.tensor(batch.extend_lens).cumsum(0) - 1
+        return ForwardBatch(
+            mode=ForwardMode.DECODE if batch.is_decode else ForwardMode.EXTEND,
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            out_cache_loc=self._to_device(slots),
+            page_table=self._to_device(page_table),
+            seq_lens=self._to_device(seq_lens),
+            logits_indices=last_rows.to(self.device, non_blocking=True),
+            seq_lens_cpu=seq_lens,
+            extend_lens_cpu=list(batch.extend_lens),
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        self.attn_backend.prepare(fb)
+        return self.model(fb)  # [batch, vocab] float32
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> SampledTokens:
+        tensors = SamplingTensors.build(
+            [seq.params for seq in batch.seqs],
+            seeds=[seq.seed for seq in batch.seqs],
+            steps=[seq.num_output for seq in batch.seqs],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        out = self.sampler(logits, tensors)
+        token_ids = out.token_ids.tolist()
+        if out.logprobs is None:
+            return SampledTokens(token_ids, None, None)
+        top = None
+        if out.top_token_ids is not None and out.top_logprobs is not None:
+            pairs = zip(out.top_token_ids.tolist(), out.top_logprobs.tolist(), strict=True)
+            top = [list(zip(ids, lps, strict=True)) for ids, lps in pairs]
+        return SampledTokens(token_ids, out.logprobs.tolist(), top)
+
+    # -- sizing --------------------------------------------------------------------------------------
+    def _to_device(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def _bytes_per_page(self) -> int:
+        m = self.model_cfg
+        return KVPagePool.bytes_per_page(
+            m.num_layers, self.cfg.page_size, m.num_kv_heads, m.head_dim, m.torch_dtype
+        )
+
+    def _make_pool(self, num_pages: int) -> KVPagePool:
+        m = self.model_cfg
+        return KVPagePool(
+            m.num_layers,
+            num_pages,
+            self.cfg.page_size,
+            m.num_kv_heads,
+            m.head_dim,
+            m.torch_dtype,
+            self.device,
+        )
+
+    def _num_pages(self) -> int:
+        if self.device.type == "cpu":
+            budget = self.cfg.kv_cache_bytes
+        else:
+            peak_activation = self._profile_activation_bytes()
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1 - self.cfg.gpu_memory_utilization) - peak_activation)
+        num_pages = budget // self._bytes_per_page()
+        if num_pages < 2:
+            raise ValueError(
+                f"KV cache: budget {budget} bytes holds {num_pages} pages of {self._bytes_per_page()} bytes; "
+                "raise kv_cache_bytes / gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return num_pages
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of the largest step (one max_num_batched_tokens prefill), measured, not guessed."""
+        n, ps = self.cfg.max_num_batched_tokens, self.cfg.page_size
+        num_pages = -(-n // ps) + 1
+        self.kv_pool = self._make_pool(num_pages)
+        seq = Sequence("profile", [0] * n, SamplingParams(), seed=0, max_len=n + 1)
+        seq.pages = list(range(1, num_pages))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        batch = ScheduledBatch([seq], [n], is_decode=False)
+        self.sample(self.forward(self.prepare(batch)), batch)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del self.kv_pool
+        torch.cuda.empty_cache()
+        return peak

@@ -1,0 +1,79 @@
+"""Llama (incl. Llama 3.1 rope scaling); also the base of the Qwen2 and Qwen3 models.
+
+Checkpoint names are HF's; ``packed_weights`` maps the separate q/k/v and gate/up tensors onto our
+packed projections.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from engine.attention.base import ForwardBatch
+from engine.config import ModelConfig
+from engine.layers.attention import SelfAttention
+from engine.layers.linear import Linear
+from engine.layers.mlp import GatedMLP
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qk_norm: bool, qkv_bias: bool
+    ) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(cfg, layer_id, rotary, qk_norm, qkv_bias)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, qk_norm: bool, qkv_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rotary, qk_norm, qkv_bias) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        for layer in self.layers:
+            x = layer(batch.positions, x, batch)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    qk_norm = False
+    qkv_bias: bool | None = None  # None: from config.json's attention_bias
+    # checkpoint module name -> (our packed module, part)
+    packed_weights: ClassVar[dict[str, tuple[str, str]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
+        self.model = DecoderModel(cfg, self.qk_norm, qkv_bias)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Returns float32 logits of each sequence's last new token: [batch, vocab]."""
+        hidden = self.model(batch)
+        return self.lm_head(hidden[batch.logits_indices]).float()

@@ -1,0 +1,105 @@
+"""Turns sampled tokens into per-request outputs and decides when a request stops (torch-free).
+
+Stop conditions, checked after every new token, in this order: EOS (unless ``ignore_eos``) or a
+``stop_token_ids`` hit → "stop"; a stop string completed in the text → "stop" (the text is cut
+before the stop string, OpenAI-style); ``max_tokens`` or the context limit → "length".
+While a request runs, text that could be the start of a stop string is held back, so a streamed
+client never sees text that is later cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the delta, and the finish state."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class _RequestText:
+    def __init__(self, tokenizer: Tokenizer, seq: Sequence) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_ids, seq.params.skip_special_tokens)
+        self.emitted = 0  # characters of detok.text already returned
+        self.holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.end: int | None = None  # where the text is cut by a stop string
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self._texts: dict[str, _RequestText] = {}
+
+    def process(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None, max_model_len: int
+    ) -> tuple[RequestOutput, str | None]:
+        """Account for ``seq``'s newest token; returns its output and the finish reason (or None)."""
+        state = self._texts.get(seq.request_id)
+        if state is None:
+            state = self._texts[seq.request_id] = _RequestText(self.tokenizer, seq)
+        params = seq.params
+        reason: str | None = None
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"  # the stop token stays in token ids but adds no text
+        else:
+            new_text = state.detok.push(token)
+            if params.stop:
+                stop_at = find_stop(state.detok.text, params.stop, len(new_text))
+                if stop_at is not None:
+                    state.end, reason = stop_at, "stop"
+        if reason is None and (seq.num_output >= params.max_tokens or seq.num_tokens >= max_model_len):
+            reason = "length"
+        return self._emit(seq, state, token, logprob, reason), reason
+
+    def finish(self, seq: Sequence, reason: str) -> RequestOutput:
+        """The final output of a request ended from outside (abort): flushes held-back text."""
+        state = self._texts.get(seq.request_id) or _RequestText(self.tokenizer, seq)
+        out = self._emit(seq, state, None, None, reason)
+        return out
+
+    def _emit(
+        self,
+        seq: Sequence,
+        state: _RequestText,
+        token: int | None,
+        lp: TokenLogprob | None,
+        reason: str | None,
+    ) -> RequestOutput:
+        text = state.detok.text if state.end is None else state.detok.text[: state.end]
+        upto = len(text) if reason is not None else max(state.emitted, len(text) - state.holdback)
+        new_text, state.emitted = text[state.emitted : upto], upto
+        if reason is not None:
+            self._texts.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[] if token is None else [token],
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=[] if lp is None else [lp],
+            num_prompt_tokens=seq.num_prompt,
+            num_output_tokens=seq.num_output,
+            num_cached_tokens=seq.num_cached_prompt,
+        )

@@ -1,0 +1,208 @@
+"""Continuous-batching scheduler (torch-free): which sequences run in the next step.
+
+Policy, in order:
+1. EXTEND if any sequence has prompt work: first the chunks of sequences already prefilling, then
+   newly admitted ones (FIFO), under a per-step token budget (``max_num_batched_tokens``, which is
+   also the chunked-prefill chunk size). Admission reuses the longest cached prefix and needs enough
+   free (or evictable) pages for the whole remaining prompt, so admitted prompts rarely stall.
+2. Otherwise DECODE every running sequence, one token each. A sequence that needs a new page and
+   finds none preempts the most recently admitted running sequence (its computed pages go to the
+   prefix cache, so recomputing it later is mostly a cache hit).
+Pages are allocated for exactly the tokens a step computes; ``release`` gives them back (to the
+prefix cache first) when a sequence finishes or is aborted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.kvcache.allocator import PageAllocator
+from engine.kvcache.radix_cache import RadixCache
+from engine.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """One step's work: ``extend_lens[i]`` new tokens of ``seqs[i]``; ``is_decode`` if all are 1."""
+
+    seqs: list[Sequence]
+    extend_lens: list[int]
+    is_decode: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefix_cache: RadixCache | None,
+    ) -> None:
+        self.allocator = allocator
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_cache = prefix_cache
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+
+    # -- queue -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.decoding)
+
+    def has_work(self) -> bool:
+        return self.num_unfinished > 0
+
+    def capacity_tokens(self) -> int:
+        """The most tokens one sequence can ever hold: the whole pool."""
+        return self.allocator.num_total * self.page_size
+
+    # -- the step ----------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_extend()
+        if batch is None:
+            batch = self._schedule_decode()
+        return batch
+
+    def _schedule_extend(self) -> ScheduledBatch | None:
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        lens: list[int] = []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            n = min(seq.num_pending, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                break
+            seqs.append(seq)
+            lens.append(n)
+            budget -= n
+        while self.waiting and budget > 0 and self._num_admitted() < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._admit(seq):
+                break
+            self.waiting.popleft()
+            n = min(seq.num_pending, budget)
+            ok = self._grow(seq, seq.num_computed + n)
+            assert ok, "admission checked that the pages exist"
+            seqs.append(seq)
+            lens.append(n)
+            budget -= n
+        if not seqs:
+            if self.prefilling and not self.decoding:
+                # Prefilling sequences hold every page and none can grow: make room for the oldest.
+                self._preempt(self.prefilling[-1])
+            return None
+        return ScheduledBatch(seqs, lens, is_decode=False)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        scheduled: list[Sequence] = []
+        for seq in list(self.decoding):
+            if seq.status is not SeqStatus.DECODING:
+                continue  # preempted below while making room
+            while not self._grow(seq, seq.num_computed + 1):
+                victim = self.decoding[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.DECODING:
+                scheduled.append(seq)
+        if not scheduled:
+            return None
+        return ScheduledBatch(scheduled, [1] * len(scheduled), is_decode=True)
+
+    def update(self, batch: ScheduledBatch, next_tokens: list[int]) -> list[Sequence]:
+        """Record a finished forward; returns the sequences that received a new token."""
+        sampled = []
+        for seq, n, token in zip(batch.seqs, batch.extend_lens, next_tokens, strict=True):
+            seq.num_computed += n
+            if seq.num_computed < seq.num_tokens:
+                continue  # an intermediate prefill chunk: its logits are not a prediction
+            seq.token_ids.append(token)
+            sampled.append(seq)
+            if seq.status is SeqStatus.PREFILLING:
+                self.prefilling.remove(seq)
+                self.decoding.append(seq)
+                seq.status = SeqStatus.DECODING
+                self._cache_computed(seq)
+        return sampled
+
+    def release(self, seq: Sequence, reason: str) -> None:
+        """Finish ``seq`` (stop, length, abort): its pages go to the prefix cache or the free list."""
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SeqStatus.PREFILLING:
+            self.prefilling.remove(seq)
+        elif seq.status is SeqStatus.DECODING:
+            self.decoding.remove(seq)
+        self._drop_pages(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    # -- pages -------------------------------------------------------------------------------------
+    def _num_admitted(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def _admit(self, seq: Sequence) -> bool:
+        if self.prefix_cache is not None:
+            # Leave at least one token to compute: its logits predict the next token.
+            match = self.prefix_cache.match_prefix(seq.token_ids[:-1])
+            seq.pages, seq.num_computed = list(match.pages), match.num_tokens
+        seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
+        need = self._pages_for(seq.num_tokens) - len(seq.pages)
+        if need > self.allocator.num_free + self._num_evictable():
+            self._drop_pages(seq)
+            return False
+        seq.status = SeqStatus.PREFILLING
+        self.prefilling.append(seq)
+        return True
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        need = self._pages_for(num_tokens) - len(seq.pages)
+        if need <= 0:
+            return True
+        if self.allocator.num_free < need and self.prefix_cache is not None:
+            self.prefix_cache.evict(need - self.allocator.num_free)
+        pages = self.allocator.alloc(need)
+        if pages is None:
+            return False
+        seq.pages.extend(pages)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.PREFILLING:
+            self.prefilling.remove(seq)
+        else:
+            self.decoding.remove(seq)
+        self._drop_pages(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        self._cache_computed(seq)
+        self.allocator.free(seq.pages)
+        seq.pages, seq.num_computed = [], 0
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            return
+        num_full = seq.num_computed // self.page_size
+        if num_full:
+            self.prefix_cache.insert(seq.token_ids[: num_full * self.page_size], seq.pages[:num_full])
+
+    def _num_evictable(self) -> int:
+        return self.prefix_cache.num_evictable_pages() if self.prefix_cache is not None else 0
+
+    def _pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
