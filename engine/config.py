@@ -138,6 +138,7 @@ class EngineConfig:
     kv_cache_bytes: int = 256 << 20
     gpu_memory_utilization: float = 0.85
     attention_backend: str = "torch_native"
+    load_format: str = "safetensors"  # "dummy": random weights, no files read (benchmarks)
     enable_prefix_cache: bool = True
     seed: int = 0
 
@@ -149,6 +150,7 @@ class EngineConfig:
             (self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0"),
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
+            (self.load_format in ("safetensors", "dummy"), "load_format", "safetensors or dummy"),
         ]
         for ok, name, want in checks:
             if not ok:

@@ -27,15 +27,34 @@ class ModelLoadError(ValueError):
     pass
 
 
-def load_model(cfg: ModelConfig, model_dir: str | Path, device: torch.device | str) -> nn.Module:
+def load_model(
+    cfg: ModelConfig, model_dir: str | Path, device: torch.device | str, dummy: bool = False
+) -> nn.Module:
+    """``dummy``: fill parameters with seeded random values instead of reading the checkpoint."""
     try:
         cls = model_class(cfg.architecture)
     except ValueError as e:
         raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     with _default_dtype(cfg.torch_dtype), torch.device(device):
         model = cls(cfg)
-    load_weights(model, model_dir)
+    if dummy:
+        init_dummy_weights(model)
+    else:
+        load_weights(model, model_dir)
     return model.eval()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of realistic scale (std 0.02; norms 1) for benchmarks: numbers, not words."""
+    for i, (name, p) in enumerate(model.named_parameters()):
+        g = torch.Generator(device=p.device).manual_seed(seed + i)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif p.ndim == 1:
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=g)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:

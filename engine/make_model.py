@@ -14,6 +14,8 @@ embeddings ~ N(0, 1), q/k/v biases ~ N(0, 0.1²), norm weights 1 + 0.1·N(0, 1),
 residual, so greedy output depends on the context and not only on the last token, and the median
 top-1 logit margin is ≈ 0.4 (5th percentile ≈ 0.03), orders of magnitude above float32 noise:
 token-exact comparisons against HF are robust (float32 and float64 HF greedy runs agree).
+Tied models use embeddings ~ N(0, 1/hidden) instead (see `_init_weights`); they still repeat
+tokens more than untied ones, as random tied models do.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def make_model(
     a multiple of 64 (extra rows are zero so the model rarely picks ids the tokenizer cannot decode).
     rope_scaling is written in the legacy top-level form hub checkpoints use, e.g.
     {"rope_type": "llama3", "factor": 8.0, ...}. max_shard_bytes set -> sharded safetensors + index.
-    init_scale multiplies every weight std (1.0 = the init described in the module docstring).
+    init_scale multiplies the std of every linear, bias and embedding (1.0 = the module docstring's
+    init; norms stay 1 + 0.1·N(0, 1)).
     Invalid arguments raise ValueError naming the field.
     """
     _check(arch in ARCHS, "arch", f"must be one of {sorted(ARCHS)}, got {arch!r}")
@@ -258,8 +261,8 @@ def _init_weights(config: dict, num_tokens: int, seed: int, scale: float) -> dic
 
     # Untied: unit-variance embeddings match the scale of each sub-layer's output, so neither the
     # current token nor the context drowns the other. Tied: the embedding is also the output head, and
-    # at that scale the current token's own row wins every step (the same token forever), so use the
-    # head's smaller std and let the context dominate the residual.
+    # at unit scale the current token's own row wins every step (the same token forever); at
+    # 1/sqrt(hidden) the context dominates and logits get std ≈ 1, like the untied head's.
     tied = config["tie_word_embeddings"]
     embed_std = 1.0 / math.sqrt(hidden) if tied else 1.0
     w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(vocab_size, hidden, std=embed_std)}

@@ -37,7 +37,7 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
-        self.model = load_model(model_cfg, cfg.model, self.device)
+        self.model = load_model(model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy")
         self.attn_backend = create_backend(cfg.attention_backend)
         self.sampler = Sampler()
         self.num_pages = self._num_pages()

@@ -65,7 +65,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. With add_special_tokens, tokenizer.json's post-processor runs and a bos
-        is prepended if tokenizer_config asks for one (add_bos_token) and the post-processor did not."""
+        is prepended if tokenizer_config asks for one (add_bos_token) and the post-processor did not.
+        (transformers 5 ignores add_bos_token when tokenizer.json exists; v4's Llama tokenizer, which
+        wrote those configs, honoured it. Hub tokenizer.json files add the bos themselves, so both
+        agree on real checkpoints.)"""
         ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id if add_special_tokens and self.add_bos_token else None
         if bos is not None and (not ids or ids[0] != bos):

@@ -53,12 +53,20 @@ class TorchNativeBackend(AttentionBackend):
             k = k_pages[pages].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
             v = v_pages[pages].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
             qi = q[start : start + ext].transpose(0, 1)  # [num_heads, ext, head_dim]
+            # Expand K/V heads for GQA and pass 4-D tensors: SDPA's fused (flash / mem-efficient)
+            # kernels accept nothing else and would fall back to materialising [heads, ext, seq_len].
+            groups = qi.shape[0] // num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
             prefix = seq_len - ext
-            # query t (absolute position prefix + t) sees keys 0..prefix + t
-            key_pos = torch.arange(seq_len, device=q.device)
-            query_pos = torch.arange(prefix, seq_len, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # [ext, seq_len]
-            o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            if prefix == 0:
+                o = F.scaled_dot_product_attention(qi[None], k[None], v[None], is_causal=True, scale=scale)
+            else:
+                # query t (absolute position prefix + t) sees keys 0..prefix + t
+                key_pos = torch.arange(seq_len, device=q.device)
+                query_pos = torch.arange(prefix, seq_len, device=q.device)
+                mask = key_pos[None, :] <= query_pos[:, None]  # [ext, seq_len]
+                o = F.scaled_dot_product_attention(qi[None], k[None], v[None], attn_mask=mask, scale=scale)
+            o = o[0]
             outs.append(o.transpose(0, 1))  # [ext, num_heads, head_dim]
             start += ext
         return torch.cat(outs, dim=0)

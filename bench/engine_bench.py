@@ -1,0 +1,237 @@
+"""Engine step times (eager baseline) next to their roofline floors, measured in the same run.
+
+    python bench/engine_bench.py --models qwen3-0.6b,qwen3-8b --prefill 512,2048,8192 --decode-bs 1,64 --ctx 1024
+
+Random bf16 weights of the real shapes (no checkpoint read). A step is what the engine does per
+iteration: prepare (host → device), forward, sample (greedy) incl. the token read-back; timed with
+CUDA events, median of repeats after warm-up. Floors (DESIGN.md, "Limits"):
+  decode  = (weights read incl. lm_head + KV of the batch) / copy bandwidth
+  prefill = (2 · matmul params · tokens + causal attention FLOPs) / bf16 GEMM rate
+with bandwidth and GEMM rate measured on this GPU at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig, RopeConfig
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+SHAPES = {
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        tie_word_embeddings=False,
+    ),
+}
+VOCAB = 151936
+
+
+@dataclass
+class Row:
+    model: str
+    phase: str
+    batch: int
+    tokens_or_ctx: int
+    ms: float
+    floor_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ms / self.floor_ms
+
+
+def model_config(name: str, max_len: int) -> ModelConfig:
+    return ModelConfig(
+        architecture="Qwen3ForCausalLM",
+        vocab_size=VOCAB,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=max_len,
+        attention_bias=False,
+        rope=RopeConfig(theta=1e6),
+        dtype="bfloat16",
+        **SHAPES[name],
+    )
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth bytes/s counting read+write, bf16 GEMM FLOP/s), on random data."""
+    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    bw_ms = _time(lambda: y.copy_(x), warmup=3, reps=20)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = _time(lambda: a @ b, warmup=3, reps=20)
+    return 2 * (1 << 30) / (bw_ms / 1e3), 2 * 8192**3 / (mm_ms / 1e3)
+
+
+def _time(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def make_runner(cfg: ModelConfig, max_tokens: int) -> ModelRunner:
+    with tempfile.TemporaryDirectory() as d:
+        ecfg = EngineConfig(
+            model=d,
+            device="cuda",
+            dtype="bfloat16",
+            load_format="dummy",
+            max_num_batched_tokens=max_tokens,
+            gpu_memory_utilization=0.9,
+        )
+        runner = ModelRunner(ecfg, cfg)
+    runner.kv_pool.kv_gpu.normal_()  # never time on zeros
+    return runner
+
+
+def step_ms(runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int) -> float:
+    batch = ScheduledBatch(seqs, lens, is_decode=decode)
+    return _time(lambda: runner.sample(runner.forward(runner.prepare(batch)), batch), warmup=3, reps=reps)
+
+
+def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list[Sequence]:
+    ps, seqs, next_page = runner.cfg.page_size, [], 1
+    g = torch.Generator().manual_seed(0)
+    for i in range(num):
+        toks = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        seq = Sequence(f"b{i}", toks, SamplingParams(temperature=0), seed=0, max_len=length + 1)
+        n = -(-length // ps)
+        assert next_page + n <= runner.num_pages, "KV pool too small for this shape"
+        seq.pages, next_page = list(range(next_page, next_page + n)), next_page + n
+        seq.num_computed = computed
+        seqs.append(seq)
+    return seqs
+
+
+def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
+    cfg = model_config(name, max(max(args.prefill), args.ctx) + 16)
+    runner = make_runner(cfg, max(args.prefill))
+    params = sum(p.numel() for p in runner.model.parameters())
+    embed = VOCAB * cfg.hidden_size
+    lm_head = embed
+    matmul_params = params - embed - (0 if cfg.tie_word_embeddings else lm_head)
+    weight_bytes_read = (matmul_params + lm_head) * 2  # the embedding table is gathered, not read
+    kv_bytes_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    rows = []
+    for n in args.prefill:
+        ms = step_ms(runner, sequences(runner, 1, n, 0), [n], decode=False, reps=args.reps)
+        attn = 2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers  # causal QK^T + PV
+        floor = (2 * matmul_params * n + 2 * lm_head + attn) / flops * 1e3
+        rows.append(Row(name, "prefill", 1, n, ms, floor))
+        print(rows[-1], flush=True)
+    for bs in args.decode_bs:
+        seqs = sequences(runner, bs, args.ctx, args.ctx - 1)
+        ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps)
+        floor = (weight_bytes_read + bs * args.ctx * kv_bytes_per_token) / bw * 1e3
+        rows.append(Row(name, "decode", bs, args.ctx, ms, floor))
+        print(rows[-1], flush=True)
+    if args.profile:
+        profile_step(
+            runner, sequences(runner, 1, args.ctx, args.ctx - 1), [1], decode=True, label=f"{name} decode bs1"
+        )
+    del runner
+    torch.cuda.empty_cache()
+    return rows
+
+
+def profile_step(
+    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, label: str
+) -> None:
+    """Where a step's time goes: kernel launches vs GPU time (torch.profiler, top ops by CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = ScheduledBatch(seqs, lens, is_decode=decode)
+    runner.sample(runner.forward(runner.prepare(batch)), batch)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.sample(runner.forward(runner.prepare(batch)), batch)
+    events = prof.key_averages()
+    launches = sum(
+        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    )
+    gpu_us = sum(e.self_device_time_total for e in events)
+    print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
+    p.add_argument("--prefill", default="512,2048,8192")
+    p.add_argument("--decode-bs", default="1,64")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler summary of a decode step")
+    p.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    args = p.parse_args()
+    args.prefill = [int(x) for x in args.prefill.split(",")]
+    args.decode_bs = [int(x) for x in args.decode_bs.split(",")]
+
+    bw, flops = measure_ceilings()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: copy {bw / 1e12:.2f} TB/s, bf16 GEMM {flops / 1e12:.0f} TFLOP/s", flush=True)
+    rows = [r for m in args.models.split(",") for r in bench_model(m, args, bw, flops)]
+
+    lines = [
+        f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s; bf16 GEMM {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}",
+        "",
+        "| model | phase | batch | tokens / ctx | step ms | floor ms | x floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {r.floor_ms:.2f} | {r.ratio:.1f} |"
+        for r in rows
+    ]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_bench.md").write_text("\n".join(lines) + "\n")
+    (out / "engine_bench.json").write_text(
+        json.dumps(
+            {
+                "gpu": gpu,
+                "copy_bytes_per_s": bw,
+                "gemm_flops": flops,
+                "rows": [asdict(r) | {"x_floor": r.ratio} for r in rows],
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
