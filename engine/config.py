@@ -39,7 +39,7 @@ class RopeConfig:
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default"))
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return cls(theta=float(theta), scaling=kind, **{k: params[k] for k in keys if k in params})
+        return cls(theta=float(theta), scaling=str(kind), **{k: params[k] for k in keys if k in params})
 
 
 @dataclass(frozen=True)

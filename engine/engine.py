@@ -92,7 +92,7 @@ class Engine:
             if seq.params.logprobs is not None and sampled.logprobs is not None:
                 top = sampled.top_logprobs[i][: seq.params.logprobs] if sampled.top_logprobs else []
                 logprob = TokenLogprob(token, sampled.logprobs[i], top)
-            out, reason = self.outputs.process(seq, token, logprob, seq.max_len)
+            out, reason = self.outputs.process(seq, token, logprob)
             if reason is not None:
                 self.scheduler.release(seq, reason)
                 del self._seqs[seq.request_id]

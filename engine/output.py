@@ -53,7 +53,7 @@ class OutputProcessor:
         self._texts: dict[str, _RequestText] = {}
 
     def process(
-        self, seq: Sequence, token: int, logprob: TokenLogprob | None, max_model_len: int
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None
     ) -> tuple[RequestOutput, str | None]:
         """Account for ``seq``'s newest token; returns its output and the finish reason (or None)."""
         state = self._texts.get(seq.request_id)
@@ -69,15 +69,17 @@ class OutputProcessor:
                 stop_at = find_stop(state.detok.text, params.stop, len(new_text))
                 if stop_at is not None:
                     state.end, reason = stop_at, "stop"
-        if reason is None and (seq.num_output >= params.max_tokens or seq.num_tokens >= max_model_len):
+        if reason is None and seq.num_tokens >= seq.max_len:  # max_tokens or the model's context
             reason = "length"
+        if reason is not None and state.end is None:
+            state.detok.flush()  # a trailing partial character still reaches the client
         return self._emit(seq, state, token, logprob, reason), reason
 
     def finish(self, seq: Sequence, reason: str) -> RequestOutput:
         """The final output of a request ended from outside (abort): flushes held-back text."""
         state = self._texts.get(seq.request_id) or _RequestText(self.tokenizer, seq)
-        out = self._emit(seq, state, None, None, reason)
-        return out
+        state.detok.flush()
+        return self._emit(seq, state, None, None, reason)
 
     def _emit(
         self,

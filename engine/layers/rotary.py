@@ -35,6 +35,9 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    cos_cache: torch.Tensor  # [max_positions, head_dim] float32
+    sin_cache: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, rope)

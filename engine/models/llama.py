@@ -71,7 +71,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(cfg, self.qk_norm, qkv_bias)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Returns float32 logits of each sequence's last new token: [batch, vocab]."""
