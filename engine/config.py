@@ -88,7 +88,10 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (is this an HF model directory?)")
-        cfg = json.loads(path.read_text())
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         archs = cfg.get("architectures") or []
         if len(archs) != 1:
             raise ValueError(f"{path}: 'architectures' must name exactly one class, got {archs!r}")
@@ -96,8 +99,8 @@ class ModelConfig:
             dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        num_heads = cfg["num_attention_heads"]
         try:
+            num_heads = cfg["num_attention_heads"]
             return cls(
                 architecture=archs[0],
                 vocab_size=cfg["vocab_size"],

@@ -5,6 +5,7 @@ This single-process engine is also the colocated baseline that disaggregated run
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ class LLM:
     def __init__(self, model: str, **engine_options: Any) -> None:
         self.engine = Engine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
 
     def generate(
         self,
@@ -46,10 +48,16 @@ class LLM:
         per_prompt = [params] * len(token_lists) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(token_lists):
             raise ValueError(f"sampling_params: {len(per_prompt)} given for {len(token_lists)} prompts")
-        results = {}
-        for i, (ids, p) in enumerate(zip(token_lists, per_prompt, strict=True)):
-            self.engine.add_request(f"offline-{i}", ids, p)
-            results[f"offline-{i}"] = CompletionOutput(prompt_token_ids=ids)
+        results: dict[str, CompletionOutput] = {}
+        try:
+            for ids, p in zip(token_lists, per_prompt, strict=True):
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, ids, p)
+                results[request_id] = CompletionOutput(prompt_token_ids=ids)
+        except ValueError:
+            for request_id in results:  # all or nothing: a bad prompt leaves no request queued
+                self.engine.abort(request_id)
+            raise
         with tqdm(total=len(token_lists), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while self.engine.has_unfinished():
                 for out in self.engine.step():

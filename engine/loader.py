@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import ModelConfig
@@ -79,7 +79,12 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         except ShapeMismatch as e:
             raise ModelLoadError(f"{file}: tensor {name!r}: {e}") from None
         loaded.add((target, part))
-    missing = sorted(f"{name}" + (f" (part {part})" if part else "") for name, part in expected - loaded)
+    checkpoint_name = {(module, part): fragment for fragment, (module, part) in packed.items()}
+    missing = sorted(
+        name if part is None else name.replace(f".{module}.", f".{checkpoint_name[module, part]}.")
+        for name, part in expected - loaded
+        for module in [name.split(".")[-2]]
+    )
     if missing:
         raise ModelLoadError(
             f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {', '.join(missing[:5])}"
@@ -95,7 +100,11 @@ def _map_name(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str |
 
 def _iter_tensors(model_dir: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
     for file in _weight_files(model_dir):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{file}: not a readable safetensors file ({e})") from None
+        with f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield file, name, f.get_tensor(name)
 

@@ -74,7 +74,13 @@ def test_bf16_engine_matches_hf_within_bf16_bounds(model_dir):
     prompt_len = 37  # crosses page boundaries (page 16)
     prompts = torch.randint(0, hf32.config.vocab_size, (3, prompt_len), device="cuda")
     with torch.no_grad():
-        full = hf32.generate(prompts, max_new_tokens=NUM_DECODE, do_sample=False, min_new_tokens=NUM_DECODE)
+        full = hf32.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=NUM_DECODE,
+            do_sample=False,
+            min_new_tokens=NUM_DECODE,
+        )
         positions = slice(prompt_len - 1, prompt_len + NUM_DECODE)
         ref = hf32(full).logits[:, positions].float()
         hf16 = _hf(model_dir, torch.bfloat16)(full).logits[:, positions].float()
