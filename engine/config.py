@@ -97,6 +97,9 @@ class ModelConfig:
             raise ValueError(f"{path}: 'architectures' must name exactly one class, got {archs!r}")
         if dtype == "auto":
             dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        for unsupported in ("use_sliding_window", "mlp_bias"):
+            if cfg.get(unsupported):
+                raise ValueError(f"{path}: {unsupported}=true is not supported yet")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         try:

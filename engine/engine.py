@@ -24,9 +24,8 @@ class Engine:
         self.cfg = cfg
         self.model_config = ModelConfig.from_dir(cfg.model, cfg.dtype)
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        limit = self.model_config.max_position_embeddings
-        self.max_model_len = min(cfg.max_model_len or limit, limit)
         self.runner = ModelRunner(cfg, self.model_config)
+        self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
         self.prefix_cache = RadixCache(self.allocator, cfg.page_size) if cfg.enable_prefix_cache else None
         self.scheduler = Scheduler(

@@ -58,15 +58,21 @@ class LLM:
             for request_id in results:  # all or nothing: a bad prompt leaves no request queued
                 self.engine.abort(request_id)
             raise
-        with tqdm(total=len(token_lists), disable=not use_tqdm, desc="generate", unit="req") as bar:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    res = results[out.request_id]
-                    res.token_ids += out.new_token_ids
-                    res.text += out.new_text
-                    res.logprobs += out.logprobs
-                    res.num_cached_tokens = out.num_cached_tokens
-                    if out.finished:
-                        res.finish_reason = out.finish_reason
-                        bar.update(1)
+        try:
+            with tqdm(total=len(token_lists), disable=not use_tqdm, desc="generate", unit="req") as bar:
+                while self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        res = results[out.request_id]
+                        res.token_ids += out.new_token_ids
+                        res.text += out.new_text
+                        res.logprobs += out.logprobs
+                        res.num_cached_tokens = out.num_cached_tokens
+                        if out.finished:
+                            res.finish_reason = out.finish_reason
+                            bar.update(1)
+        finally:
+            # Interrupted (Ctrl-C, an error in a step): leave nothing of this call in the engine.
+            for request_id, res in results.items():
+                if res.finish_reason is None:
+                    self.engine.abort(request_id)
         return list(results.values())

@@ -37,8 +37,9 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
+        self.max_model_len = self._max_model_len()
         self.model = load_model(model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy")
-        self.attn_backend = create_backend(cfg.attention_backend)
+        self.attn_backend = create_backend(cfg)
         self.sampler = Sampler()
         self.num_pages = self._num_pages()
         self.kv_pool = self._make_pool(self.num_pages)
@@ -105,6 +106,14 @@ class ModelRunner:
         return SampledTokens(token_ids, out.logprobs.tolist(), top)
 
     # -- sizing --------------------------------------------------------------------------------------
+    def _max_model_len(self) -> int:
+        limit = self.model_cfg.max_position_embeddings
+        if self.cfg.max_model_len is not None and self.cfg.max_model_len > limit:
+            raise ValueError(
+                f"max_model_len: {self.cfg.max_model_len} exceeds the model's max_position_embeddings ({limit})"
+            )
+        return self.cfg.max_model_len or limit
+
     def _to_device(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
@@ -142,18 +151,33 @@ class ModelRunner:
         return num_pages
 
     def _profile_activation_bytes(self) -> int:
-        """Peak memory of the largest step (one max_num_batched_tokens prefill), measured, not guessed."""
+        """Peak memory of the largest steps, measured, not guessed: a full-budget prefill (split into
+        sequences no longer than the context) and sampling ``max_num_seqs`` rows with top-k/top-p."""
         n, ps = self.cfg.max_num_batched_tokens, self.cfg.page_size
-        num_pages = -(-n // ps) + 1
-        self.kv_pool = self._make_pool(num_pages)
-        seq = Sequence("profile", [0] * n, SamplingParams(), seed=0, max_len=n + 1)
-        seq.pages = list(range(1, num_pages))
+        per_seq = self.max_model_len - 1
+        lens = [per_seq] * (n // per_seq) + ([n % per_seq] if n % per_seq else [])
+        self.kv_pool = self._make_pool(sum(-(-k // ps) for k in lens) + 1)
+        seqs, next_page = [], 1
+        for i, k in enumerate(lens):
+            seq = Sequence(f"profile-{i}", [0] * k, SamplingParams(), seed=0, max_len=k + 1)
+            num_pages = -(-k // ps)
+            seq.pages, next_page = list(range(next_page, next_page + num_pages)), next_page + num_pages
+            seqs.append(seq)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        batch = ScheduledBatch([seq], [n], is_decode=False)
+        batch = ScheduledBatch(seqs, lens, is_decode=False)
         self.sample(self.forward(self.prepare(batch)), batch)
+        rows = min(self.cfg.max_num_seqs, n)
+        logits = torch.randn(rows, self.model_cfg.vocab_size, device=self.device)
+        random_params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=5)
+        self.sampler(
+            logits,
+            SamplingTensors.build(
+                [random_params] * rows, [0] * rows, [0] * rows, logits.shape[-1], self.device
+            ),
+        )
         peak = torch.cuda.max_memory_allocated(self.device) - before
-        del self.kv_pool
+        del self.kv_pool, logits
         torch.cuda.empty_cache()
         return peak

@@ -79,16 +79,20 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
         lens: list[int] = []
+        blocked = False
         for seq in self.prefilling:
             if budget == 0:
                 break
             n = min(seq.num_pending, budget)
             if not self._grow(seq, seq.num_computed + n):
+                blocked = True  # admitting newer requests now would take the pages it waits for
                 break
             seqs.append(seq)
             lens.append(n)
             budget -= n
-        while self.waiting and budget > 0 and self._num_admitted() < self.max_num_seqs:
+        # A decode step runs every admitted sequence, so admission also keeps that within the budget.
+        max_admitted = min(self.max_num_seqs, self.max_num_batched_tokens)
+        while self.waiting and not blocked and budget > 0 and self._num_admitted() < max_admitted:
             seq = self.waiting[0]
             if not self._admit(seq):
                 break
@@ -101,7 +105,8 @@ class Scheduler:
             budget -= n
         if not seqs:
             if self.prefilling and not self.decoding:
-                # Prefilling sequences hold every page and none can grow: make room for the oldest.
+                # Prefilling sequences hold every page and none can grow: preempt the newest so
+                # the older ones can finish.
                 self._preempt(self.prefilling[-1])
             return None
         return ScheduledBatch(seqs, lens, is_decode=False)
@@ -126,6 +131,8 @@ class Scheduler:
         """Record a finished forward; returns the sequences that received a new token."""
         sampled = []
         for seq, n, token in zip(batch.seqs, batch.extend_lens, next_tokens, strict=True):
+            if seq.finished:
+                continue  # released (aborted) after it was scheduled
             seq.num_computed += n
             if seq.num_computed < seq.num_tokens:
                 continue  # an intermediate prefill chunk: its logits are not a prediction
@@ -159,11 +166,13 @@ class Scheduler:
             # Leave at least one token to compute: its logits predict the next token.
             match = self.prefix_cache.match_prefix(seq.token_ids[:-1])
             seq.pages, seq.num_computed = list(match.pages), match.num_tokens
-        seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
         need = self._pages_for(seq.num_tokens) - len(seq.pages)
         if need > self.allocator.num_free + self._num_evictable():
             self._drop_pages(seq)
             return False
+        if seq.num_output == 0 and not seq.preempted:
+            # Usage reports the hit of the first admission, not that of a recompute after preemption.
+            seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
         seq.status = SeqStatus.PREFILLING
         self.prefilling.append(seq)
         return True
@@ -187,6 +196,7 @@ class Scheduler:
             self.decoding.remove(seq)
         self._drop_pages(seq)
         seq.status = SeqStatus.WAITING
+        seq.preempted = True
         self.waiting.appendleft(seq)
 
     def _drop_pages(self, seq: Sequence) -> None:

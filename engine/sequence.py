@@ -32,7 +32,8 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
-    num_cached_prompt: int = 0  # prompt tokens served by the prefix cache at (last) admission
+    num_cached_prompt: int = 0  # prompt tokens served by the prefix cache at first admission
+    preempted: bool = False
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
 

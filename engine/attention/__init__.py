@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from engine.config import EngineConfig
 
-_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {}
+Factory = Callable[[EngineConfig], AttentionBackend]
+_FACTORIES: dict[str, Factory] = {}
 
 
-def register_backend(name: str) -> Callable[[Callable[[], AttentionBackend]], Callable[[], AttentionBackend]]:
-    def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
+def register_backend(name: str) -> Callable[[Factory], Factory]:
+    def wrap(factory: Factory) -> Factory:
         assert name not in _FACTORIES, f"attention backend {name!r} registered twice"
         _FACTORIES[name] = factory
         return factory
@@ -23,16 +25,17 @@ def register_backend(name: str) -> Callable[[Callable[[], AttentionBackend]], Ca
 
 
 @register_backend("torch_native")
-def _torch_native() -> AttentionBackend:
+def _torch_native(cfg: EngineConfig) -> AttentionBackend:
     from engine.attention.torch_native import TorchNativeBackend
 
-    return TorchNativeBackend()
+    return TorchNativeBackend(max_gather_tokens=cfg.max_num_batched_tokens)
 
 
-def create_backend(name: str) -> AttentionBackend:
+def create_backend(cfg: EngineConfig) -> AttentionBackend:
+    name = cfg.attention_backend
     if name not in _FACTORIES:
         raise ValueError(f"attention_backend: unknown backend {name!r}; available: {sorted(_FACTORIES)}")
-    return _FACTORIES[name]()
+    return _FACTORIES[name](cfg)
 
 
 __all__ = ["AttentionBackend", "ForwardBatch", "ForwardMode", "create_backend", "register_backend"]

@@ -1,9 +1,11 @@
 """Attention in plain torch (SDPA) over the paged pool: the CPU path and the GPU kernels' reference.
 
-Decode gathers every sequence's pages into a padded ``[batch, max_pages * page_size]`` view and
-masks positions past ``seq_len``: one batched SDPA call. Extend loops over sequences (prompt
-lengths differ a lot, padding would waste more than the loop costs) with a causal mask offset by
-the cached prefix.
+Decode gathers sequences' pages into a padded ``[rows, max_pages * page_size]`` view and masks
+positions past ``seq_len``, in groups of rows whose padded gather holds at most
+``max_gather_tokens`` tokens (the step token budget, so decode never needs more transient memory
+than the prefill step the KV pool was sized against). Extend loops over sequences (prompt lengths
+differ a lot, padding would waste more than the loop costs) with a causal mask offset by the
+cached prefix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 
 
 class TorchNativeBackend(AttentionBackend):
+    def __init__(self, max_gather_tokens: int) -> None:
+        self.max_gather_tokens = max_gather_tokens
+
     def forward(
         self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
@@ -25,23 +30,35 @@ class TorchNativeBackend(AttentionBackend):
         pool.store(layer.layer_id, batch.out_cache_loc, k, v)
         k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
         if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q, k_pages, v_pages, batch, layer.scaling)
+            out = self._decode(q, k_pages, v_pages, batch, layer.scaling, self.max_gather_tokens)
         else:
             out = self._extend(q, k_pages, v_pages, batch, layer.scaling)
         return out.reshape(q.shape[0], -1)
 
     @staticmethod
-    def _decode(q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
-        bs, max_pages = batch.page_table.shape
+    def _decode(
+        q, k_pages, v_pages, batch: ForwardBatch, scale: float, max_gather_tokens: int
+    ) -> torch.Tensor:
         _, page_size, num_kv_heads, head_dim = k_pages.shape
-        max_len = max_pages * page_size
-        k = k_pages[batch.page_table].view(bs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-        v = v_pages[batch.page_table].view(bs, max_len, num_kv_heads, head_dim).transpose(1, 2)
-        valid = torch.arange(max_len, device=q.device)[None, :] < batch.seq_lens[:, None]  # [bs, max_len]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-        )  # [bs, num_heads, 1, head_dim]
-        return out.squeeze(2)
+        bs = batch.batch_size
+        max_len = -(-max(batch.seq_lens_cpu) // page_size) * page_size
+        rows = max(1, max_gather_tokens // max_len)
+        outs = []
+        for lo in range(0, bs, rows):
+            hi = min(lo + rows, bs)
+            num_pages = -(-max(batch.seq_lens_cpu[lo:hi]) // page_size)
+            table = batch.page_table[lo:hi, :num_pages]
+            length = num_pages * page_size
+            k = k_pages[table].view(hi - lo, length, num_kv_heads, head_dim).transpose(1, 2)
+            v = v_pages[table].view(hi - lo, length, num_kv_heads, head_dim).transpose(1, 2)
+            valid = (
+                torch.arange(length, device=q.device)[None, :] < batch.seq_lens[lo:hi, None]
+            )  # [rows, length]
+            out = F.scaled_dot_product_attention(
+                q[lo:hi].unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+            )  # [rows, num_heads, 1, head_dim]
+            outs.append(out.squeeze(2))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
     def _extend(q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:

@@ -3,6 +3,8 @@ paged attention backend, output projection."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,9 +15,18 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Where architectures differ: Qwen3 normalizes q/k per head; biases differ per family."""
+
+    qk_norm: bool
+    qkv_bias: bool
+    o_bias: bool
+
+
 class SelfAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qk_norm: bool, qkv_bias: bool
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, opts: AttentionOptions
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -23,11 +34,11 @@ class SelfAttention(nn.Module):
         self.scaling = cfg.head_dim**-0.5
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.qkv_proj = PackedLinear(
-            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=qkv_bias
+            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=opts.qkv_bias
         )
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if opts.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if opts.qk_norm else None
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

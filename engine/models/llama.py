@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
-from engine.layers.attention import SelfAttention
+from engine.layers.attention import AttentionOptions, SelfAttention
 from engine.layers.linear import Linear
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
@@ -22,10 +22,10 @@ from engine.layers.rotary import RotaryEmbedding
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, qk_norm: bool, qkv_bias: bool
+        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, opts: AttentionOptions
     ) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg, layer_id, rotary, qk_norm, qkv_bias)
+        self.self_attn = SelfAttention(cfg, layer_id, rotary, opts)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -36,13 +36,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, qk_norm: bool, qkv_bias: bool) -> None:
+    def __init__(self, cfg: ModelConfig, opts: AttentionOptions) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rotary, qk_norm, qkv_bias) for i in range(cfg.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, opts) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -54,7 +52,9 @@ class DecoderModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     qk_norm = False
-    qkv_bias: bool | None = None  # None: from config.json's attention_bias
+    # None: config.json's attention_bias decides (HF Llama / Qwen3 use it for q/k/v and o).
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
     # checkpoint module name -> (our packed module, part)
     packed_weights: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
@@ -67,8 +67,12 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        qkv_bias = cfg.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = DecoderModel(cfg, self.qk_norm, qkv_bias)
+        opts = AttentionOptions(
+            qk_norm=self.qk_norm,
+            qkv_bias=cfg.attention_bias if self.qkv_bias is None else self.qkv_bias,
+            o_bias=cfg.attention_bias if self.o_bias is None else self.o_bias,
+        )
+        self.model = DecoderModel(cfg, opts)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]

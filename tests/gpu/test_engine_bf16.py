@@ -113,3 +113,24 @@ def test_bf16_engine_generates_on_cuda(model_dir):
         ["The lighthouse keeper"], SamplingParams(temperature=0.7, seed=1, max_tokens=32, ignore_eos=True)
     )
     assert again[0].token_ids == outs[0].token_ids, "a seeded request repeats on the GPU"
+
+
+def test_engine_starts_when_step_budget_exceeds_the_context(tmp_path):
+    """The startup profile run must respect the context: budget 2048 tokens, context 512."""
+    path = make_model(
+        tmp_path / "short",
+        arch="llama",
+        num_layers=2,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+    )
+    llm = LLM(
+        str(path), device="cuda", dtype="bfloat16", max_num_batched_tokens=2048, gpu_memory_utilization=0.3
+    )
+    out = llm.generate([list(range(5, 500))], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[
+        0
+    ]
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"

@@ -368,3 +368,50 @@ def test_chat_template_prompt_generates(llm, hf_tokenizer):
     assert out.prompt_token_ids.count(hf_tokenizer.token_to_id("<|im_start|>")) == 3
     assert len(out.token_ids) == 8
     assert out.text == hf_tokenizer.decode(out.token_ids)
+
+
+def test_interrupted_generate_leaves_the_engine_usable(tiny_model, monkeypatch):
+    llm = LLM(str(tiny_model), page_size=4)
+    prompts = [random_prompt(n, seed=n) for n in (5, 9, 13)]
+    expected = [o.token_ids for o in llm.generate(prompts, greedy(12))]
+    real_forward, calls = llm.engine.runner.forward, []
+
+    def failing_forward(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C mid-generate looks like to the caller
+        return real_forward(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "forward", failing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, greedy(12))
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished()
+    assert_no_page_leaked(llm.engine)
+    assert [o.token_ids for o in llm.generate(prompts, greedy(12))] == expected
+
+
+def test_usage_reports_first_admission_cache_hits_despite_preemption(tiny_model):
+    llm = LLM(
+        str(tiny_model), page_size=4, kv_cache_bytes=pool_bytes(tiny_model, 24), max_num_batched_tokens=16
+    )
+    prompts = [random_prompt(n, seed=100 + n) for n in (20, 21, 22, 23)]  # no shared prefixes
+    outs = llm.generate(prompts, greedy(40))
+    assert all(len(o.token_ids) == 40 for o in outs)
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0, 0]
+
+
+def test_max_model_len_beyond_the_model_is_an_error(tiny_model):
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(tiny_model), max_model_len=10**6)
+
+
+@pytest.mark.parametrize("flag", ["use_sliding_window", "mlp_bias"])
+def test_unsupported_config_flags_are_rejected(tiny_model, tmp_path, flag):
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg[flag] = True
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=flag):
+        LLM(str(broken))
