@@ -104,7 +104,7 @@ def _time(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_runner(cfg: ModelConfig, max_tokens: int) -> ModelRunner:
+def make_runner(cfg: ModelConfig, max_tokens: int, attention_backend: str) -> ModelRunner:
     with tempfile.TemporaryDirectory() as d:
         ecfg = EngineConfig(
             model=d,
@@ -113,6 +113,7 @@ def make_runner(cfg: ModelConfig, max_tokens: int) -> ModelRunner:
             load_format="dummy",
             max_num_batched_tokens=max_tokens,
             gpu_memory_utilization=0.9,
+            attention_backend=attention_backend,
         )
         runner = ModelRunner(ecfg, cfg)
     runner.kv_pool.kv_gpu.normal_()  # never time on zeros
@@ -140,7 +141,7 @@ def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list
 
 def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     cfg = model_config(name, max(max(args.prefill), args.ctx) + 16)
-    runner = make_runner(cfg, max(args.prefill))
+    runner = make_runner(cfg, max(args.prefill), args.attention_backend)
     params = sum(p.numel() for p in runner.model.parameters())
     embed = VOCAB * cfg.hidden_size
     lm_head = embed
@@ -195,6 +196,7 @@ def main() -> None:
     p.add_argument("--decode-bs", default="1,64")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--attention-backend", default="torch_native", choices=["torch_native", "triton"])
     p.add_argument("--profile", action="store_true", help="print a torch.profiler summary of a decode step")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))
     args = p.parse_args()

@@ -31,6 +31,18 @@ def _torch_native(cfg: EngineConfig) -> AttentionBackend:
     return TorchNativeBackend(max_gather_tokens=cfg.max_num_batched_tokens)
 
 
+@register_backend("triton")
+def _triton(cfg: EngineConfig) -> AttentionBackend:
+    import torch
+
+    from engine.attention.triton_backend import TritonBackend
+
+    device = torch.device(cfg.device)
+    if device.type != "cuda":
+        raise ValueError(f"attention_backend: 'triton' needs a CUDA device, got {cfg.device!r}")
+    return TritonBackend(max_gather_tokens=cfg.max_num_batched_tokens, device=device)
+
+
 def create_backend(cfg: EngineConfig) -> AttentionBackend:
     name = cfg.attention_backend
     if name not in _FACTORIES:
