@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import hf_greedy
 
 from engine import LLM, SamplingParams
 
@@ -63,18 +64,6 @@ def test_make_model_writes_a_checkpoint_hf_loads(cli_llama):
     assert tok.decode(tok(PROMPT)["input_ids"]) == PROMPT
 
 
-def hf_greedy(model_dir: Path, prompt_ids: list[int], num_new: int) -> list[int]:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        for _ in range(num_new):
-            next_id = model(ids).logits[0, -1].argmax().view(1, 1)
-            ids = torch.cat([ids, next_id], dim=1)
-    return ids[0, len(prompt_ids) :].tolist()
-
-
 def test_generate_prints_what_the_library_returns(cli_llama, tmp_path):
     proc = pdserve(
         "generate", "--model", str(cli_llama), "--prompt", PROMPT, "--max-tokens", "8",
@@ -87,7 +76,8 @@ def test_generate_prints_what_the_library_returns(cli_llama, tmp_path):
     assert stdout_text(proc).removesuffix("\n") == out.text
     assert f"finish_reason={out.finish_reason}" in proc.stderr.decode()
     # and the in-process result is HF's greedy continuation (up to an EOS, if one came first)
-    expected = hf_greedy(cli_llama, out.prompt_token_ids, 8)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(cli_llama, dtype=torch.float32).eval()
+    expected = hf_greedy(hf, out.prompt_token_ids, 8)[0]
     assert out.token_ids == expected[: len(out.token_ids)]
     assert len(out.token_ids) == 8 or out.finish_reason == "stop"
 

@@ -8,23 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import hf_greedy
 
 from engine import LLM, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
 NUM_NEW = 40
-
-
-def hf_greedy(model, prompt: list[int], num_new: int) -> tuple[list[int], list[torch.Tensor]]:
-    ids = torch.tensor([prompt])
-    steps = []
-    with torch.no_grad():
-        for _ in range(num_new):
-            logits = model(ids).logits[0, -1].float()
-            steps.append(torch.log_softmax(logits, -1))
-            ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
-    return ids[0, len(prompt) :].tolist(), steps
 
 
 def load_hf(path):
