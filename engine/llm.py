@@ -54,11 +54,6 @@ class LLM:
                 request_id = f"offline-{next(self._ids)}"
                 self.engine.add_request(request_id, ids, p)
                 results[request_id] = CompletionOutput(prompt_token_ids=ids)
-        except ValueError:
-            for request_id in results:  # all or nothing: a bad prompt leaves no request queued
-                self.engine.abort(request_id)
-            raise
-        try:
             with tqdm(total=len(token_lists), disable=not use_tqdm, desc="generate", unit="req") as bar:
                 while self.engine.has_unfinished():
                     for out in self.engine.step():
@@ -71,7 +66,7 @@ class LLM:
                             res.finish_reason = out.finish_reason
                             bar.update(1)
         finally:
-            # Interrupted (Ctrl-C, an error in a step): leave nothing of this call in the engine.
+            # A rejected prompt, Ctrl-C or a failing step: leave nothing of this call in the engine.
             for request_id, res in results.items():
                 if res.finish_reason is None:
                     self.engine.abort(request_id)

@@ -156,11 +156,11 @@ class ModelRunner:
         n, ps = self.cfg.max_num_batched_tokens, self.cfg.page_size
         per_seq = self.max_model_len - 1
         lens = [per_seq] * (n // per_seq) + ([n % per_seq] if n % per_seq else [])
-        self.kv_pool = self._make_pool(sum(-(-k // ps) for k in lens) + 1)
+        pages_per_seq = [-(-k // ps) for k in lens]
+        self.kv_pool = self._make_pool(sum(pages_per_seq) + 1)
         seqs, next_page = [], 1
-        for i, k in enumerate(lens):
+        for i, (k, num_pages) in enumerate(zip(lens, pages_per_seq, strict=True)):
             seq = Sequence(f"profile-{i}", [0] * k, SamplingParams(), seed=0, max_len=k + 1)
-            num_pages = -(-k // ps)
             seq.pages, next_page = list(range(next_page, next_page + num_pages)), next_page + num_pages
             seqs.append(seq)
         torch.cuda.synchronize(self.device)

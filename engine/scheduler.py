@@ -170,7 +170,7 @@ class Scheduler:
         if need > self.allocator.num_free + self._num_evictable():
             self._drop_pages(seq)
             return False
-        if seq.num_output == 0 and not seq.preempted:
+        if not seq.preempted:
             # Usage reports the hit of the first admission, not that of a recompute after preemption.
             seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
         seq.status = SeqStatus.PREFILLING

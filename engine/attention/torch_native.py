@@ -30,19 +30,17 @@ class TorchNativeBackend(AttentionBackend):
         pool.store(layer.layer_id, batch.out_cache_loc, k, v)
         k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
         if batch.mode is ForwardMode.DECODE:
-            out = self._decode(q, k_pages, v_pages, batch, layer.scaling, self.max_gather_tokens)
+            out = self.decode(q, k_pages, v_pages, batch, layer.scaling)
         else:
             out = self._extend(q, k_pages, v_pages, batch, layer.scaling)
         return out.reshape(q.shape[0], -1)
 
-    @staticmethod
-    def _decode(
-        q, k_pages, v_pages, batch: ForwardBatch, scale: float, max_gather_tokens: int
-    ) -> torch.Tensor:
+    def decode(self, q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """Decode attention over the pool (new K/V already stored): [batch, num_heads, head_dim]."""
         _, page_size, num_kv_heads, head_dim = k_pages.shape
         bs = batch.batch_size
         max_len = -(-max(batch.seq_lens_cpu) // page_size) * page_size
-        rows = max(1, max_gather_tokens // max_len)
+        rows = max(1, self.max_gather_tokens // max_len)
         outs = []
         for lo in range(0, bs, rows):
             hi = min(lo + rows, bs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from engine.attention.base import ForwardBatch, ForwardMode
@@ -21,15 +19,7 @@ class TritonBackend(TorchNativeBackend):
             num_kv_heads = batch.kv_pool.num_kv_heads
             batch.attn_metadata = num_splits_for(batch.batch_size, num_kv_heads, self.num_sms)
 
-    def forward(
-        self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
-    ) -> torch.Tensor:
-        if batch.mode is not ForwardMode.DECODE:
-            return super().forward(layer, q, k, v, batch)
-        pool = batch.kv_pool
-        pool.store(layer.layer_id, batch.out_cache_loc, k, v)
-        out = paged_decode_attention(
-            q, pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id), batch.page_table, batch.seq_lens,
-            layer.scaling, num_splits=batch.attn_metadata,
-        )  # fmt: skip
-        return out.view(q.shape[0], -1)
+    def decode(self, q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        return paged_decode_attention(
+            q, k_pages, v_pages, batch.page_table, batch.seq_lens, scale, num_splits=batch.attn_metadata
+        )
