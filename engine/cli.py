@@ -1,4 +1,6 @@
-"""The ``pdserve`` command line: make-model, generate (and, as services land, prefill/decode/up)."""
+"""The ``pdserve`` command line: make-model, generate, and the services (prefill, decode).
+
+The service packages are imported inside their subcommands, so the offline commands need no gRPC."""
 
 from __future__ import annotations
 
@@ -7,8 +9,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.env import Env
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 TINY_MODEL_NAME = "tiny-qwen3"
 
@@ -56,12 +62,30 @@ def _make_model(args: argparse.Namespace, env: Env) -> int:
     return 0
 
 
+def _engine_config(args: argparse.Namespace, env: Env) -> EngineConfig:
+    from engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model or str(default_model_dir(env)),
+        device=args.device,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        enable_prefix_cache=not args.no_prefix_cache,
+    )
+
+
 def _generate(args: argparse.Namespace, env: Env) -> int:
+    from engine.engine import Engine
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    model = args.model or str(default_model_dir(env))
-    llm = LLM(model, device=args.device, dtype=args.dtype, kv_cache_bytes=args.kv_cache_mib << 20)
+    llm = LLM.from_engine(Engine(_engine_config(args, env)))
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -107,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=_make_model)
 
     gen = sub.add_parser("generate", help="offline generation for one prompt")
-    gen.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    add_engine_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -117,11 +141,63 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache budget on CPU")
     gen.set_defaults(func=_generate)
+
+    for role, port in (("prefill", 8100), ("decode", 8200)):
+        svc = sub.add_parser(role, help=f"run a {role} instance (gRPC)")
+        add_engine_args(svc)
+        svc.add_argument(
+            "--host", default="127.0.0.1", help="interface to listen on (default: loopback only)"
+        )
+        svc.add_argument("--port", type=int, default=port, help="0 picks a free port")
+        svc.add_argument("--kv-backend", default="tcp", help="KV transfer backend")
+        svc.add_argument(
+            "--request-timeout-s", type=float, default=600.0, help="deadline of requests naming none"
+        )
+        if role == "prefill":
+            svc.add_argument("--kv-fault-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+        else:
+            svc.add_argument(
+                "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
+            )
+        svc.set_defaults(func=_serve, role=role)
     return parser
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="step token budget = chunk size")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache budget on CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--attention-backend", default="torch_native")
+    p.add_argument("--no-prefix-cache", action="store_true")
+
+
+def _serve(args: argparse.Namespace, env: Env) -> int:
+    engine_cfg = _engine_config(args, env)
+    if args.role == "prefill":
+        from prefill_svc.server import PrefillConfig
+        from prefill_svc.server import run as run_prefill
+
+        return run_prefill(
+            PrefillConfig(
+                engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s,
+                kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3,
+            )
+        )  # fmt: skip
+    from decode_svc.server import DecodeConfig
+    from decode_svc.server import run as run_decode
+
+    return run_decode(
+        DecodeConfig(
+            engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s, args.advertise_host
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,8 +36,63 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = random.Random(cfg.seed)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Raises ValueError (field name first) if it can never run here."""
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool = False
+    ) -> None:
+        """Queue a request. Raises ValueError (field name first) if it can never run here.
+
+        ``hold_kv``: when the request finishes, its final output carries ``kv_pages`` with one
+        reference held for the caller (a prefill instance ships them, then calls ``free_pages``).
+        """
+        max_len = self.check_request(request_id, prompt_ids, params)
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len, hold_kv=hold_kv)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        pages: list[int],
+        first_token: int,
+        first_logprob: TokenLogprob | None,
+    ) -> RequestOutput:
+        """Adopt a request prefilled elsewhere: ``pages`` (from ``reserve_pages``) hold its prompt's KV
+        and ``first_token`` was sampled there with ``seed``. Returns the output for the first token,
+        which may already be final (a stop token, max_tokens == 1). The engine owns ``pages`` now."""
+        max_len = self.check_request(request_id, prompt_ids, params)
+        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len)
+        seq.pages, seq.num_computed = list(pages), len(prompt_ids)
+        seq.token_ids.append(first_token)
+        self._seqs[request_id] = seq
+        self.scheduler.add_running(seq)
+        out, reason = self.outputs.process(seq, first_token, first_logprob)
+        if reason is not None:
+            self._finish(seq, reason)
+        return out
+
+    def abort(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.release(seq, reason)
+        return self.outputs.finish(seq, reason)
+
+    def reserve_pages(self, num_pages: int) -> list[int] | None:
+        """Take ``num_pages`` pages outside the scheduler (evicting cached prefixes if needed), or None."""
+        if self.allocator.num_free < num_pages and self.prefix_cache is not None:
+            self.prefix_cache.evict(num_pages - self.allocator.num_free)
+        return self.allocator.alloc(num_pages)
+
+    def free_pages(self, pages: list[int]) -> None:
+        """Drop the caller's reference on pages from ``reserve_pages`` or a ``kv_pages`` lease."""
+        self.allocator.free(pages)
+
+    def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request can ever run here; returns its max length (prompt + max_tokens, capped)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if not prompt_ids:
@@ -57,17 +112,7 @@ class Engine:
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) needs {max_len} "
                 f"tokens of KV cache but the whole pool holds {capacity}"
             )
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
-
-    def abort(self, request_id: str) -> RequestOutput | None:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.release(seq, "abort")
-        return self.outputs.finish(seq, "abort")
+        return max_len
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -93,7 +138,16 @@ class Engine:
                 logprob = TokenLogprob(token, sampled.logprobs[i], top)
             out, reason = self.outputs.process(seq, token, logprob)
             if reason is not None:
-                self.scheduler.release(seq, reason)
-                del self._seqs[seq.request_id]
+                out.kv_pages = self._finish(seq, reason)
             outputs.append(out)
         return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> list[int] | None:
+        """Release a finished sequence; returns its pages, leased to the caller, if it holds KV."""
+        lease = None
+        if seq.hold_kv:
+            lease = list(seq.pages)
+            self.allocator.incref(lease)
+        self.scheduler.release(seq, reason)
+        del self._seqs[seq.request_id]
+        return lease

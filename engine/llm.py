@@ -30,8 +30,17 @@ class CompletionOutput:
 
 class LLM:
     def __init__(self, model: str, **engine_options: Any) -> None:
-        self.engine = Engine(EngineConfig(model=model, **engine_options))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(Engine(EngineConfig(model=model, **engine_options)))
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(

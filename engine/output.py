@@ -36,6 +36,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    admitted_ns: int = 0  # when the scheduler first admitted the request
+    # Set on the final output of a request added with hold_kv: its KV pages, on which the caller now
+    # holds one reference and must give it back with Engine.free_pages.
+    kv_pages: list[int] | None = None
 
 
 class _RequestText:
@@ -104,4 +108,5 @@ class OutputProcessor:
             num_prompt_tokens=seq.num_prompt,
             num_output_tokens=seq.num_output,
             num_cached_tokens=seq.num_cached_prompt,
+            admitted_ns=seq.admitted_ns,
         )

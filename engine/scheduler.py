@@ -14,6 +14,7 @@ prefix cache first) when a sequence finishes or is aborted.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -56,6 +57,19 @@ class Scheduler:
     # -- queue -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Adopt a sequence whose prompt KV is already in its pages (filled by a prefill instance):
+        it joins the decode batch directly. Its pages must come from this scheduler's allocator."""
+        assert seq.status is SeqStatus.WAITING and seq.num_pending == 1, "expects prompt KV + one new token"
+        assert len(seq.pages) == self._pages_for(seq.num_computed), "pages must cover the computed KV"
+        seq.status = SeqStatus.DECODING
+        seq.admitted_ns = seq.admitted_ns or time.time_ns()
+        self.decoding.append(seq)
+
+    @property
+    def num_running(self) -> int:
+        return self._num_admitted()
 
     @property
     def num_unfinished(self) -> int:
@@ -173,6 +187,7 @@ class Scheduler:
         if not seq.preempted:
             # Usage reports the hit of the first admission, not that of a recompute after preemption.
             seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt)
+            seq.admitted_ns = time.time_ns()
         seq.status = SeqStatus.PREFILLING
         self.prefilling.append(seq)
         return True

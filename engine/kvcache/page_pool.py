@@ -45,3 +45,11 @@ class KVPagePool:
         # slots [num_tokens]; k, v [num_tokens, num_kv_heads, head_dim]
         self.k_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k)
         self.v_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v)
+
+    def read_pages(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
+        """One layer's K and V of ``pages``: [2, num_pages, page_size, num_kv_heads, head_dim] (a copy)."""
+        return self.kv_gpu[layer].index_select(1, pages)
+
+    def write_pages(self, layer: int, pages: torch.Tensor, kv: torch.Tensor) -> None:
+        """Overwrite one layer's K and V of ``pages`` with ``kv`` as returned by ``read_pages``."""
+        self.kv_gpu[layer].index_copy_(1, pages, kv)

@@ -1,0 +1,66 @@
+"""Startup of a decode instance: engine, KV receiver, gRPC server with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from decode_svc.servicer import DecodeServicer
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import Engine
+from kvtransfer import KVLayout, create_receiver
+from protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
+from protos.serving import GrpcServer
+
+log = logging.getLogger("pdserve.decode")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8200
+    kv_backend: str = "tcp"
+    request_timeout_s: float = 600.0  # deadline of a request that names none
+    advertise_host: str | None = None  # the host prefill sends KV to (default: host)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: must be in [0, 65536), got {self.port}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+
+
+async def serve(cfg: DecodeConfig) -> None:
+    engine = Engine(cfg.engine)
+    layout = KVLayout.of_engine(engine)
+    receiver = create_receiver(cfg.kv_backend, layout, engine.runner.kv_pool)
+    async_engine = AsyncEngine(engine)
+    names = [
+        decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
+        kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
+    ]
+    server = GrpcServer(names)
+    port = server.bind(cfg.host, cfg.port)
+    host = cfg.advertise_host or cfg.host
+    kv_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    servicer = DecodeServicer(async_engine, receiver, cfg.kv_backend, kv_address, cfg.request_timeout_s)
+    decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
+    receiver.add_to_server(server.server)
+    async_engine.start()
+    await server.start()
+    await server.mark_serving()
+    log.info("decode serving on %s:%d (model %s, layout %s)", cfg.host, port, cfg.engine.model, layout.digest)
+    print(f"pdserve decode listening on {cfg.host}:{port}", flush=True)
+    try:
+        await server.run_until_signal()
+    finally:
+        await async_engine.stop()
+        await servicer.close()
+
+
+def run(cfg: DecodeConfig) -> int:
+    asyncio.run(serve(cfg))
+    return 0

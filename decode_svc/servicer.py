@@ -1,0 +1,212 @@
+"""One decode request: validate → reserve the prompt's KV pages (RESOURCE_EXHAUSTED if they are not
+there, so the caller can go elsewhere) → expect them from the KV receiver → ask the named prefill
+instance to fill them → hand the request and its pages to the engine's continuous batch → stream.
+
+Whatever ends the request — finish, the client cancelling, the deadline, a failed prefill or
+transfer — the pages go back exactly once: to the engine before the hand-over is done, by the
+engine after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.engine import Engine
+from engine.output import RequestOutput
+from kvtransfer import KVReceiver, TransferState
+from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from protos.convert import (
+    EARLY_END_STATUS,
+    deadline_ns,
+    load_report,
+    logprob_from_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+)
+from protos.serving import SERVER_OPTIONS
+
+log = logging.getLogger("pdserve.decode")
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        receiver: KVReceiver,
+        kv_backend: str,
+        kv_address: str,
+        request_timeout_s: float,
+    ) -> None:
+        self.engine, self.receiver = engine, receiver
+        self.kv_backend, self.kv_address, self.request_timeout_s = kv_backend, kv_address, request_timeout_s
+        self.page_size = engine.engine.cfg.page_size
+        self.max_num_seqs = engine.engine.cfg.max_num_seqs
+        self.num_reserved_pages = 0
+        self.num_admitting = 0  # reserved, not yet handed to the engine
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._seed_rng = random.Random()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    def _prefill(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=SERVER_OPTIONS[:2])
+        return prefill_pb2_grpc.PrefillServiceStub(self._channels[address])
+
+    async def GetLoad(self, request: Any, context: Any) -> Any:
+        return load_report(self.engine.engine, "decode", self.num_reserved_pages, self.receiver.num_pending)
+
+    async def Generate(
+        self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        timing = common_pb2.TimingMarks()
+        timing.CopyFrom(request.timing)
+        timing.decode_received_ns = time.time_ns()
+        request_id = request.request_id or uuid.uuid4().hex
+        deadline = deadline_ns(request.deadline_unix_ns, self.request_timeout_s)
+        prompt = list(request.prompt_token_ids)
+        params = await self._validate(request, context)
+        if params.seed is None:  # decided here: prefill samples the first token with the same seed
+            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        num_pages = -(-len(prompt) // self.page_size)
+
+        def reserve(e: Engine) -> list[int] | None:
+            e.check_request(request_id, prompt, params)
+            if e.scheduler.num_unfinished + self.num_admitting >= self.max_num_seqs:
+                return None
+            return e.reserve_pages(num_pages)
+
+        try:
+            pages = await self.engine.call(reserve)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if pages is None:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"decode is full: {num_pages} KV pages or a sequence slot (max_num_seqs {self.max_num_seqs}) "
+                "are not free now; retry later or elsewhere",
+            )
+        assert pages is not None, "context.abort raised"
+        timing.decode_admitted_ns = time.time_ns()
+        stream, num_cached = await self._prefill_into(
+            request_id, prompt, params, pages, deadline, timing, request, context
+        )
+        async for msg in self._stream(stream, num_cached, timing, context):
+            yield msg
+
+    async def _prefill_into(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: Any,
+        pages: list[int],
+        deadline: int,
+        timing: common_pb2.TimingMarks,
+        request: decode_pb2.GenerateRequest,
+        context: Any,
+    ) -> tuple[RequestStream, int]:
+        """Have prefill fill ``pages``; returns the engine's stream and the prompt tokens prefill
+        found in its prefix cache. Owns ``pages`` until the engine has them."""
+        self.num_reserved_pages += len(pages)
+        self.num_admitting += 1
+        pending = self.receiver.expect(request_id, pages, len(prompt), deadline)
+        handed_over = False
+        call = self._prefill(request.prefill_address).Prefill(
+            prefill_pb2.PrefillRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                sampling=sampling_to_proto(params),
+                deadline_unix_ns=deadline,
+                kv_destination=prefill_pb2.KVDestination(
+                    backend=self.kv_backend, address=self.kv_address, transfer_id=request_id, page_ids=pages
+                ),
+                timing=timing,
+            ),
+            timeout=max(0.0, (deadline - time.time_ns()) / 1e9),
+        )
+        try:
+            try:
+                reply = await call
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED or time.time_ns() > deadline:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, f"prefill at {request.prefill_address}: {e.details()}")
+            result = await pending.wait()
+            if result.state is not TransferState.DONE:
+                error = result.error
+                assert error is not None, "a transfer that is not DONE carries its error"
+                await context.abort(error.code, f"KV transfer: {error.message}")
+            assert result.first_token == reply.first_token_id, "the KV commit and the reply agree"
+            timing.MergeFrom(reply.timing)
+            timing.transfer_done_ns = time.time_ns()
+            first_lp = logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
+            stream = await self.engine.adopt(
+                request_id, prompt, params, params.seed, pages, reply.first_token_id, first_lp, deadline
+            )
+            handed_over = True
+            return stream, reply.num_cached_tokens
+        finally:
+            self.num_reserved_pages -= len(pages)
+            self.num_admitting -= 1
+            if not handed_over:
+                call.cancel()
+                self.receiver.abort(request_id, "decode gave the request up")
+                self.engine.call_soon(lambda e: e.free_pages(pages))
+
+    async def _stream(
+        self, stream: RequestStream, num_cached: int, timing: common_pb2.TimingMarks, context: Any
+    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        first = True
+        try:
+            async for out in stream:
+                if out.finish_reason in EARLY_END_STATUS:
+                    await context.abort(
+                        EARLY_END_STATUS[out.finish_reason], f"request {out.request_id}: {out.finish_reason}"
+                    )
+                if out.num_output_tokens == 2 and out.new_token_ids:
+                    timing.first_decode_token_ns = time.time_ns()
+                if out.finished:
+                    timing.finished_ns = time.time_ns()
+                yield self._response(out, num_cached, timing if first or out.finished else None)
+                first = False
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _response(out: RequestOutput, num_cached: int, timing: common_pb2.TimingMarks | None) -> Any:
+        return decode_pb2.GenerateResponse(
+            token_ids=out.new_token_ids,
+            text=out.new_text,
+            logprobs=[logprob_to_proto(lp) for lp in out.logprobs],
+            finish_reason=out.finish_reason or "",
+            usage=decode_pb2.Usage(
+                prompt_tokens=out.num_prompt_tokens,
+                completion_tokens=out.num_output_tokens,
+                cached_tokens=num_cached,
+            ),
+            timing=timing,
+        )
+
+    async def _validate(self, request: decode_pb2.GenerateRequest, context: Any) -> Any:
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
+        if not request.prefill_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefill_address: required")
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
+        return params

@@ -1,0 +1,231 @@
+"""Drive an ``Engine`` from asyncio: one task owns it, its steps run on one dedicated worker thread.
+
+The services receive requests on the event loop; the engine (scheduler, allocator, radix cache) is
+single-threaded. So every mutation — adding, aborting, reserving or freeing pages — is queued as a
+command and applied by the loop task *between* steps, never while a step runs on the worker thread.
+
+Contract:
+- ``await call(fn)`` runs ``fn(engine)`` between steps and returns its result or raises its error;
+  ``call_soon(fn)`` does the same without waiting (safe in ``finally`` blocks of cancelled handlers).
+- ``await generate(...)`` / ``await adopt(...)`` add a request and return a ``RequestStream``: an async
+  iterator of the request's ``RequestOutput``s, the last one finished. Leaving the iteration early
+  (the consumer was cancelled, the client went away) aborts the request and frees its pages, and any
+  ``kv_pages`` lease that the consumer never took.
+- Every request has a deadline (unix ns; 0 = none): past it, the request finishes with reason
+  "deadline". A step that raises finishes every request with reason "error" and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from engine.engine import Engine
+from engine.output import RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RequestStream:
+    """The outputs of one request; iterate with ``async for``. See the module contract."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str) -> None:
+        self.owner, self.request_id = owner, request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            out = await self.queue.get()
+        except BaseException:
+            self.close()
+            raise
+        self.finished = out.finished
+        return out
+
+    def close(self) -> None:
+        """Abort the request unless it finished, and give back leases nobody will read."""
+        self.owner.detach(self)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: deque[tuple[Callable[[Engine], Any], asyncio.Future | None]] = deque()
+        self._streams: dict[str, RequestStream] = {}
+        self._deadlines: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._task: asyncio.Task | None = None
+        self.num_steps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- commands ----------------------------------------------------------------------------------
+    async def call(self, fn: Callable[[Engine], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._commands.append((fn, future))
+        self._wake.set()
+        return await future
+
+    def call_soon(self, fn: Callable[[Engine], Any]) -> None:
+        self._commands.append((fn, None))
+        self._wake.set()
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        deadline_ns: int = 0,
+        hold_kv: bool = False,
+    ) -> RequestStream:
+        """Queue a request; raises ValueError (field first) if it can never run here."""
+        stream = self._register(request_id, deadline_ns)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_ids, params, hold_kv=hold_kv))
+        except BaseException:
+            self._unregister(request_id)
+            raise
+        return stream
+
+    async def adopt(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        pages: list[int],
+        first_token: int,
+        first_logprob: TokenLogprob | None,
+        deadline_ns: int = 0,
+    ) -> RequestStream:
+        """Add a request prefilled elsewhere (``Engine.add_prefilled``); the stream starts with the
+        first token's output. The engine owns ``pages`` once this returns."""
+        stream = self._register(request_id, deadline_ns)
+
+        def add(e: Engine) -> None:
+            first = e.add_prefilled(request_id, prompt_ids, params, seed, pages, first_token, first_logprob)
+            self._deliver(first)
+
+        try:
+            await self.call(add)
+        except BaseException:
+            self._unregister(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        self.call_soon(lambda e: self._abort_now(e, request_id, reason))
+
+    def detach(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            # Unregister first: an output a step produces from now on finds no stream and its lease
+            # goes straight back (``_deliver``), whatever the order of this abort and that step.
+            self._unregister(stream.request_id)
+            self.abort(stream.request_id)
+        while not stream.queue.empty():  # outputs nobody will read; a lease in them must go back
+            out = stream.queue.get_nowait()
+            if out.kv_pages:
+                self.call_soon(functools.partial(Engine.free_pages, pages=out.kv_pages))
+        stream.finished = True
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_commands()
+            self._expire_deadlines()
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                if not self._commands:
+                    await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception:
+                log.exception("engine step failed; finishing every request with reason 'error'")
+                for request_id in list(self._streams):
+                    self._abort_now(self.engine, request_id, "error")
+                continue
+            self.num_steps += 1
+            for out in outputs:
+                self._deliver(out)
+            await asyncio.sleep(0)  # let handlers consume before the next step
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            fn, future = self._commands.popleft()
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                if future is None:
+                    log.exception("engine command failed")
+                elif not future.done():
+                    future.set_exception(e)
+                continue
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def _expire_deadlines(self) -> None:
+        now = time.time_ns()
+        for request_id, deadline in list(self._deadlines.items()):
+            if deadline and now > deadline:
+                self._abort_now(self.engine, request_id, "deadline")
+
+    def _abort_now(self, engine: Engine, request_id: str, reason: str) -> None:
+        out = engine.abort(request_id, reason)
+        if out is not None:
+            self._deliver(out)
+        elif request_id in self._streams:
+            # Not in the engine (never added, or finished): end the stream so nobody waits forever.
+            stream = self._streams[request_id]
+            self._unregister(request_id)
+            stream.queue.put_nowait(RequestOutput(request_id, [], "", True, reason))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            if out.kv_pages:  # its consumer is gone: the lease goes straight back
+                self.engine.free_pages(out.kv_pages)
+            return
+        if out.finished:
+            self._unregister(out.request_id)
+        stream.queue.put_nowait(out)
+
+    def _register(self, request_id: str, deadline_ns: int) -> RequestStream:
+        if request_id in self._streams:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        stream = self._streams[request_id] = RequestStream(self, request_id)
+        self._deadlines[request_id] = deadline_ns
+        return stream
+
+    def _unregister(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._deadlines.pop(request_id, None)

@@ -1,0 +1,63 @@
+"""Startup of a prefill instance: engine, KV sender, gRPC server with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import Engine
+from kvtransfer import KVLayout, create_sender
+from prefill_svc.servicer import PrefillServicer
+from protos import prefill_pb2, prefill_pb2_grpc
+from protos.serving import GrpcServer
+
+log = logging.getLogger("pdserve.prefill")
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    engine: EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 8100
+    kv_backend: str = "tcp"
+    request_timeout_s: float = 600.0  # deadline of a request that names none
+    kv_chunk_delay_s: float = 0.0  # fault hook (tests): delay before each KV chunk sent
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port: must be in [0, 65536), got {self.port}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+
+
+async def serve(cfg: PrefillConfig) -> None:
+    engine = Engine(cfg.engine)
+    layout = KVLayout.of_engine(engine)
+    options = {"chunk_delay_s": cfg.kv_chunk_delay_s} if cfg.kv_backend == "tcp" else {}
+    sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
+    async_engine = AsyncEngine(engine)
+    servicer = PrefillServicer(async_engine, sender, cfg.kv_backend, cfg.request_timeout_s)
+    server = GrpcServer([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
+    port = server.bind(cfg.host, cfg.port)
+    async_engine.start()
+    await server.start()
+    await server.mark_serving()
+    log.info(
+        "prefill serving on %s:%d (model %s, layout %s, kv backend %s)",
+        cfg.host, port, cfg.engine.model, layout.digest, cfg.kv_backend,
+    )  # fmt: skip
+    print(f"pdserve prefill listening on {cfg.host}:{port}", flush=True)
+    try:
+        await server.run_until_signal()
+    finally:
+        await async_engine.stop()
+        await sender.close()
+
+
+def run(cfg: PrefillConfig) -> int:
+    asyncio.run(serve(cfg))
+    return 0

@@ -1,0 +1,101 @@
+"""Wire messages ↔ engine types, so every service maps them the same way (torch-free)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, overload
+
+import grpc
+
+from engine.output import TokenLogprob
+from engine.sampling_params import SamplingParams
+from protos import common_pb2
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+# Finish reasons of requests the engine ended early, and the gRPC status a caller gets for each.
+EARLY_END_STATUS = {
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "abort": grpc.StatusCode.CANCELLED,
+    "error": grpc.StatusCode.INTERNAL,
+}
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take the engine defaults. Raises ValueError naming the bad field."""
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
+        top_k=msg.top_k if msg.top_k > 0 else -1,
+        top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=(
+            msg.skip_special_tokens if msg.HasField("skip_special_tokens") else defaults.skip_special_tokens
+        ),
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        max_tokens=params.max_tokens,
+        stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
+        skip_special_tokens=params.skip_special_tokens,
+    )
+
+
+@overload
+def logprob_to_proto(lp: TokenLogprob) -> common_pb2.TokenLogprob: ...
+@overload
+def logprob_to_proto(lp: None) -> None: ...
+def logprob_to_proto(lp: TokenLogprob | None) -> common_pb2.TokenLogprob | None:
+    if lp is None:
+        return None
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top_token_ids=[t for t, _ in lp.top],
+        top_logprobs=[p for _, p in lp.top],
+    )
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprob:
+    top = list(zip(msg.top_token_ids, msg.top_logprobs, strict=True))
+    return TokenLogprob(msg.token_id, msg.logprob, top)
+
+
+def deadline_ns(requested_ns: int, default_timeout_s: float) -> int:
+    """The request's deadline (unix ns): as requested, or now + the server's default timeout."""
+    return requested_ns or time.time_ns() + int(default_timeout_s * 1e9)
+
+
+def load_report(
+    engine: Engine, role: str, num_held_pages: int, num_pending_transfers: int
+) -> common_pb2.LoadReport:
+    """The instance's load as the engine sees it; read from the event loop while a step may run
+    (plain counter reads, so at worst a step stale)."""
+    cached = engine.prefix_cache.num_cached_pages if engine.prefix_cache is not None else 0
+    return common_pb2.LoadReport(
+        role=role,
+        num_total_pages=engine.allocator.num_total,
+        num_free_pages=engine.allocator.num_free,
+        num_cached_pages=cached,
+        page_size=engine.cfg.page_size,
+        num_running=engine.scheduler.num_running,
+        num_waiting=len(engine.scheduler.waiting),
+        num_held_pages=num_held_pages,
+        num_pending_transfers=num_pending_transfers,
+        max_num_seqs=engine.cfg.max_num_seqs,
+    )

@@ -1,0 +1,68 @@
+"""What every pdserve gRPC server has: the aio server, standard health and reflection, clean shutdown.
+
+Health (``grpc.health.v1``) reports NOT_SERVING until ``mark_serving`` (after warm-up) and again
+from the start of a graceful shutdown, for the overall server ("") and for each named service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class GrpcServer:
+    def __init__(self, service_names: Iterable[str]) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.service_names = list(service_names)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    def bind(self, host: str, port: int) -> int:
+        """Listen on host:port (port 0 picks a free one); returns the bound port."""
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return self.port
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def mark_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_all(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def run_until_signal(self, grace_s: float = 5.0) -> None:
+        """Serve until SIGINT/SIGTERM, then stop accepting work and give in-flight RPCs ``grace_s``."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down (grace %.1fs)", grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
