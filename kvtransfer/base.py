@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -60,6 +61,7 @@ class PendingTransfer:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     num_bytes: int = 0
+    on_finish: Callable[[], None] | None = None  # runs once, synchronously, at the terminal state
 
     @property
     def state(self) -> TransferState:
@@ -75,6 +77,8 @@ class PendingTransfer:
         self.result.set_result(
             TransferResult(self.transfer_id, state, first_token, first_logprob, self.num_bytes, error)
         )
+        if self.on_finish is not None:
+            self.on_finish()
         return True
 
     async def wait(self) -> TransferResult:
@@ -102,8 +106,8 @@ class KVReceiver:
     ) -> PendingTransfer:
         assert transfer_id not in self.transfers, f"transfer {transfer_id} is already expected"
         pending = PendingTransfer(transfer_id, list(page_ids), num_tokens, deadline_ns)
+        pending.on_finish = lambda: self.transfers.pop(transfer_id, None)
         self.transfers[transfer_id] = pending
-        pending.result.add_done_callback(lambda _: self.transfers.pop(transfer_id, None))
         return pending
 
     def abort(self, transfer_id: str, reason: str = "aborted by the receiver") -> None:

@@ -1,0 +1,125 @@
+"""AsyncEngine: the services' driver of an engine. Oracles: the offline LLM's outputs, and the page
+allocator's own counts (every page free or cached once requests end)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import Engine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def make_engine(model) -> Engine:
+    return Engine(
+        EngineConfig(model=str(model), page_size=4, max_num_batched_tokens=16, kv_cache_bytes=4 << 20)
+    )
+
+
+def all_pages_back(engine: Engine) -> bool:
+    return engine.allocator.num_free + engine.prefix_cache.num_cached_pages == engine.allocator.num_total
+
+
+async def run(engine: Engine, body):
+    driver = AsyncEngine(engine)
+    driver.start()
+    try:
+        return await asyncio.wait_for(body(driver), timeout=60)
+    finally:
+        await driver.stop()
+
+
+def test_concurrent_streams_equal_offline_generate(tiny_model):
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 9)]
+    expected = LLM(str(tiny_model), page_size=4, max_num_batched_tokens=16).generate(prompts, GREEDY)
+    engine = make_engine(tiny_model)
+
+    async def body(driver):
+        async def one(i, prompt):
+            stream = await driver.generate(f"r{i}", prompt, GREEDY)
+            return [t async for out in stream for t in out.new_token_ids]
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    got = asyncio.run(run(engine, body))
+    assert got == [o.token_ids for o in expected]
+    assert all_pages_back(engine)
+
+
+def test_deadline_finishes_the_request_and_frees_its_pages(tiny_model):
+    engine = make_engine(tiny_model)
+    long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)  # seconds of decoding
+
+    async def body(driver):
+        stream = await driver.generate(
+            "slow", list(range(30)), long, deadline_ns=time.time_ns() + 200_000_000
+        )
+        return [out async for out in stream]
+
+    start = time.monotonic()
+    outs = asyncio.run(run(engine, body))
+    assert outs[-1].finished and outs[-1].finish_reason == "deadline"
+    assert time.monotonic() - start < 5
+    assert all_pages_back(engine)
+
+
+def test_leaving_a_stream_early_aborts_and_frees(tiny_model):
+    engine = make_engine(tiny_model)
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+
+    async def body(driver):
+        stream = await driver.generate("r", list(range(20)), long)
+        async for out in stream:
+            if out.num_output_tokens >= 3:
+                break
+        stream.close()
+        await driver.call(lambda e: None)  # the abort command has run once this returns
+        return driver.num_requests, engine.has_unfinished()
+
+    assert asyncio.run(run(engine, body)) == (0, False)
+    assert all_pages_back(engine)
+
+
+def test_held_kv_is_leased_until_freed_even_when_nobody_reads_it(tiny_model):
+    engine = make_engine(tiny_model)
+    one = SamplingParams(temperature=0, max_tokens=1)
+
+    async def body(driver):
+        read = await driver.generate("read", list(range(10)), one, hold_kv=True)
+        final = [out async for out in read][-1]
+        leased = list(final.kv_pages)
+        held = [engine.allocator.refcount(p) for p in leased]
+        await driver.call(lambda e: e.free_pages(leased))
+        ignored = await driver.generate("ignored", list(range(50, 60)), one, hold_kv=True)
+        for _ in range(200):  # let it finish without reading the stream
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        ignored.close()
+        await driver.call(lambda e: None)
+        return leased, held
+
+    leased, held = asyncio.run(run(engine, body))
+    assert len(leased) == 3 and all(c >= 1 for c in held)  # ceil(10 / 4) pages, each still owned
+    assert all_pages_back(engine)
+
+
+def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_model):
+    engine = make_engine(tiny_model)
+
+    async def body(driver):
+        with pytest.raises(ValueError, match="prompt"):
+            await driver.generate("bad", [], GREEDY)
+        stream = await driver.generate("ok", [1, 2, 3], GREEDY)
+        with pytest.raises(ValueError, match="already running"):
+            await driver.generate("ok", [1, 2, 3], GREEDY)
+        return [out async for out in stream][-1].finish_reason
+
+    assert asyncio.run(run(engine, body)) == "length"
+    assert all_pages_back(engine)
