@@ -61,7 +61,7 @@ class PendingTransfer:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     num_bytes: int = 0
-    on_finish: Callable[[], None] | None = None  # runs once, synchronously, at the terminal state
+    on_finish: Callable[[], object] | None = None  # runs once, synchronously, at the terminal state
 
     @property
     def state(self) -> TransferState:
