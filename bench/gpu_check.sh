@@ -6,8 +6,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT="${OUT:-runs}"; mkdir -p "$OUT"
+# The GPU image lacks grpcio-health-checking / grpcio-reflection and may hold an older protobuf than
+# the stubs need (>= 7.35.1): carry them as wheels in .whl/ (see docs/BENCHMARKS.md, "GPU box").
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
+python3 -c 'import torch, triton, grpc, google.protobuf as pb; print("torch", torch.__version__, "triton", triton.__version__, "grpcio", grpc.__version__, "protobuf", pb.__version__)' | tee -a "$OUT/gpu.txt"
 python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 python3 bench/engine_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

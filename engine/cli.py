@@ -73,7 +73,7 @@ def _engine_config(args: argparse.Namespace, env: Env) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
-        kv_cache_bytes=args.kv_cache_mib << 20,
+        kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enable_prefix_cache=not args.no_prefix_cache,
@@ -172,7 +172,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="step token budget = chunk size")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    p.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache budget on CPU")
+    p.add_argument(
+        "--kv-cache-mib", type=int, default=None,
+        help="KV cache size (default: 256 MiB on CPU; on CUDA what --gpu-memory-utilization leaves)",
+    )  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--attention-backend", default="torch_native")
     p.add_argument("--no-prefix-cache", action="store_true")

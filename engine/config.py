@@ -129,8 +129,10 @@ class ModelConfig:
 class EngineConfig:
     """Knobs of one engine instance (one model replica on one device).
 
-    KV cache size: on CUDA, ``gpu_memory_utilization`` of total device memory minus what weights and
-    activations use; on CPU, ``kv_cache_bytes``. ``max_num_batched_tokens`` is the per-step token budget
+    KV cache size: ``kv_cache_bytes`` when set; otherwise on CUDA ``gpu_memory_utilization`` of total
+    device memory minus what is in use and the profiled peak activations, on CPU 256 MiB. Several
+    processes sharing one GPU should set ``kv_cache_bytes``: the utilization rule measures free
+    memory once at startup, so instances starting together would each count the same free memory. ``max_num_batched_tokens`` is the per-step token budget
     and therefore the chunked-prefill chunk size.
     """
 
@@ -141,7 +143,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None
-    kv_cache_bytes: int = 256 << 20
+    kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.85
     attention_backend: str = "torch_native"
     load_format: str = "safetensors"  # "dummy": random weights, no files read (benchmarks)
@@ -153,7 +155,7 @@ class EngineConfig:
             (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
             (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
             (self.max_num_batched_tokens >= self.page_size, "max_num_batched_tokens", ">= page_size"),
-            (self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0"),
+            (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0 or None (auto)"),
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
             (self.load_format in ("safetensors", "dummy"), "load_format", "safetensors or dummy"),

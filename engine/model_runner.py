@@ -22,6 +22,7 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -136,8 +137,10 @@ class ModelRunner:
         )
 
     def _num_pages(self) -> int:
-        if self.device.type == "cpu":
+        if self.cfg.kv_cache_bytes is not None:
             budget = self.cfg.kv_cache_bytes
+        elif self.device.type == "cpu":
+            budget = CPU_DEFAULT_KV_CACHE_BYTES
         else:
             peak_activation = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
