@@ -36,6 +36,7 @@ from protos.convert import (
 from protos.serving import SERVER_OPTIONS
 
 log = logging.getLogger("pdserve.decode")
+FAULT_METADATA_KEY = "pdserve-fault"
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -66,7 +67,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         return prefill_pb2_grpc.PrefillServiceStub(self._channels[address])
 
     async def GetLoad(self, request: Any, context: Any) -> Any:
-        return load_report(self.engine.engine, "decode", self.num_reserved_pages, self.receiver.num_pending)
+        return load_report(
+            self.engine.engine,
+            "decode",
+            self.num_reserved_pages,
+            self.receiver.num_pending,
+            self.receiver.num_bytes_received,
+        )
 
     async def Generate(
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -143,6 +150,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 code = e.code()
                 if code is grpc.StatusCode.DEADLINE_EXCEEDED or time.time_ns() > deadline:
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
+                # Tells a router that the prefill instance failed, not this one (it may retry there).
+                context.set_trailing_metadata(((FAULT_METADATA_KEY, "prefill"),))
                 await context.abort(code, f"prefill at {request.prefill_address}: {e.details()}")
             result = await pending.wait()
             if result.state is not TransferState.DONE:

@@ -42,60 +42,86 @@ class RequestOutput:
     kv_pages: list[int] | None = None
 
 
-class _RequestText:
-    def __init__(self, tokenizer: Tokenizer, seq: Sequence) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_ids, seq.params.skip_special_tokens)
+class TextStream:
+    """One request's output text as it streams: incremental detokenization, stop strings cut
+    OpenAI-style, and text that could still turn into a stop string held back until it cannot.
+
+    The engine's OutputProcessor and the gateway (which detokenizes the token stream it gets from
+    decode) both use it, so the text a client sees is the text the engine stopped on.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], skip_special_tokens: bool
+    ) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        self.stop = stop
         self.emitted = 0  # characters of detok.text already returned
-        self.holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.holdback = max((len(s) for s in stop), default=1) - 1
         self.end: int | None = None  # where the text is cut by a stop string
+
+    def push(self, token: int) -> bool:
+        """Detokenize one token; True if that completed a stop string (the text ends before it)."""
+        new_text = self.detok.push(token)
+        if self.stop:
+            stop_at = find_stop(self.detok.text, self.stop, len(new_text))
+            if stop_at is not None:
+                self.end = stop_at
+                return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """Text not returned yet. ``final``: the request ended, so nothing is held back (a trailing
+        partial character is flushed unless a stop string cut the text)."""
+        if final and self.end is None:
+            self.detok.flush()
+        text = self.detok.text if self.end is None else self.detok.text[: self.end]
+        upto = len(text) if final else max(self.emitted, len(text) - self.holdback)
+        new_text, self.emitted = text[self.emitted : upto], upto
+        return new_text
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: frozenset[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self._texts: dict[str, _RequestText] = {}
+        self._texts: dict[str, TextStream] = {}
 
     def process(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None
     ) -> tuple[RequestOutput, str | None]:
         """Account for ``seq``'s newest token; returns its output and the finish reason (or None)."""
-        state = self._texts.get(seq.request_id)
-        if state is None:
-            state = self._texts[seq.request_id] = _RequestText(self.tokenizer, seq)
+        state = self._text(seq)
         params = seq.params
         reason: str | None = None
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"  # the stop token stays in token ids but adds no text
-        else:
-            new_text = state.detok.push(token)
-            if params.stop:
-                stop_at = find_stop(state.detok.text, params.stop, len(new_text))
-                if stop_at is not None:
-                    state.end, reason = stop_at, "stop"
+        elif state.push(token):
+            reason = "stop"
         if reason is None and seq.num_tokens >= seq.max_len:  # max_tokens or the model's context
             reason = "length"
-        if reason is not None and state.end is None:
-            state.detok.flush()  # a trailing partial character still reaches the client
         return self._emit(seq, state, token, logprob, reason), reason
 
     def finish(self, seq: Sequence, reason: str) -> RequestOutput:
         """The final output of a request ended from outside (abort): flushes held-back text."""
-        state = self._texts.get(seq.request_id) or _RequestText(self.tokenizer, seq)
-        state.detok.flush()
-        return self._emit(seq, state, None, None, reason)
+        return self._emit(seq, self._text(seq), None, None, reason)
+
+    def _text(self, seq: Sequence) -> TextStream:
+        state = self._texts.get(seq.request_id)
+        if state is None:
+            params = seq.params
+            state = TextStream(self.tokenizer, seq.prompt_ids, params.stop, params.skip_special_tokens)
+            self._texts[seq.request_id] = state
+        return state
 
     def _emit(
         self,
         seq: Sequence,
-        state: _RequestText,
+        state: TextStream,
         token: int | None,
         lp: TokenLogprob | None,
         reason: str | None,
     ) -> RequestOutput:
-        text = state.detok.text if state.end is None else state.detok.text[: state.end]
-        upto = len(text) if reason is not None else max(state.emitted, len(text) - state.holdback)
-        new_text, state.emitted = text[state.emitted : upto], upto
+        new_text = state.take(final=reason is not None)
         if reason is not None:
             self._texts.pop(seq.request_id, None)
         return RequestOutput(

@@ -97,6 +97,7 @@ class KVReceiver:
 
     def __init__(self) -> None:
         self.transfers: dict[str, PendingTransfer] = {}
+        self.num_bytes_received = 0
 
     def add_to_server(self, server: Any) -> None:
         raise NotImplementedError
@@ -154,6 +155,8 @@ class Destination:
 
 class KVSender:
     """Prefill side: opens sessions to receivers, handshaking once per receiver address."""
+
+    num_bytes_sent = 0
 
     async def connect(self, address: str, deadline_ns: int) -> None:
         """Handshake with the receiver at ``address`` unless done before (``open`` calls it too)."""

@@ -51,7 +51,6 @@ class TcpReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
     def __init__(self, layout: KVLayout, pool: Any) -> None:
         super().__init__()
         self.layout, self.pool = layout, pool
-        self.num_bytes_received = 0
 
     def add_to_server(self, server: Any) -> None:
         kvtransfer_pb2_grpc.add_KVTransferServicer_to_server(self, server)

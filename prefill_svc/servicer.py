@@ -123,4 +123,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return Destination(kv.address, kv.transfer_id, tuple(kv.page_ids))
 
     async def GetLoad(self, request: Any, context: Any) -> Any:
-        return load_report(self.engine.engine, "prefill", self.num_leased_pages, self.num_sending)
+        return load_report(
+            self.engine.engine, "prefill", self.num_leased_pages, self.num_sending, self.sender.num_bytes_sent
+        )

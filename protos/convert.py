@@ -98,4 +98,5 @@ def load_report(
         num_held_pages=num_held_pages,
         num_pending_transfers=num_pending_transfers,
         max_num_seqs=engine.cfg.max_num_seqs,
+        kv_bytes_transferred=kv_bytes,
     )
