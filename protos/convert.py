@@ -82,7 +82,7 @@ def deadline_ns(requested_ns: int, default_timeout_s: float) -> int:
 
 
 def load_report(
-    engine: Engine, role: str, num_held_pages: int, num_pending_transfers: int
+    engine: Engine, role: str, num_held_pages: int, num_pending_transfers: int, kv_bytes: int
 ) -> common_pb2.LoadReport:
     """The instance's load as the engine sees it; read from the event loop while a step may run
     (plain counter reads, so at worst a step stale)."""
