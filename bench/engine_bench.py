@@ -19,6 +19,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": dict(
         hidden_size=1024,
         intermediate_size=3072,

@@ -26,6 +26,7 @@ from kvtransfer import KVReceiver, TransferState
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from protos.convert import (
     EARLY_END_STATUS,
+    FAULT_METADATA_KEY,
     deadline_ns,
     load_report,
     logprob_from_proto,
@@ -36,7 +37,6 @@ from protos.convert import (
 from protos.serving import SERVER_OPTIONS
 
 log = logging.getLogger("pdserve.decode")
-FAULT_METADATA_KEY = "pdserve-fault"
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):

@@ -15,6 +15,7 @@ from engine.env import Env
 
 if TYPE_CHECKING:
     from engine.config import EngineConfig
+    from gateway.config import GatewayConfig
 
 TINY_MODEL_NAME = "tiny-qwen3"
 
@@ -161,7 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
             )
         svc.set_defaults(func=_serve, role=role)
+
+    gw = sub.add_parser("gateway", help="run the gateway: OpenAI-compatible REST + public gRPC")
+    gw.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    add_gateway_args(gw)
+    gw.add_argument("--prefill", action="append", required=True, help="prefill host:port (repeatable)")
+    gw.add_argument("--decode", action="append", required=True, help="decode host:port (repeatable)")
+    gw.set_defaults(func=_gateway)
     return parser
+
+
+def add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="REST port (0 picks a free port)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="public gRPC port (0 picks a free port)")
+    p.add_argument(
+        "--served-model-name", default=None, help="model id clients use (default: the directory name)"
+    )
+    p.add_argument(
+        "--prefill-policy",
+        default="prefix_aware",
+        help="round_robin | least_load | power_of_two | prefix_aware",
+    )
+    p.add_argument("--decode-policy", default="least_load", help="round_robin | least_load | power_of_two")
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+
+
+def _gateway_config(
+    args: argparse.Namespace, env: Env, prefill: list[str], decode: list[str]
+) -> GatewayConfig:
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig(
+        model=args.model or str(default_model_dir(env)),
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+        served_model_name=args.served_model_name,
+        prefill_policy=args.prefill_policy,
+        decode_policy=args.decode_policy,
+        request_timeout_s=args.request_timeout_s,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _gateway(args: argparse.Namespace, env: Env) -> int:
+    from gateway.server import run
+
+    return run(_gateway_config(args, env, args.prefill, args.decode))
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

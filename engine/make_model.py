@@ -222,7 +222,7 @@ def make_model(
     _write_json(out / "generation_config.json", generation_config)
 
     weights = _init_weights(config, num_tokens, seed, init_scale)
-    weights = {name: t.to(DTYPES[dtype]).contiguous() for name, t in weights.items()}
+    weights = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in weights.items()}
     _save_weights(out, weights, max_shard_bytes)
 
     tok.save(str(out / "tokenizer.json"))

@@ -34,7 +34,6 @@ from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 from protos.convert import logprob_from_proto, logprob_to_proto
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QUEUE_CHUNKS = 8  # chunks buffered ahead of the network: bounds the sender's extra memory
 GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -153,7 +152,7 @@ class TcpReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
             raise TransferError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"chunk has {len(data.kv)} bytes, expected {expected}"
             )
-        kv = torch.frombuffer(bytearray(data.kv), dtype=_DTYPES[lay.dtype]).view(shape)
+        kv = torch.frombuffer(bytearray(data.kv), dtype=getattr(torch, lay.dtype)).view(shape)
         device = self.pool.kv_gpu.device
         self.pool.write_pages(data.layer, pages_cpu[lo:hi].to(device), kv.to(device))
         written[data.layer, lo:hi] = True

@@ -14,6 +14,10 @@ from protos import common_pb2
 if TYPE_CHECKING:
     from engine.engine import Engine
 
+# Trailing-metadata key decode sets when the prefill instance (not decode) failed a request, so a
+# router knows which instance to avoid on retry.
+FAULT_METADATA_KEY = "pdserve-fault"
+
 # Finish reasons of requests the engine ended early, and the gRPC status a caller gets for each.
 EARLY_END_STATUS = {
     "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,

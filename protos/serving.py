@@ -51,6 +51,9 @@ class GrpcServer:
     async def mark_serving(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.SERVING)
 
+    async def mark_not_serving(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)

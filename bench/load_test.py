@@ -1,0 +1,360 @@
+"""Serving load test for the gateway: TTFT, TPOT, ITL, E2E, throughput and goodput under a load.
+
+    python bench/load_test.py --backend rest --base-url http://127.0.0.1:8000 --num-requests 200 \\
+        --request-rate 8 --max-concurrency 64 --input-len-min 128 --input-len-max 512 --out-dir out/
+
+Measures what a client sees, like vLLM's benchmark_serving.py and SGLang's bench_serving: requests
+arrive as a Poisson process (or all at once), optionally capped by a concurrency limit, and each one
+streams with ``ignore_eos`` so its output length is the one asked for. Workloads and arrival times
+(bench/load_workload.py) and the metrics (bench/load_metrics.py) are pure functions; only the two
+runners here (OpenAI REST over httpx, gRPC over grpc.aio) talk to the gateway. Over REST a chunk "carries tokens" when its text
+is non-empty, so tokens the detokenizer holds back (partial UTF-8) merge into the next ITL gap; gRPC
+counts ``token_ids`` exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+if __name__ == "__main__" and not __package__:  # run as `python bench/load_test.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.load_metrics import (
+    RequestRecord,
+    StreamTrace,
+    Summary,
+    format_summary,
+    make_record,
+    summarize,
+    write_plots,
+    write_report,
+)
+from bench.load_workload import RequestSpec, arrival_times, load_jsonl, random_workload
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadTestConfig:
+    """Everything a run depends on (written to the report); field names are the flags' dests."""
+
+    backend: str = "rest"
+    base_url: str = "http://127.0.0.1:8000"
+    grpc_address: str = "127.0.0.1:8001"
+    model: str | None = None  # None: the first of GET /v1/models (rest), "" = the only one (grpc)
+    dataset: str = "random"
+    dataset_path: str | None = None
+    num_requests: int = 100
+    warmup_requests: int = 0
+    input_len_min: int = 128
+    input_len_max: int = 512
+    output_len_min: int = 64
+    output_len_max: int = 128
+    vocab_low: int = 0
+    vocab_high: int = 1000  # below the embedded tiny model's special tokens (1021..1023)
+    seed: int = 0
+    request_rate: float = math.inf
+    max_concurrency: int | None = None
+    max_duration_s: float | None = None
+    drain_timeout_s: float = 30.0
+    request_timeout_s: float = 300.0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    out_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.backend in ("rest", "grpc"), "--backend must be rest or grpc"),
+            (self.dataset in ("random", "file"), "--dataset must be random or file"),
+            (self.dataset != "file" or bool(self.dataset_path), "--dataset file needs --dataset-path"),
+            (
+                self.num_requests >= 1 and self.warmup_requests >= 0,
+                "--num-requests >= 1, --warmup-requests >= 0",
+            ),
+            (1 <= self.input_len_min <= self.input_len_max, "need 1 <= --input-len-min <= --input-len-max"),
+            (
+                1 <= self.output_len_min <= self.output_len_max,
+                "need 1 <= --output-len-min <= --output-len-max",
+            ),
+            (0 <= self.vocab_low < self.vocab_high, "need 0 <= --vocab-low < --vocab-high"),
+            (self.request_rate > 0, "--request-rate must be > 0 (inf = all at once)"),
+            (self.max_concurrency is None or self.max_concurrency >= 1, "--max-concurrency must be >= 1"),
+            (self.max_duration_s is None or self.max_duration_s >= 0, "--max-duration-s must be >= 0"),
+            (self.request_timeout_s > 0 and self.drain_timeout_s >= 0, "timeouts must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def build_workload(cfg: LoadTestConfig) -> list[RequestSpec]:
+    """Warm-up requests first, then the measured ones; a file shorter than that is cycled."""
+    total = cfg.warmup_requests + cfg.num_requests
+    if cfg.dataset == "random":
+        lens = (cfg.input_len_min, cfg.input_len_max), (cfg.output_len_min, cfg.output_len_max)
+        return random_workload(total, *lens, (cfg.vocab_low, cfg.vocab_high), cfg.seed)
+    assert cfg.dataset_path is not None, "validated in LoadTestConfig"
+    specs = load_jsonl(Path(cfg.dataset_path))
+    return [specs[i % len(specs)] for i in range(total)]
+
+
+# ---- runners --------------------------------------------------------------------------------------
+
+Send = Callable[[RequestSpec, StreamTrace], Awaitable[None]]
+
+
+class RequestError(Exception):
+    """The gateway refused or broke one request; the message is what the report shows."""
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
+def on_rest_chunk(chunk: dict[str, Any], now: float, trace: StreamTrace) -> None:
+    """Fold one SSE chunk into the trace; the final usage chunk overrides the chunk count."""
+    if "error" in chunk:
+        raise RequestError(f"stream error: {chunk['error'].get('message', chunk['error'])}")
+    choices = chunk.get("choices") or []
+    if choices and choices[0].get("text"):
+        trace.token_times_s.append(now)
+        trace.num_output_tokens += 1
+    if usage := chunk.get("usage"):
+        trace.num_prompt_tokens = usage["prompt_tokens"]
+        trace.num_output_tokens = usage["completion_tokens"]
+
+
+@contextlib.asynccontextmanager
+async def rest_sender(cfg: LoadTestConfig) -> AsyncIterator[tuple[Send, str]]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
+    async with httpx.AsyncClient(
+        base_url=cfg.base_url, timeout=cfg.request_timeout_s, limits=limits, trust_env=False
+    ) as client:
+        model = cfg.model
+        if model is None:
+            try:
+                resp = await client.get("/v1/models")
+                resp.raise_for_status()
+                model = str(resp.json()["data"][0]["id"])
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+                raise RuntimeError(
+                    f"cannot list models at {cfg.base_url}/v1/models ({exc}); pass --model"
+                ) from exc
+
+        async def send(spec: RequestSpec, trace: StreamTrace) -> None:
+            payload = {
+                "model": model,
+                "prompt": spec.prompt,
+                "max_tokens": spec.max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,
+            }
+            async with client.stream("POST", "/v1/completions", json=payload) as resp:
+                if resp.status_code >= 400:
+                    raise RequestError(f"HTTP {resp.status_code}: {_error_message(await resp.aread())}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line.removeprefix("data:").strip()
+                    if data == "[DONE]":
+                        return
+                    on_rest_chunk(json.loads(data), time.perf_counter(), trace)
+            raise RequestError("stream ended without data: [DONE]")
+
+        yield send, model
+
+
+@contextlib.asynccontextmanager
+async def grpc_sender(cfg: LoadTestConfig) -> AsyncIterator[tuple[Send, str]]:
+    import grpc
+
+    from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    model = cfg.model or ""
+    async with grpc.aio.insecure_channel(cfg.grpc_address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+
+        async def send(spec: RequestSpec, trace: StreamTrace) -> None:
+            sampling = common_pb2.SamplingParams(temperature=0, max_tokens=spec.max_tokens, ignore_eos=True)
+            request = gateway_pb2.GatewayGenerateRequest(
+                model=model, sampling=sampling, timeout_s=cfg.request_timeout_s
+            )
+            if isinstance(spec.prompt, str):
+                request.text = spec.prompt
+            else:
+                request.token_ids.ids.extend(spec.prompt)
+            try:
+                async for resp in stub.Generate(request, timeout=cfg.request_timeout_s):
+                    if resp.token_ids:
+                        trace.token_times_s.append(time.perf_counter())
+                        trace.num_output_tokens += len(resp.token_ids)
+                    if resp.HasField("usage"):
+                        trace.num_prompt_tokens = resp.usage.prompt_tokens
+                    if resp.finish_reason:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                raise RequestError(f"{exc.code().name}: {exc.details()}") from exc
+            raise RequestError("stream ended without a finish_reason")
+
+        yield send, model
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+
+async def run_requests(
+    send: Send, specs: Sequence[RequestSpec], arrivals: Sequence[float], cfg: LoadTestConfig, desc: str
+) -> tuple[list[RequestRecord], float]:
+    """Send each spec at its arrival offset; returns the records of those sent and the duration (s).
+
+    Past ``max_duration_s`` nothing new is sent (also not a request still queued on the concurrency
+    limit); requests in flight ``drain_timeout_s`` later are cancelled and recorded as failed."""
+    records: list[RequestRecord] = []
+    semaphore = asyncio.Semaphore(cfg.max_concurrency or max(1, len(specs)))
+    start = time.perf_counter()
+    stop_sending = start + (math.inf if cfg.max_duration_s is None else cfg.max_duration_s)
+    bar = tqdm(total=len(specs), desc=desc, unit="req", disable=not cfg.progress)
+
+    async def one(index: int, spec: RequestSpec) -> None:
+        async with semaphore:
+            if time.perf_counter() > stop_sending:
+                return
+            trace = StreamTrace(time.perf_counter(), num_prompt_tokens=_num_ids(spec.prompt))
+            error = ""
+            try:
+                await asyncio.wait_for(send(spec, trace), cfg.request_timeout_s)
+            except TimeoutError:
+                error = f"timed out after --request-timeout-s {cfg.request_timeout_s:g}"
+            except asyncio.CancelledError:
+                error = "cancelled at the --max-duration-s hard bound"
+                raise
+            except Exception as exc:  # a failed request is a result: recorded below, not swallowed
+                error = str(exc) if isinstance(exc, RequestError) else f"{type(exc).__name__}: {exc}"
+            finally:
+                trace.end_s = time.perf_counter()
+                records.append(make_record(index, trace, start, error))
+                bar.update()
+
+    tasks = []
+    for index, (spec, at) in enumerate(zip(specs, arrivals, strict=True)):
+        if start + at > stop_sending:
+            break
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(index, spec)))
+    if tasks:
+        bound = (
+            None if cfg.max_duration_s is None else stop_sending + cfg.drain_timeout_s - time.perf_counter()
+        )
+        done, pending = await asyncio.wait(tasks, timeout=None if bound is None else max(0.0, bound))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # a bug in the driver surfaces instead of vanishing with its task
+    duration = time.perf_counter() - start
+    bar.close()
+    return sorted(records, key=lambda r: r.index), duration
+
+
+def _num_ids(prompt: str | list[int]) -> int:
+    return len(prompt) if isinstance(prompt, list) else 0
+
+
+async def run(cfg: LoadTestConfig) -> tuple[Summary, list[RequestRecord], str]:
+    """Warm up (all at once, not measured), then the measured run; returns its summary and records."""
+    specs = build_workload(cfg)
+    warmup, measured = specs[: cfg.warmup_requests], specs[cfg.warmup_requests :]
+    opener = rest_sender if cfg.backend == "rest" else grpc_sender
+    async with opener(cfg) as (send, model):
+        if warmup:
+            warm_cfg = dataclasses.replace(cfg, max_duration_s=None)
+            warm, _ = await run_requests(send, warmup, [0.0] * len(warmup), warm_cfg, "warmup")
+            if num_failed := sum(not r.success for r in warm):
+                print(f"warning: {num_failed}/{len(warm)} warm-up requests failed", file=sys.stderr)
+        arrivals = arrival_times(len(measured), cfg.request_rate, cfg.seed)
+        records, duration = await run_requests(send, measured, arrivals, cfg, "requests")
+    summary = summarize(records, duration, len(measured) - len(records), cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+    return summary, records, model
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = LoadTestConfig()
+    add = parser.add_argument
+    add("--backend", choices=["rest", "grpc"], default=d.backend)
+    add("--base-url", default=d.base_url, help="REST: the gateway's OpenAI-compatible server")
+    add("--grpc-address", default=d.grpc_address, help="gRPC: host:port of pdserve.v1.GatewayService")
+    add("--model", default=d.model, help="default: the first of /v1/models (rest), '' (grpc)")
+    add("--dataset", choices=["random", "file"], default=d.dataset)
+    add("--dataset-path", default=d.dataset_path, help='JSONL: {"prompt": "text" | [ids], "max_tokens": N}')
+    add("--num-requests", type=int, default=d.num_requests)
+    add("--warmup-requests", type=int, default=d.warmup_requests, help="sent first, not measured")
+    for name in ("input-len-min", "input-len-max", "output-len-min", "output-len-max"):
+        add(f"--{name}", type=int, default=getattr(d, name.replace("-", "_")), help="random dataset, tokens")
+    add("--vocab-low", type=int, default=d.vocab_low, help="random prompt token ids in [low, high)")
+    add("--vocab-high", type=int, default=d.vocab_high)
+    add("--seed", type=int, default=d.seed, help="random prompts and arrival times")
+    add("--request-rate", type=float, default=d.request_rate, help="Poisson req/s; inf = all at once")
+    add("--max-concurrency", type=int, default=d.max_concurrency, help="requests in flight at most")
+    add("--max-duration-s", type=float, default=d.max_duration_s, help="stop sending new requests after")
+    add("--drain-timeout-s", type=float, default=d.drain_timeout_s, help="then cancel in-flight ones after")
+    add("--request-timeout-s", type=float, default=d.request_timeout_s)
+    add("--slo-ttft-ms", type=float, default=d.slo_ttft_ms, help="goodput: TTFT at most this")
+    add("--slo-tpot-ms", type=float, default=d.slo_tpot_ms, help="goodput: TPOT at most this")
+    add("--out-dir", default=d.out_dir, help="write load_test.json and load_test.png here")
+    add("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(
+        argparse.ArgumentParser(prog="load_test", description=(__doc__ or "").split("\n")[0])
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run, print the table, write the report; 1 when no request succeeded, 2 on a bad setup."""
+    try:
+        cfg = LoadTestConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoadTestConfig)})
+        summary, records, model = asyncio.run(run(cfg))
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if cfg.out_dir:
+        out_dir = Path(cfg.out_dir)
+        print(f"wrote {write_report(out_dir, {**dataclasses.asdict(cfg), 'model': model}, summary, records)}")
+        if png := write_plots(out_dir, records):
+            print(f"wrote {png}")
+    return 0 if summary.num_completed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

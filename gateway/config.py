@@ -1,0 +1,39 @@
+"""The gateway's configuration, resolved once at startup (``pdserve gateway`` / ``pdserve up``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.routing import POLICIES
+
+DECODE_POLICIES = ("round_robin", "least_load", "power_of_two")  # decode holds no prompt cache
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str  # the HF model directory (tokenizer, chat template, context length)
+    prefill: tuple[str, ...]  # host:port of every prefill instance
+    decode: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000  # REST; 0 picks a free port
+    grpc_port: int = 8001  # public gRPC API; 0 picks a free port
+    served_model_name: str | None = None  # default: the model directory's name
+    prefill_policy: str = "prefix_aware"
+    decode_policy: str = "least_load"
+    request_timeout_s: float = 600.0
+    max_model_len: int | None = None
+    health_interval_s: float = 1.0
+    canary_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.prefill or not self.decode:
+            raise ValueError("prefill/decode: at least one instance of each is required")
+        if self.prefill_policy not in POLICIES:
+            raise ValueError(f"prefill_policy: {self.prefill_policy!r} is not one of {sorted(POLICIES)}")
+        if self.decode_policy not in DECODE_POLICIES:
+            raise ValueError(f"decode_policy: {self.decode_policy!r} is not one of {list(DECODE_POLICIES)}")
+        for name in ("port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name}: must be in [0, 65536), got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("request_timeout_s and health_interval_s must be > 0")

@@ -1,0 +1,225 @@
+"""The pipeline both APIs share: check and tokenize → pick a (prefill, decode) pair → stream from
+decode → detokenize, observe metrics.
+
+Retries: an instance that refuses *before any work began* — decode answering RESOURCE_EXHAUSTED
+(no pages / slots), or UNAVAILABLE for a decode or prefill that cannot be reached (decode tells
+which in the ``pdserve-fault`` trailer) — is skipped and the request goes to another one. Once a
+token has streamed, a failure is the client's error. Leaving the stream early (the client went
+away) cancels the decode call, which frees the request's pages on both instances.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from engine.config import ModelConfig
+from engine.output import TextStream, TokenLogprob
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from gateway.errors import APIError
+from gateway.metrics import Metrics
+from gateway.pool import Instance, Pool
+from protos import common_pb2, decode_pb2
+from protos.convert import FAULT_METADATA_KEY, logprob_from_proto, sampling_to_proto
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Chunk:
+    """One streamed step: new tokens, their text (stop strings cut), logprobs; the last one is final."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timing: common_pb2.TimingMarks | None = None
+
+
+class Generator:
+    def __init__(
+        self,
+        model_dir: str,
+        prefill: Pool,
+        decode: Pool,
+        metrics: Metrics,
+        request_timeout_s: float,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.prefill, self.decode, self.metrics = prefill, decode, metrics
+        self.request_timeout_s = request_timeout_s
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        model_cfg = ModelConfig.from_dir(model_dir)
+        self.vocab_size = model_cfg.vocab_size
+        self.max_model_len = min(
+            max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings
+        )
+        self.eos_token_ids = frozenset(model_cfg.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.model_name = Path(model_dir).name
+
+    # -- input -------------------------------------------------------------------------------------
+    def tokenize(
+        self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
+    ) -> list[int]:
+        ids = self.tokenizer.encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError.invalid(param, "must not be empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise APIError.invalid(param, f"token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise APIError.invalid(
+                param,
+                f"{len(ids)} tokens leave no room to generate within the context of {self.max_model_len}",
+            )
+        return ids
+
+    def room(self, prompt_ids: list[int]) -> int:
+        """Tokens that can still be generated after the prompt."""
+        return self.max_model_len - len(prompt_ids)
+
+    def check_max_tokens(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if params.max_tokens > self.room(prompt_ids):
+            raise APIError.invalid(
+                "max_tokens",
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {self.max_model_len}",
+            )
+
+    # -- the stream --------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        api: str,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Chunk]:
+        self.check_max_tokens(prompt_ids, params)
+        m = self.metrics
+        start = last = time.monotonic()
+        deadline_ns = time.time_ns() + int((timeout_s or self.request_timeout_s) * 1e9)
+        request = decode_pb2.GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling_to_proto(params),
+            deadline_unix_ns=deadline_ns,
+        )
+        text = TextStream(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        num_out, status = 0, "error"
+        m.in_flight.inc()
+        try:
+            async for msg in self._dispatch(request, prompt_ids, deadline_ns):
+                now = time.monotonic()
+                if msg.token_ids:
+                    (m.ttft if num_out == 0 else m.itl).observe(now - last)
+                    last, num_out = now, num_out + len(msg.token_ids)
+                for token in msg.token_ids:
+                    if token not in stop_ids:
+                        text.push(token)
+                final = bool(msg.finish_reason)
+                chunk = Chunk(
+                    list(msg.token_ids),
+                    text.take(final),
+                    [logprob_from_proto(lp) for lp in msg.logprobs],
+                    msg.finish_reason or None,
+                )
+                if final:
+                    chunk.usage = Usage(len(prompt_ids), msg.usage.completion_tokens, msg.usage.cached_tokens)
+                    chunk.timing = msg.timing
+                    self._observe_final(msg.timing, num_out, now - start)
+                yield chunk
+            status = "ok"
+        except APIError as e:
+            status = str(e.status)
+            raise
+        except BaseException:
+            status = "cancelled"
+            raise
+        finally:
+            m.in_flight.dec()
+            m.requests.labels(api, status).inc()
+            m.e2e.observe(time.monotonic() - start)
+
+    def _observe_final(self, t: common_pb2.TimingMarks, num_out: int, e2e_s: float) -> None:
+        m = self.metrics
+        if t.prefill_started_ns and t.prefill_received_ns:
+            m.queue.observe((t.prefill_started_ns - t.prefill_received_ns) / 1e9)
+            m.prefill.observe((t.prefill_done_ns - t.prefill_started_ns) / 1e9)
+            m.kv_transfer.observe((t.transfer_done_ns - t.prefill_done_ns) / 1e9)
+        if num_out > 1 and t.transfer_done_ns and t.finished_ns:
+            m.tpot.observe((t.finished_ns - t.transfer_done_ns) / 1e9 / (num_out - 1))
+        m.output_tokens.inc(num_out)
+
+    async def _dispatch(
+        self, request: decode_pb2.GenerateRequest, prompt_ids: list[int], deadline_ns: int
+    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        tried: dict[str, set[str]] = {"prefill": set(), "decode": set()}
+        refused: APIError | None = None
+        while True:
+            decode = self.decode.pick(prompt_ids, tried["decode"])
+            prefill = self.prefill.pick(prompt_ids, tried["prefill"])
+            if decode is None or prefill is None:
+                role = "decode" if decode is None else "prefill"
+                raise refused or APIError(
+                    503, f"no healthy {role} instance to serve the request", type="service_unavailable"
+                )
+            request.prefill_address = prefill.address
+            started = False
+            decode.in_flight += 1
+            prefill.in_flight += 1
+            call = decode.decode_stub.Generate(
+                request, timeout=max(0.0, (deadline_ns - time.time_ns()) / 1e9)
+            )
+            try:
+                async for msg in call:
+                    if not started:
+                        started = True
+                        prefill.in_flight -= 1
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as e:
+                if started:
+                    raise APIError.from_grpc(e.code(), e.details() or "") from None
+                refused = self._refusal(e, decode, prefill, tried)
+                if refused is None:
+                    raise APIError.from_grpc(e.code(), e.details() or "") from None
+            finally:
+                decode.in_flight -= 1
+                if not started:
+                    prefill.in_flight -= 1
+                call.cancel()
+
+    def _refusal(
+        self, e: grpc.aio.AioRpcError, decode: Instance, prefill: Instance, tried: dict[str, set[str]]
+    ) -> APIError | None:
+        """If ``e`` means "go elsewhere", note where not to go and return the error to report should
+        every instance refuse; else None (the error is final)."""
+        code = e.code()
+        fault = dict(e.trailing_metadata() or ()).get(FAULT_METADATA_KEY)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            tried["decode"].add(decode.address)
+            self.metrics.retries.labels("decode", "full").inc()
+        elif code is grpc.StatusCode.UNAVAILABLE and fault == "prefill":
+            tried["prefill"].add(prefill.address)
+            self.prefill.mark_unreachable(prefill, e.details() or "unreachable")
+            self.metrics.retries.labels("prefill", "unavailable").inc()
+        elif code is grpc.StatusCode.UNAVAILABLE:
+            tried["decode"].add(decode.address)
+            self.decode.mark_unreachable(decode, e.details() or "unreachable")
+            self.metrics.retries.labels("decode", "unavailable").inc()
+        else:
+            return None
+        return APIError.from_grpc(code, e.details() or "")

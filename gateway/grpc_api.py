@@ -1,0 +1,65 @@
+"""The public gRPC API (``GatewayService``): the REST pipeline behind a streaming RPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from gateway.errors import APIError
+from gateway.state import GatewayState
+from protos import decode_pb2, gateway_pb2, gateway_pb2_grpc
+from protos.convert import logprob_to_proto, sampling_from_proto
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def ListModels(self, request: Any, context: Any) -> gateway_pb2.ModelsResponse:
+        card = self.state.model_card()
+        return gateway_pb2.ModelsResponse(
+            models=[gateway_pb2.ModelInfo(id=card["id"], max_model_len=card["max_model_len"])]
+        )
+
+    async def Generate(
+        self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+        gen = self.state.generator
+        try:
+            if request.model and request.model not in (self.state.model_name, gen.model_name):
+                raise APIError.invalid(
+                    "model", f"{request.model!r} is not served here (try {self.state.model_name!r})"
+                )
+            kind = request.WhichOneof("prompt")
+            if kind is None:
+                raise APIError.invalid("prompt", "set text or token_ids")
+            prompt_ids = gen.tokenize(request.text if kind == "text" else list(request.token_ids.ids))
+            try:
+                params = sampling_from_proto(request.sampling)
+            except ValueError as e:
+                raise APIError.invalid(
+                    f"sampling.{str(e).split(':', 1)[0]}", str(e).split(":", 1)[-1].strip()
+                ) from None
+            if request.timeout_s < 0:
+                raise APIError.invalid("timeout_s", "must be >= 0")
+            stream = gen.generate(
+                prompt_ids, params, "grpc", request.request_id or None, request.timeout_s or None
+            )
+            async for c in stream:
+                yield gateway_pb2.GatewayGenerateResponse(
+                    request_id=request.request_id,
+                    token_ids=c.token_ids,
+                    text=c.text,
+                    logprobs=[logprob_to_proto(lp) for lp in c.logprobs],
+                    finish_reason=c.finish_reason or "",
+                    usage=decode_pb2.Usage(
+                        prompt_tokens=c.usage.prompt_tokens,
+                        completion_tokens=c.usage.completion_tokens,
+                        cached_tokens=c.usage.cached_tokens,
+                    ) if c.usage else None,
+                    timing=c.timing,
+                )  # fmt: skip
+        except APIError as e:
+            await context.abort(e.grpc_code, e.message)

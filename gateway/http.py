@@ -1,0 +1,193 @@
+"""The REST API (FastAPI): /v1/completions, /v1/chat/completions (SSE when ``stream``), /v1/models,
+/health, /metrics.
+
+Every error is an OpenAI-style JSON body with the right status: 400 for what the client sent
+(malformed JSON, wrong types, out-of-range values — naming the parameter), 429 when every instance
+is full, 503 when none is healthy, 504 past the deadline. A streamed request whose first token
+cannot be produced gets the same status and body; once tokens flowed, an error is a final
+``data: {"error": ...}`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import APIError
+from gateway.generation import Chunk, Usage
+from gateway.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    envelope,
+)
+from gateway.state import GatewayState
+
+log = logging.getLogger("pdserve.gateway")
+
+
+def create_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(title="pdserve", version="0.1.0", description="OpenAI-compatible API of pdserve")
+    gen = state.generator
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
+        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s", request.url.path)
+        return JSONResponse(APIError(500, "internal error; see the gateway log").body(), status_code=500)
+
+    def check_model(name: str) -> None:
+        if name not in (state.model_name, gen.model_name):
+            raise APIError(
+                400,
+                f"model: {name!r} is not served here (try {state.model_name!r})",
+                "model",
+                "not_found_error",
+            )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = state.health()
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [state.model_card()]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        check_model(body.model)
+        prompt_ids = gen.tokenize(body.single_prompt())
+        params = body.sampling(body.max_tokens or 16, body.logprobs)
+        gen.check_max_tokens(prompt_ids, params)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        chunks = gen.generate(prompt_ids, params, "completions", request_id)
+        offset = 0
+
+        def choice(c: Chunk) -> dict[str, Any]:
+            nonlocal offset
+            lps = (
+                completion_logprobs(gen.tokenizer, c.logprobs, offset) if body.logprobs is not None else None
+            )
+            offset += len(c.text)
+            return {"index": 0, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
+
+        if body.stream:
+            return await _sse(chunks, lambda c: envelope("text_completion", request_id, body.model, [choice(c)], None),
+                              request_id, body.model, "text_completion", body.include_usage)  # fmt: skip
+        parts = [c async for c in chunks]
+        merged = {
+            "index": 0,
+            "text": "".join(c.text for c in parts),
+            "finish_reason": parts[-1].finish_reason,
+            "logprobs": None,
+        }
+        if body.logprobs is not None:
+            merged["logprobs"] = completion_logprobs(
+                gen.tokenizer, [lp for c in parts for lp in c.logprobs], 0
+            )
+        return envelope("text_completion", request_id, body.model, [merged], parts[-1].usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest) -> Any:
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = gen.tokenizer.apply_chat_template(messages)
+        except Exception as e:  # a template's raise_exception: the conversation does not fit it
+            raise APIError.invalid("messages", str(e)) from None
+        prompt_ids = gen.tokenize(text, "messages", add_special_tokens=False)
+        top = body.top_logprobs or 0
+        max_tokens = body.max_completion_tokens or body.max_tokens or gen.room(prompt_ids)
+        params = body.sampling(max_tokens, top if body.logprobs else None)
+        gen.check_max_tokens(prompt_ids, params)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        chunks = gen.generate(prompt_ids, params, "chat", request_id)
+        first = True
+
+        def delta(c: Chunk) -> dict[str, Any]:
+            nonlocal first
+            d: dict[str, Any] = {"content": c.text}
+            if first:
+                d["role"], first = "assistant", False
+            lps = chat_logprobs(gen.tokenizer, c.logprobs) if body.logprobs else None
+            return {"index": 0, "delta": d, "logprobs": lps, "finish_reason": c.finish_reason}
+
+        if body.stream:
+            return await _sse(chunks, lambda c: envelope("chat.completion.chunk", request_id, body.model, [delta(c)], None),
+                              request_id, body.model, "chat.completion.chunk", body.include_usage)  # fmt: skip
+        parts = [c async for c in chunks]
+        lps = (
+            chat_logprobs(gen.tokenizer, [lp for c in parts for lp in c.logprobs]) if body.logprobs else None
+        )
+        message = {"role": "assistant", "content": "".join(c.text for c in parts)}
+        choice = {"index": 0, "message": message, "logprobs": lps, "finish_reason": parts[-1].finish_reason}
+        return envelope("chat.completion", request_id, body.model, [choice], parts[-1].usage)
+
+    return app
+
+
+async def _sse(
+    chunks: AsyncIterator[Chunk],
+    event: Callable[[Chunk], dict[str, Any]],
+    request_id: str,
+    model: str,
+    kind: str,
+    include_usage: bool,
+) -> Response:
+    """Server-sent events; the first chunk is awaited here so that an error before any token gets
+    a real HTTP status instead of a 200 with an error event."""
+    try:
+        first = await anext(aiter(chunks))
+    except APIError as e:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def events() -> AsyncIterator[str]:
+        usage: Usage | None = None
+        try:
+            async for c in _chain(first, chunks):
+                usage = c.usage or usage
+                yield f"data: {json.dumps(event(c))}\n\n"
+            if include_usage and usage is not None:
+                yield f"data: {json.dumps(envelope(kind, request_id, model, [], usage))}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]  # client gone: cancels the decode call
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    async for c in rest:
+        yield c

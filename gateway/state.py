@@ -1,0 +1,97 @@
+"""Everything one gateway holds: pools, metrics, the generation pipeline, and readiness.
+
+Ready means: a canary request has completed a real prefill → KV transfer → decode round trip at
+least once, and a healthy instance of each role is in the pools now. Until the canary succeeds it
+is retried (each attempt bounded); REST /health answers 503 and gRPC health NOT_SERVING meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.sampling_params import SamplingParams
+from gateway.config import GatewayConfig
+from gateway.errors import APIError
+from gateway.generation import Generator
+from gateway.metrics import Metrics
+from gateway.pool import Pool
+from gateway.routing import make_policy
+
+log = logging.getLogger("pdserve.gateway")
+
+
+class GatewayState:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.prefill = Pool("prefill", cfg.prefill, make_policy(cfg.prefill_policy), cfg.health_interval_s)
+        self.decode = Pool("decode", cfg.decode, make_policy(cfg.decode_policy), cfg.health_interval_s)
+        self.metrics = Metrics([self.prefill, self.decode])
+        self.generator = Generator(
+            cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len
+        )
+        self.model_name = cfg.served_model_name or Path(cfg.model).name
+        self.created = int(time.time())
+        self.canary_done = False
+        self.canary_error = ""
+        self._canary: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.canary_done and bool(self.prefill.healthy()) and bool(self.decode.healthy())
+
+    def health(self) -> dict[str, Any]:
+        status = "ready" if self.ready else ("unavailable" if self.canary_done else "starting")
+        return {
+            "ready": self.ready,
+            "status": status,
+            "canary": "passed" if self.canary_done else (self.canary_error or "pending"),
+            "prefill": {i.address: i.healthy for i in self.prefill.instances},
+            "decode": {i.address: i.healthy for i in self.decode.instances},
+        }
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pdserve",
+            "max_model_len": self.generator.max_model_len,
+        }
+
+    async def start(self) -> None:
+        await asyncio.gather(self.prefill.check_all(), self.decode.check_all())
+        self.prefill.start()
+        self.decode.start()
+        self._canary = asyncio.get_running_loop().create_task(self._run_canary(), name="canary")
+
+    async def close(self) -> None:
+        if self._canary is not None:
+            self._canary.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._canary
+        await self.prefill.close()
+        await self.decode.close()
+
+    async def _run_canary(self) -> None:
+        """A two-token request through a real pair, until one succeeds."""
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        prompt = self.generator.tokenize("pdserve canary")
+        while not self.canary_done:
+            if self.prefill.healthy() and self.decode.healthy():
+                try:
+                    async for _ in self.generator.generate(
+                        prompt, params, "canary", timeout_s=self.cfg.canary_timeout_s
+                    ):
+                        pass
+                    self.canary_done = True
+                    log.info("canary passed: prefill → KV transfer → decode works; ready")
+                    return
+                except APIError as e:
+                    self.canary_error = e.message
+                    log.warning("canary failed: %s", e.message)
+            await asyncio.sleep(self.cfg.health_interval_s / 2)
