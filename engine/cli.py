@@ -169,10 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--prefill", action="append", required=True, help="prefill host:port (repeatable)")
     gw.add_argument("--decode", action="append", required=True, help="decode host:port (repeatable)")
     gw.set_defaults(func=_gateway)
+
+    upp = sub.add_parser("up", help="run prefill, decode and gateway here, on loopback (Ctrl-C stops all)")
+    add_engine_args(upp)
+    upp.add_argument("--num-prefill", type=int, default=1)
+    upp.add_argument("--num-decode", type=int, default=1)
+    add_gateway_args(upp, with_model_len=False)
+    upp.set_defaults(func=_up)
+
+    bench = sub.add_parser("bench", help="load-test a running gateway (REST or gRPC)")
+    from bench.load_test import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
-def add_gateway_args(p: argparse.ArgumentParser) -> None:
+def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="REST port (0 picks a free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="public gRPC port (0 picks a free port)")
@@ -186,7 +199,34 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--decode-policy", default="least_load", help="round_robin | least_load | power_of_two")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    if with_model_len:
+        p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+
+
+def _up(args: argparse.Namespace, env: Env) -> int:
+    from gateway.up import up
+
+    if args.num_prefill < 1 or args.num_decode < 1:
+        raise ValueError("--num-prefill/--num-decode: at least 1 each")
+    engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
+              "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+              "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
+              "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+    engine += ["--kv-cache-mib", str(args.kv_cache_mib)] if args.kv_cache_mib is not None else []
+    engine += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
+    engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
+    gateway = ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy,
+               "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+    gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
+    model = args.model or str(default_model_dir(env))
+    return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
+
+
+def _bench(args: argparse.Namespace, env: Env) -> int:
+    from bench.load_test import run_from_args
+
+    return run_from_args(args)
 
 
 def _gateway_config(

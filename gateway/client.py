@@ -1,0 +1,127 @@
+"""A Python client for the gateway's public gRPC API, sync and async, over the generated stubs.
+
+    from gateway.client import Client
+    with Client("127.0.0.1:8001") as client:
+        print(client.generate("The lighthouse keeper", max_tokens=32).text)
+        for delta in client.stream([1, 2, 3], max_tokens=8):
+            print(delta.text, end="", flush=True)
+
+``AsyncClient`` has the same methods as coroutines / async iterators. Prompts are text (tokenized by
+the gateway, no chat template) or token ids; sampling keywords are those of ``SamplingParams``.
+Failures raise ``grpc.RpcError`` with the gateway's status (INVALID_ARGUMENT names the field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from protos import gateway_pb2, gateway_pb2_grpc
+from protos.convert import sampling_to_proto
+
+
+@dataclass
+class Completion:
+    """A whole response: the concatenated text and tokens, why it ended, token counts."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, msg: gateway_pb2.GatewayGenerateResponse) -> None:
+        self.text += msg.text
+        self.token_ids += msg.token_ids
+        if msg.finish_reason:
+            self.finish_reason = msg.finish_reason
+            u = msg.usage
+            self.prompt_tokens, self.completion_tokens, self.cached_tokens = (
+                u.prompt_tokens, u.completion_tokens, u.cached_tokens,
+            )  # fmt: skip
+
+
+def build_request(
+    prompt: str | Sequence[int], model: str = "", timeout_s: float = 0.0, **sampling: Any
+) -> gateway_pb2.GatewayGenerateRequest:
+    params = sampling_to_proto(SamplingParams(**sampling))  # validates here, with the field named
+    request = gateway_pb2.GatewayGenerateRequest(model=model, sampling=params, timeout_s=timeout_s)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+class Client:
+    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def stream(
+        self, prompt: str | Sequence[int], model: str = "", **sampling: Any
+    ) -> Iterator[gateway_pb2.GatewayGenerateResponse]:
+        yield from self.stub.Generate(build_request(prompt, model, **sampling), timeout=self.timeout_s)
+
+    def generate(self, prompt: str | Sequence[int], model: str = "", **sampling: Any) -> Completion:
+        out = Completion()
+        for msg in self.stream(prompt, model, **sampling):
+            out.add(msg)
+        return out
+
+    def models(self) -> list[str]:
+        return [
+            m.id for m in self.stub.ListModels(gateway_pb2.ModelsRequest(), timeout=self.timeout_s).models
+        ]
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def stream(
+        self, prompt: str | Sequence[int], model: str = "", **sampling: Any
+    ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
+        async for msg in self.stub.Generate(build_request(prompt, model, **sampling), timeout=self.timeout_s):
+            yield msg
+
+    async def generate(self, prompt: str | Sequence[int], model: str = "", **sampling: Any) -> Completion:
+        out = Completion()
+        async for msg in self.stream(prompt, model, **sampling):
+            out.add(msg)
+        return out
+
+    async def models(self) -> list[str]:
+        reply = await self.stub.ListModels(gateway_pb2.ModelsRequest(), timeout=self.timeout_s)
+        return [m.id for m in reply.models]
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
