@@ -24,10 +24,17 @@ START_TIMEOUT_S = 90
 
 
 class Service:
-    """One ``pdserve prefill|decode`` process listening on 127.0.0.1 at a free port."""
+    """One ``pdserve prefill|decode|gateway`` process listening on 127.0.0.1 at free ports.
+
+    ``address`` is its gRPC address (for the gateway: the public gRPC API; ``http_url`` is REST).
+    Ready means grpc.health.v1 SERVING, which for the gateway means its canary passed.
+    """
 
     def __init__(self, role: str, model: Path, *args: str, log_dir: Path) -> None:
         self.role = role
+        self.http_url = ""
+        if role == "gateway":
+            args = ("--grpc-port", "0", *args)
         self.log_path = log_dir / f"{role}-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         env = os.environ | {"PYTHONUNBUFFERED": "1", "PDSERVE_LOG_LEVEL": "INFO"}
@@ -55,7 +62,12 @@ class Service:
                     raise TimeoutError(f"{self.role} did not start in {timeout_s}s:\n{self.log()}") from None
                 continue
             if "listening on" in line:
-                self.address = line.rsplit(" ", 1)[1].strip()
+                rest = line.split("listening on", 1)[1].strip()
+                if "(grpc " in rest:  # the gateway: "http://host:port (grpc host:port)"
+                    self.http_url = rest.split()[0]
+                    self.address = rest.split("(grpc ", 1)[1].rstrip(")")
+                else:
+                    self.address = rest
         self.channel = grpc.insecure_channel(self.address)
         health = health_pb2_grpc.HealthStub(self.channel)
         while True:
