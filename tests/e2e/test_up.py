@@ -1,0 +1,97 @@
+"""``pdserve up`` as a user runs it: one command brings the system up on loopback (making the
+embedded tiny model on first run), requests work, and Ctrl-C — or the parent dying — leaves no
+process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from services import REPO
+
+START_TIMEOUT_S = 180
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose (its parent has not reaped it yet)
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def start_up(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+    env = os.environ | {"PDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "up",
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--kv-cache-mib",
+        "32",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("{") and '"status": "up"' in line:
+            return proc, json.loads(line)
+        assert time.monotonic() < deadline, "pdserve up did not come up in time"
+    proc.kill()
+    pytest.fail(f"pdserve up exited with {proc.wait(timeout=10)} before coming up")
+
+
+def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
+    proc, info = start_up(tmp_path, "--num-prefill", "1", "--num-decode", "2")
+    try:
+        kids = children_of(proc.pid)
+        assert len(kids) == 4  # 1 prefill, 2 decode, 1 gateway
+        base = info["openai_base_url"]
+        model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
+        assert model == "tiny-qwen3"
+        r = httpx.post(
+            f"{base}/completions", json={"model": model, "prompt": "Hello", "max_tokens": 5}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        assert wait_gone(kids, 10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_killing_up_takes_its_children_down(tmp_path):
+    proc, _ = start_up(tmp_path)
+    kids = children_of(proc.pid)
+    assert len(kids) == 3
+    proc.kill()  # no chance to clean up: the parent-death signal must do it
+    proc.wait(timeout=10)
+    assert wait_gone(kids, 30) == []
