@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
@@ -144,6 +145,8 @@ def on_rest_chunk(chunk: dict[str, Any], now: float, trace: StreamTrace) -> None
 @contextlib.asynccontextmanager
 async def rest_sender(cfg: LoadTestConfig) -> AsyncIterator[tuple[Send, str]]:
     import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the report
 
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     async with httpx.AsyncClient(
