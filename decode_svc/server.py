@@ -52,6 +52,7 @@ async def serve(cfg: DecodeConfig) -> None:
     async_engine.start()
     await server.start()
     await server.mark_serving()
+    server.watch(lambda: async_engine.failure is None)
     log.info("decode serving on %s:%d (model %s, layout %s)", cfg.host, port, cfg.engine.model, layout.digest)
     print(f"pdserve decode listening on {cfg.host}:{port}", flush=True)
     try:

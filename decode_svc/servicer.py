@@ -53,7 +53,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.page_size = engine.engine.cfg.page_size
         self.max_num_seqs = engine.engine.cfg.max_num_seqs
         self.num_reserved_pages = 0
-        self.num_admitting = 0  # reserved, not yet handed to the engine
+        self._admitting: set[str] = set()  # request ids holding a reservation, not yet in the engine
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seed_rng = random.Random()
 
@@ -91,14 +91,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
         def reserve(e: Engine) -> list[int] | None:
             e.check_request(request_id, prompt, params)
-            if e.scheduler.num_unfinished + self.num_admitting >= self.max_num_seqs:
+            if request_id in self._admitting:
+                raise KeyError(request_id)
+            if e.scheduler.num_unfinished + len(self._admitting) >= self.max_num_seqs:
                 return None
-            return e.reserve_pages(num_pages)
+            pages = e.reserve_pages(num_pages)
+            if pages is not None:  # counted here, in the same command, so admissions cannot overtake
+                self._admitting.add(request_id)
+                self.num_reserved_pages += len(pages)
+            return pages
 
         try:
-            pages = await self.engine.call(reserve)
+            pages = await self.engine.call(
+                reserve, undo=lambda _, p: self._unreserve(request_id, p, free=True)
+            )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except KeyError:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight"
+            )
         if pages is None:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -113,6 +125,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         async for msg in self._stream(stream, num_cached, timing, context):
             yield msg
 
+    def _unreserve(self, request_id: str, pages: list[int] | None, free: bool) -> None:
+        """End an admission: drop the counts; with ``free``, give the pages back (else the engine has them)."""
+        if pages is None:
+            return
+        self._admitting.discard(request_id)
+        self.num_reserved_pages -= len(pages)
+        if free:
+            self.engine.call_soon(lambda eng: eng.free_pages(pages))
+
     async def _prefill_into(
         self,
         request_id: str,
@@ -125,25 +146,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         context: Any,
     ) -> tuple[RequestStream, int]:
         """Have prefill fill ``pages``; returns the engine's stream and the prompt tokens prefill
-        found in its prefix cache. Owns ``pages`` until the engine has them."""
-        self.num_reserved_pages += len(pages)
-        self.num_admitting += 1
-        pending = self.receiver.expect(request_id, pages, len(prompt), deadline)
+        found in its prefix cache. Owns ``pages`` until it hands them to ``engine.adopt``."""
         handed_over = False
-        call = self._prefill(request.prefill_address).Prefill(
-            prefill_pb2.PrefillRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt,
-                sampling=sampling_to_proto(params),
-                deadline_unix_ns=deadline,
-                kv_destination=prefill_pb2.KVDestination(
-                    backend=self.kv_backend, address=self.kv_address, transfer_id=request_id, page_ids=pages
-                ),
-                timing=timing,
-            ),
-            timeout=max(0.0, (deadline - time.time_ns()) / 1e9),
-        )
+        call = None
         try:
+            pending = self.receiver.expect(request_id, pages, len(prompt), deadline)
+            call = self._prefill(request.prefill_address).Prefill(
+                prefill_pb2.PrefillRequest(
+                    request_id=request_id,
+                    prompt_token_ids=prompt,
+                    sampling=sampling_to_proto(params),
+                    deadline_unix_ns=deadline,
+                    kv_destination=prefill_pb2.KVDestination(
+                        backend=self.kv_backend,
+                        address=self.kv_address,
+                        transfer_id=request_id,
+                        page_ids=pages,
+                    ),
+                    timing=timing,
+                ),
+                timeout=max(0.0, (deadline - time.time_ns()) / 1e9),
+            )
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
@@ -162,18 +185,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             timing.MergeFrom(reply.timing)
             timing.transfer_done_ns = time.time_ns()
             first_lp = logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
-            stream = await self.engine.adopt(
-                request_id, prompt, params, params.seed, pages, reply.first_token_id, first_lp, deadline
-            )
-            handed_over = True
+            handed_over = True  # adopt owns the pages from the call on, even if it raises or is cancelled
+            try:
+                stream = await self.engine.adopt(
+                    request_id, prompt, params, params.seed, pages, reply.first_token_id, first_lp, deadline
+                )
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             return stream, reply.num_cached_tokens
         finally:
-            self.num_reserved_pages -= len(pages)
-            self.num_admitting -= 1
+            self._unreserve(request_id, pages, free=not handed_over)
             if not handed_over:
-                call.cancel()
+                if call is not None:
+                    call.cancel()
                 self.receiver.abort(request_id, "decode gave the request up")
-                self.engine.call_soon(lambda e: e.free_pages(pages))
 
     async def _stream(
         self, stream: RequestStream, num_cached: int, timing: common_pb2.TimingMarks, context: Any

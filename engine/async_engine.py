@@ -13,6 +13,8 @@ Contract:
   ``kv_pages`` lease that the consumer never took.
 - Every request has a deadline (unix ns; 0 = none): past it, the request finishes with reason
   "deadline". A step that raises finishes every request with reason "error" and the loop goes on.
+  Should the loop itself die (a bug), every stream ends with "error", every pending ``call``
+  raises, and ``failure`` says why (the services then report NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -61,6 +63,9 @@ class RequestStream:
         self.owner.detach(self)
 
 
+Undo = Callable[[Engine, Any], Any]
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -71,10 +76,12 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._task: asyncio.Task | None = None
         self.num_steps = 0
+        self.failure: BaseException | None = None  # set if the loop itself died (a bug): serve nothing
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+        self._task.add_done_callback(self._on_loop_exit)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -83,13 +90,25 @@ class AsyncEngine:
         self._executor.shutdown(wait=True)
 
     # -- commands ----------------------------------------------------------------------------------
-    async def call(self, fn: Callable[[Engine], T]) -> T:
+    async def call(self, fn: Callable[[Engine], T], undo: Undo | None = None) -> T:
+        """Run ``fn(engine)`` between steps and return its result. If the caller is cancelled first,
+        ``fn`` is skipped; if it is cancelled after ``fn`` ran, ``undo(engine, result)`` runs instead
+        of the result being lost (a page reservation, say)."""
+        if self.failure is not None:
+            raise RuntimeError(f"the engine loop failed: {self.failure!r}")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._commands.append((fn, future))
         self._wake.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if undo is not None and future.done() and not future.cancelled() and future.exception() is None:
+                result = future.result()
+                self.call_soon(lambda e: undo(e, result))
+            raise
 
     def call_soon(self, fn: Callable[[Engine], Any]) -> None:
+        """Run ``fn(engine)`` between steps, never skipped; errors are logged."""
         self._commands.append((fn, None))
         self._wake.set()
 
@@ -105,13 +124,16 @@ class AsyncEngine:
         """Queue a request; raises ValueError (field first) if it can never run here."""
         stream = self._register(request_id, deadline_ns)
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt_ids, params, hold_kv=hold_kv))
+            await self.call(
+                lambda e: e.add_request(request_id, prompt_ids, params, hold_kv=hold_kv),
+                undo=lambda e, _: self._abort_now(e, request_id, "abort"),
+            )
         except BaseException:
             self._unregister(request_id)
             raise
         return stream
 
-    async def adopt(
+    def adopt(
         self,
         request_id: str,
         prompt_ids: list[int],
@@ -121,21 +143,47 @@ class AsyncEngine:
         first_token: int,
         first_logprob: TokenLogprob | None,
         deadline_ns: int = 0,
-    ) -> RequestStream:
-        """Add a request prefilled elsewhere (``Engine.add_prefilled``); the stream starts with the
-        first token's output. The engine owns ``pages`` once this returns."""
-        stream = self._register(request_id, deadline_ns)
+    ) -> Awaitable[RequestStream]:
+        """Add a request prefilled elsewhere (``Engine.add_prefilled``); await the result for its
+        stream, which starts with the first token's output. Not a coroutine on purpose: the engine
+        owns ``pages`` from the moment of the call (before any await), and whatever happens after —
+        the request is invalid, the caller is cancelled — frees them exactly once."""
+        try:
+            stream = self._register(request_id, deadline_ns)
+        except ValueError as exc:
+            self.call_soon(lambda e: e.free_pages(pages))
+            return self._failed(exc)
+        added: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def add(e: Engine) -> None:
-            first = e.add_prefilled(request_id, prompt_ids, params, seed, pages, first_token, first_logprob)
+            try:
+                first = e.add_prefilled(
+                    request_id, prompt_ids, params, seed, pages, first_token, first_logprob
+                )
+            except Exception as exc:
+                e.free_pages(pages)
+                self._unregister(request_id)
+                if not added.done():
+                    added.set_exception(exc)
+                return
             self._deliver(first)
+            if not added.done():
+                added.set_result(None)
 
+        self.call_soon(add)  # never skipped, so the pages cannot be forgotten
+        return self._adopted(stream, added)
+
+    async def _adopted(self, stream: RequestStream, added: asyncio.Future[None]) -> RequestStream:
         try:
-            await self.call(add)
-        except BaseException:
-            self._unregister(request_id)
+            await asyncio.shield(added)
+        except asyncio.CancelledError:
+            self.detach(stream)  # the abort is queued after ``add``: it frees what ``add`` adopted
             raise
         return stream
+
+    @staticmethod
+    async def _failed(exc: Exception) -> RequestStream:
+        raise exc
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self.call_soon(lambda e: self._abort_now(e, request_id, reason))
@@ -171,17 +219,44 @@ class AsyncEngine:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception:
                 log.exception("engine step failed; finishing every request with reason 'error'")
-                for request_id in list(self._streams):
-                    self._abort_now(self.engine, request_id, "error")
+                self._fail_all("error")
                 continue
             self.num_steps += 1
             for out in outputs:
                 self._deliver(out)
             await asyncio.sleep(0)  # let handlers consume before the next step
 
+    def _fail_all(self, reason: str) -> None:
+        for request_id in list(self._streams):
+            try:
+                self._abort_now(self.engine, request_id, reason)
+            except Exception:  # the engine's state may be broken: still end the stream
+                log.exception("aborting %s failed", request_id)
+                self._end_stream(request_id, reason)
+
+    def _on_loop_exit(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = task.exception()
+        log.error("the engine loop died: %r; failing every request", self.failure)
+        for request_id in list(self._streams):
+            self._end_stream(request_id, "error")
+        while self._commands:
+            _, future = self._commands.popleft()
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"the engine loop failed: {self.failure!r}"))
+
+    def _end_stream(self, request_id: str, reason: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._unregister(request_id)
+            stream.queue.put_nowait(RequestOutput(request_id, [], "", True, reason))
+
     def _apply_commands(self) -> None:
         while self._commands:
             fn, future = self._commands.popleft()
+            if future is not None and future.cancelled():
+                continue  # the caller is gone and wants nothing done
             try:
                 result = fn(self.engine)
             except Exception as e:
@@ -203,11 +278,8 @@ class AsyncEngine:
         out = engine.abort(request_id, reason)
         if out is not None:
             self._deliver(out)
-        elif request_id in self._streams:
-            # Not in the engine (never added, or finished): end the stream so nobody waits forever.
-            stream = self._streams[request_id]
-            self._unregister(request_id)
-            stream.queue.put_nowait(RequestOutput(request_id, [], "", True, reason))
+        else:  # not in the engine (never added, or finished): end the stream so nobody waits forever
+            self._end_stream(request_id, reason)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

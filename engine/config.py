@@ -136,8 +136,9 @@ class EngineConfig:
     KV cache size: ``kv_cache_bytes`` when set; otherwise on CUDA ``gpu_memory_utilization`` of total
     device memory minus what is in use and the profiled peak activations, on CPU 256 MiB. Several
     processes sharing one GPU should set ``kv_cache_bytes``: the utilization rule measures free
-    memory once at startup, so instances starting together would each count the same free memory. ``max_num_batched_tokens`` is the per-step token budget
-    and therefore the chunked-prefill chunk size.
+    memory once at startup, so instances starting together would each count the same free memory.
+    ``max_num_batched_tokens`` is the per-step token budget and therefore the chunked-prefill chunk
+    size.
     """
 
     model: str

@@ -128,7 +128,7 @@ class Engine:
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens) -> list[RequestOutput]:
         row = {id(seq): i for i, seq in enumerate(batch.seqs)}
-        outputs = []
+        outputs, finished = [], []
         for seq in self.scheduler.update(batch, sampled.token_ids):
             i = row[id(seq)]
             token = seq.token_ids[-1]
@@ -138,8 +138,11 @@ class Engine:
                 logprob = TokenLogprob(token, sampled.logprobs[i], top)
             out, reason = self.outputs.process(seq, token, logprob)
             if reason is not None:
-                out.kv_pages = self._finish(seq, reason)
+                finished.append((seq, reason, out))
             outputs.append(out)
+        # Released only once every output exists: a lease taken here always reaches the caller.
+        for seq, reason, out in finished:
+            out.kv_pages = self._finish(seq, reason)
         return outputs
 
     def _finish(self, seq: Sequence, reason: str) -> list[int] | None:

@@ -10,6 +10,7 @@ cannot be produced gets the same status and body; once tokens flowed, an error i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -33,6 +34,7 @@ from gateway.openai_api import (
 from gateway.state import GatewayState
 
 log = logging.getLogger("pdserve.gateway")
+_DISCONNECT_POLL_S = 0.25
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -82,7 +84,7 @@ def create_app(state: GatewayState) -> FastAPI:
         return {"object": "list", "data": [state.model_card()]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
         prompt_ids = gen.tokenize(body.single_prompt())
         params = body.sampling(body.max_tokens or 16, body.logprobs)
@@ -102,7 +104,7 @@ def create_app(state: GatewayState) -> FastAPI:
         if body.stream:
             return await _sse(chunks, lambda c: envelope("text_completion", request_id, body.model, [choice(c)], None),
                               request_id, body.model, "text_completion", body.include_usage)  # fmt: skip
-        parts = [c async for c in chunks]
+        parts = await _collect(chunks, request)
         merged = {
             "index": 0,
             "text": "".join(c.text for c in parts),
@@ -116,7 +118,7 @@ def create_app(state: GatewayState) -> FastAPI:
         return envelope("text_completion", request_id, body.model, [merged], parts[-1].usage)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest) -> Any:
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
@@ -143,7 +145,7 @@ def create_app(state: GatewayState) -> FastAPI:
         if body.stream:
             return await _sse(chunks, lambda c: envelope("chat.completion.chunk", request_id, body.model, [delta(c)], None),
                               request_id, body.model, "chat.completion.chunk", body.include_usage)  # fmt: skip
-        parts = [c async for c in chunks]
+        parts = await _collect(chunks, request)
         lps = (
             chat_logprobs(gen.tokenizer, [lp for c in parts for lp in c.logprobs]) if body.logprobs else None
         )
@@ -185,6 +187,28 @@ async def _sse(
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> list[Chunk]:
+    """All chunks of a non-streamed request. Starlette does not cancel a handler whose client went
+    away, so watch for it: a gone client cancels the generation (and so frees its pages)."""
+
+    async def gather() -> list[Chunk]:
+        return [c async for c in chunks]
+
+    task = asyncio.ensure_future(gather())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection", type="cancelled")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -124,8 +124,8 @@ class TcpReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
         if header.num_pages != len(pending.page_ids) or header.num_tokens != pending.num_tokens:
             raise TransferError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"transfer {header.transfer_id}: sender has {header.num_pages} pages / {header.num_tokens} tokens, "
-                f"receiver reserved {len(pending.page_ids)} / {pending.num_tokens}",
+                f"transfer {header.transfer_id}: sender has {header.num_pages} pages / "
+                f"{header.num_tokens} tokens, receiver reserved {len(pending.page_ids)} / {pending.num_tokens}",
             )
         return pending
 
@@ -231,12 +231,17 @@ class _TcpSession(SendSession):
 
     async def _put(self, chunk: kvtransfer_pb2.KVChunk | None) -> None:
         put = asyncio.ensure_future(self.queue.put(chunk))
-        await asyncio.wait(
-            {put, self.call_task}, timeout=remaining_s(self.deadline_ns), return_when=asyncio.FIRST_COMPLETED
-        )
-        if put.done():
+        try:
+            await asyncio.wait(
+                {put, self.call_task},
+                timeout=remaining_s(self.deadline_ns),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if not put.done():
+                put.cancel()
+        if put.done() and not put.cancelled():
             return
-        put.cancel()
         if self.call_task.done():
             self.call_task.result()  # raises the receiver's error
             raise TransferError(grpc.StatusCode.INTERNAL, "the receiver answered before the commit")

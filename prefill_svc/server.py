@@ -46,6 +46,7 @@ async def serve(cfg: PrefillConfig) -> None:
     async_engine.start()
     await server.start()
     await server.mark_serving()
+    server.watch(lambda: async_engine.failure is None)
     log.info(
         "prefill serving on %s:%d (model %s, layout %s, kv backend %s)",
         cfg.host, port, cfg.engine.model, layout.digest, cfg.kv_backend,

@@ -115,8 +115,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             )
         num_pages = -(-len(request.prompt_token_ids) // self.page_size)
         if len(kv.page_ids) != num_pages:
+            num_tokens = len(request.prompt_token_ids)
             problems.append(
-                f"kv_destination.page_ids: {len(kv.page_ids)} pages for a {len(request.prompt_token_ids)}-token prompt (need {num_pages})"
+                f"kv_destination.page_ids: {len(kv.page_ids)} pages for a {num_tokens}-token prompt "
+                f"(need {num_pages})"
             )
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))

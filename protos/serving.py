@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +35,7 @@ class GrpcServer:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.port = 0
+        self._watcher: asyncio.Task | None = None
 
     def bind(self, host: str, port: int) -> int:
         """Listen on host:port (port 0 picks a free one); returns the bound port."""
@@ -57,6 +58,17 @@ class GrpcServer:
     async def _set_all(self, status: int) -> None:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
+
+    def watch(self, healthy: Callable[[], bool], interval_s: float = 0.5) -> None:
+        """Report NOT_SERVING for good once ``healthy()`` turns false (the engine loop died)."""
+
+        async def poll() -> None:
+            while healthy():
+                await asyncio.sleep(interval_s)
+            log.error("unhealthy: reporting NOT_SERVING")
+            await self.mark_not_serving()
+
+        self._watcher = asyncio.get_running_loop().create_task(poll(), name="health-watch")
 
     async def run_until_signal(self, grace_s: float = 5.0) -> None:
         """Serve until SIGINT/SIGTERM, then stop accepting work and give in-flight RPCs ``grace_s``."""

@@ -367,6 +367,14 @@ def test_client_disconnect_mid_stream_frees_decode(gateway, instances):
         d.wait_idle()
 
 
+def test_client_disconnect_on_a_non_streamed_request_frees_decode(gateway, instances):
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": True}  # ~15 s of decoding
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=1.0)
+    for d in instances["decode"]:
+        d.wait_idle(timeout_s=5)
+
+
 def test_gateway_keeps_serving_after_everything_above(gateway, reference):
     results, errors = [], []
 

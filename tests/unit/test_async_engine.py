@@ -123,3 +123,65 @@ def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_mode
 
     assert asyncio.run(run(engine, body)) == "length"
     assert all_pages_back(engine)
+
+
+@pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3, 5])
+def test_cancelling_adopt_at_any_point_frees_the_pages_once(tiny_model, yields_before_cancel):
+    """The hand-over of reserved pages to the engine must survive the caller being cancelled
+    before, during or after the engine adopted them (no leak, no double free)."""
+    engine = make_engine(tiny_model)
+
+    async def body(driver):
+        pages = await driver.call(lambda e: e.reserve_pages(3))
+        task = asyncio.ensure_future(
+            driver.adopt("r", list(range(10)), GREEDY, 1, pages, first_token=5, first_logprob=None)
+        )
+        for _ in range(yields_before_cancel):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for _ in range(100):  # the engine finishes or aborts the adopted request
+            await driver.call(lambda e: None)
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return engine.has_unfinished()
+
+    assert asyncio.run(run(engine, body)) is False
+    assert all_pages_back(engine)
+
+
+@pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3])
+def test_a_cancelled_call_is_skipped_or_undone(tiny_model, yields_before_cancel):
+    engine = make_engine(tiny_model)
+
+    async def body(driver):
+        task = asyncio.ensure_future(
+            driver.call(lambda e: e.reserve_pages(4), undo=lambda e, pages: e.free_pages(pages))
+        )
+        for _ in range(yields_before_cancel):
+            await asyncio.sleep(0)
+        task.cancel()
+        result = (await asyncio.gather(task, return_exceptions=True))[0]
+        await driver.call(lambda e: None)
+        return result
+
+    result = asyncio.run(run(engine, body))
+    if isinstance(result, list):  # the call completed before the cancel: the caller owns the pages
+        engine.free_pages(result)
+    assert all_pages_back(engine)
+
+
+def test_a_failing_step_with_a_failing_abort_still_ends_every_stream(tiny_model, monkeypatch):
+    engine = make_engine(tiny_model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    async def body(driver):
+        stream = await driver.generate("r", [1, 2, 3], GREEDY)
+        monkeypatch.setattr(engine, "step", broken)
+        monkeypatch.setattr(engine, "abort", broken)
+        return [out async for out in stream][-1].finish_reason
+
+    assert asyncio.run(run(engine, body)) == "error"
