@@ -13,6 +13,7 @@ from engine.engine import Engine
 from kvtransfer import KVLayout, create_receiver
 from protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from protos.serving import GrpcServer
+from protos.tls import TLSConfig
 
 log = logging.getLogger("pdserve.decode")
 
@@ -25,6 +26,7 @@ class DecodeConfig:
     kv_backend: str = "tcp"
     request_timeout_s: float = 600.0  # deadline of a request that names none
     advertise_host: str | None = None  # the host prefill sends KV to (default: host)
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -43,10 +45,12 @@ async def serve(cfg: DecodeConfig) -> None:
         kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
     ]
     server = GrpcServer(names)
-    port = server.bind(cfg.host, cfg.port)
+    port = server.bind(cfg.host, cfg.port, cfg.tls)
     host = cfg.advertise_host or cfg.host
     kv_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    servicer = DecodeServicer(async_engine, receiver, cfg.kv_backend, kv_address, cfg.request_timeout_s)
+    servicer = DecodeServicer(
+        async_engine, receiver, cfg.kv_backend, kv_address, cfg.request_timeout_s, cfg.tls
+    )
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
     receiver.add_to_server(server.server)
     async_engine.start()

@@ -35,6 +35,7 @@ from protos.convert import (
     sampling_to_proto,
 )
 from protos.serving import SERVER_OPTIONS
+from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger("pdserve.decode")
 
@@ -47,7 +48,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         kv_backend: str,
         kv_address: str,
         request_timeout_s: float,
+        tls: TLSConfig | None = None,
     ) -> None:
+        self.tls = tls
         self.engine, self.receiver = engine, receiver
         self.kv_backend, self.kv_address, self.request_timeout_s = kv_backend, kv_address, request_timeout_s
         self.page_size = engine.engine.cfg.page_size
@@ -63,7 +66,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def _prefill(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=SERVER_OPTIONS[:2])
+            self._channels[address] = aio_channel(address, self.tls, SERVER_OPTIONS[:2])
         return prefill_pb2_grpc.PrefillServiceStub(self._channels[address])
 
     async def GetLoad(self, request: Any, context: Any) -> Any:

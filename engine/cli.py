@@ -16,6 +16,7 @@ from engine.env import Env
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from gateway.config import GatewayConfig
+    from protos.tls import TLSConfig
 
 TINY_MODEL_NAME = "tiny-qwen3"
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
             svc.add_argument(
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
             )
+        add_tls_args(svc)
         svc.set_defaults(func=_serve, role=role)
 
     gw = sub.add_parser("gateway", help="run the gateway: OpenAI-compatible REST + public gRPC")
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_gateway_args(gw)
     gw.add_argument("--prefill", action="append", required=True, help="prefill host:port (repeatable)")
     gw.add_argument("--decode", action="append", required=True, help="decode host:port (repeatable)")
+    add_tls_args(gw)
     gw.set_defaults(func=_gateway)
 
     upp = sub.add_parser("up", help="run prefill, decode and gateway here, on loopback (Ctrl-C stops all)")
@@ -175,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument("--num-prefill", type=int, default=1)
     upp.add_argument("--num-decode", type=int, default=1)
     add_gateway_args(upp, with_model_len=False)
+    add_tls_args(upp)
     upp.set_defaults(func=_up)
 
     bench = sub.add_parser("bench", help="load-test a running gateway (REST or gRPC)")
@@ -199,6 +203,9 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
     )
     p.add_argument("--decode-policy", default="least_load", help="round_robin | least_load | power_of_two")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--api-key-file", default=None, help="require this key (Bearer) on the API; or $PDSERVE_API_KEY"
+    )
     if with_model_len:
         p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
 
@@ -215,10 +222,15 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine += ["--kv-cache-mib", str(args.kv_cache_mib)] if args.kv_cache_mib is not None else []
     engine += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
     engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
+    tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
+    engine += tls
     gateway = ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy,
                "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
     gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
     gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
+    gateway += ["--api-key-file", args.api_key_file] if args.api_key_file else []  # else $PDSERVE_API_KEY
+    gateway += tls
     model = args.model or str(default_model_dir(env))
     return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
 
@@ -246,7 +258,35 @@ def _gateway_config(
         decode_policy=args.decode_policy,
         request_timeout_s=args.request_timeout_s,
         max_model_len=args.max_model_len,
+        tls=_tls(args),
+        api_key=_api_key(args, env),
     )
+
+
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS for gRPC (all three files from one internal CA; see docs/SECURITY.md)")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate this process presents")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-ca", default=None, help="PEM CA bundle: verify peers and require client certificates"
+    )
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    from protos.tls import TLSConfig
+
+    return TLSConfig.from_args(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _api_key(args: argparse.Namespace, env: Env) -> str | None:
+    """From --api-key-file, else $PDSERVE_API_KEY: never a command-line value (``ps`` shows those)."""
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"api_key_file: cannot read {args.api_key_file}: {e.strerror}") from None
+        return key or None
+    return env.api_key
 
 
 def _gateway(args: argparse.Namespace, env: Env) -> int:
@@ -281,7 +321,7 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
         return run_prefill(
             PrefillConfig(
                 engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s,
-                kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3,
+                kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3, tls=_tls(args),
             )
         )  # fmt: skip
     from decode_svc.server import DecodeConfig
@@ -289,7 +329,13 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
 
     return run_decode(
         DecodeConfig(
-            engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s, args.advertise_host
+            engine_cfg,
+            args.host,
+            args.port,
+            args.kv_backend,
+            args.request_timeout_s,
+            args.advertise_host,
+            tls=_tls(args),
         )
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -11,6 +11,7 @@ from pathlib import Path
 class Env:
     cache_dir: Path  # PDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pdserve, else ~/.cache/pdserve
     log_level: str  # PDSERVE_LOG_LEVEL (default INFO)
+    api_key: str | None = field(default=None, repr=False)  # PDSERVE_API_KEY: the gateway requires it
 
     @classmethod
     def read(cls) -> Env:
@@ -18,4 +19,5 @@ class Env:
         return cls(
             cache_dir=Path(os.environ.get("PDSERVE_CACHE_DIR") or xdg / "pdserve"),
             log_level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
+            api_key=os.environ.get("PDSERVE_API_KEY") or None,
         )

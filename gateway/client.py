@@ -6,7 +6,8 @@
         for delta in client.stream([1, 2, 3], max_tokens=8):
             print(delta.text, end="", flush=True)
 
-``AsyncClient`` has the same methods as coroutines / async iterators. Prompts are text (tokenized by
+``AsyncClient`` has the same methods as coroutines / async iterators. ``tls`` (a
+``protos.tls.TLSConfig``) and ``api_key`` match a gateway started with ``--tls-*`` / an API key. Prompts are text (tokenized by
 the gateway, no chat template) or token ids; sampling keywords are those of ``SamplingParams``.
 Failures raise ``grpc.RpcError`` with the gateway's status (INVALID_ARGUMENT names the field).
 """
@@ -23,6 +24,7 @@ import grpc
 from engine.sampling_params import SamplingParams
 from protos import gateway_pb2, gateway_pb2_grpc
 from protos.convert import sampling_to_proto
+from protos.tls import TLSConfig, aio_channel
 
 
 @dataclass
@@ -59,16 +61,26 @@ def build_request(
     return request
 
 
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class Client:
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(
+        self, address: str, timeout_s: float = 600.0, tls: TLSConfig | None = None, api_key: str | None = None
+    ) -> None:
+        if tls is None:
+            self.channel = grpc.insecure_channel(address)
+        else:
+            self.channel = grpc.secure_channel(address, tls.channel_credentials())
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.metadata = timeout_s, _metadata(api_key)
 
     def stream(
         self, prompt: str | Sequence[int], model: str = "", **sampling: Any
     ) -> Iterator[gateway_pb2.GatewayGenerateResponse]:
-        yield from self.stub.Generate(build_request(prompt, model, **sampling), timeout=self.timeout_s)
+        request = build_request(prompt, model, **sampling)
+        yield from self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def generate(self, prompt: str | Sequence[int], model: str = "", **sampling: Any) -> Completion:
         out = Completion()
@@ -77,9 +89,10 @@ class Client:
         return out
 
     def models(self) -> list[str]:
-        return [
-            m.id for m in self.stub.ListModels(gateway_pb2.ModelsRequest(), timeout=self.timeout_s).models
-        ]
+        reply = self.stub.ListModels(
+            gateway_pb2.ModelsRequest(), timeout=self.timeout_s, metadata=self.metadata
+        )
+        return [m.id for m in reply.models]
 
     def close(self) -> None:
         self.channel.close()
@@ -94,15 +107,18 @@ class Client:
 
 
 class AsyncClient:
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self, address: str, timeout_s: float = 600.0, tls: TLSConfig | None = None, api_key: str | None = None
+    ) -> None:
+        self.channel = aio_channel(address, tls)
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.metadata = timeout_s, _metadata(api_key)
 
     async def stream(
         self, prompt: str | Sequence[int], model: str = "", **sampling: Any
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
-        async for msg in self.stub.Generate(build_request(prompt, model, **sampling), timeout=self.timeout_s):
+        request = build_request(prompt, model, **sampling)
+        async for msg in self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata):
             yield msg
 
     async def generate(self, prompt: str | Sequence[int], model: str = "", **sampling: Any) -> Completion:
@@ -112,7 +128,8 @@ class AsyncClient:
         return out
 
     async def models(self) -> list[str]:
-        reply = await self.stub.ListModels(gateway_pb2.ModelsRequest(), timeout=self.timeout_s)
+        request = gateway_pb2.ModelsRequest()
+        reply = await self.stub.ListModels(request, timeout=self.timeout_s, metadata=self.metadata)
         return [m.id for m in reply.models]
 
     async def close(self) -> None:

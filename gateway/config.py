@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.routing import POLICIES
+from protos.tls import TLSConfig
 
 DECODE_POLICIES = ("round_robin", "least_load", "power_of_two")  # decode holds no prompt cache
 
@@ -24,6 +25,8 @@ class GatewayConfig:
     max_model_len: int | None = None
     health_interval_s: float = 1.0
     canary_timeout_s: float = 60.0
+    tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
+    api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:
@@ -35,5 +38,7 @@ class GatewayConfig:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}: must be in [0, 65536), got {getattr(self, name)}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("api_key: use at least 8 characters")
         if self.request_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("request_timeout_s and health_interval_s must be > 0")

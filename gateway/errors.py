@@ -3,6 +3,8 @@ matching gRPC status code. Everything the gateway rejects or passes on goes thro
 
 from __future__ import annotations
 
+import hmac
+
 import grpc
 
 _BY_GRPC = {
@@ -16,6 +18,7 @@ _BY_GRPC = {
 }
 _BY_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -23,6 +26,18 @@ _BY_STATUS = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def check_api_key(authorization: str, expected: str | None) -> None:
+    """Raise 401 unless ``authorization`` is ``Bearer <expected>`` (or no key is configured).
+    Constant-time comparison; the key never appears in a message or a log line."""
+    if expected is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise APIError(
+            401, "invalid or missing API key: send 'Authorization: Bearer <key>'", type="authentication_error"
+        )
 
 
 class APIError(Exception):

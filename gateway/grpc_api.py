@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from gateway.errors import APIError
+from gateway.errors import APIError, check_api_key
 from gateway.state import GatewayState
 from protos import decode_pb2, gateway_pb2, gateway_pb2_grpc
 from protos.convert import logprob_to_proto, sampling_from_proto
@@ -17,7 +17,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
+    def _authorize(self, context: Any) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        check_api_key(str(metadata.get("authorization", "")), self.state.cfg.api_key)
+
     async def ListModels(self, request: Any, context: Any) -> gateway_pb2.ModelsResponse:
+        try:
+            self._authorize(context)
+        except APIError as e:
+            await context.abort(e.grpc_code, e.message)
         card = self.state.model_card()
         return gateway_pb2.ModelsResponse(
             models=[gateway_pb2.ModelInfo(id=card["id"], max_model_len=card["max_model_len"])]
@@ -28,6 +36,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
         gen = self.state.generator
         try:
+            self._authorize(context)
             if request.model and request.model not in (self.state.model_name, gen.model_name):
                 raise APIError.invalid(
                     "model", f"{request.model!r} is not served here (try {self.state.model_name!r})"

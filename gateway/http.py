@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.errors import APIError
+from gateway.errors import APIError, check_api_key
 from gateway.generation import Chunk, Usage
 from gateway.openai_api import (
     ChatCompletionRequest,
@@ -40,6 +40,15 @@ _DISCONNECT_POLL_S = 0.25
 def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0", description="OpenAI-compatible API of pdserve")
     gen = state.generator
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.url.path.startswith("/v1/"):  # /health and /metrics stay open for probes and scrapers
+            try:
+                check_api_key(request.headers.get("authorization", ""), state.cfg.api_key)
+            except APIError as e:
+                return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:

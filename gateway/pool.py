@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.routing import Candidate, Policy
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.serving import SERVER_OPTIONS
+from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger("pdserve.gateway")
 
@@ -63,6 +64,7 @@ class Pool:
         health_interval_s: float = 1.0,
         health_timeout_s: float = 1.0,
         eject_after: int = 2,
+        tls: TLSConfig | None = None,
     ) -> None:
         if not addresses:
             raise ValueError(f"{role}: at least one instance address is required")
@@ -74,9 +76,7 @@ class Pool:
             health_timeout_s,
             eject_after,
         )
-        self.instances = [
-            Instance(a, role, grpc.aio.insecure_channel(a, options=SERVER_OPTIONS[:2])) for a in addresses
-        ]
+        self.instances = [Instance(a, role, aio_channel(a, tls, SERVER_OPTIONS[:2])) for a in addresses]
         self._task: asyncio.Task | None = None
 
     # -- routing -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ async def serve(cfg: GatewayConfig) -> None:
     state = GatewayState(cfg)
     grpc_server = GrpcServer([gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name])
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(state), grpc_server.server)
-    grpc_port = grpc_server.bind(cfg.host, cfg.grpc_port)
+    grpc_port = grpc_server.bind(cfg.host, cfg.grpc_port, cfg.tls)
     http = uvicorn.Server(
         uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )

@@ -28,8 +28,9 @@ log = logging.getLogger("pdserve.gateway")
 class GatewayState:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        self.prefill = Pool("prefill", cfg.prefill, make_policy(cfg.prefill_policy), cfg.health_interval_s)
-        self.decode = Pool("decode", cfg.decode, make_policy(cfg.decode_policy), cfg.health_interval_s)
+        interval = cfg.health_interval_s
+        self.prefill = Pool("prefill", cfg.prefill, make_policy(cfg.prefill_policy), interval, tls=cfg.tls)
+        self.decode = Pool("decode", cfg.decode, make_policy(cfg.decode_policy), interval, tls=cfg.tls)
         self.metrics = Metrics([self.prefill, self.decode])
         self.generator = Generator(
             cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len

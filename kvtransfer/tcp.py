@@ -32,6 +32,7 @@ from kvtransfer.base import (
 from kvtransfer.layout import KVLayout
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 from protos.convert import logprob_from_proto, logprob_to_proto
+from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger(__name__)
 _QUEUE_CHUNKS = 8  # chunks buffered ahead of the network: bounds the sender's extra memory
@@ -164,8 +165,14 @@ class TcpSender(KVSender):
     """``chunk_delay_s`` is a fault hook for tests: a sleep before every data chunk (a slow link)."""
 
     def __init__(
-        self, layout: KVLayout, pool: Any, max_chunk_bytes: int = 1 << 20, chunk_delay_s: float = 0.0
+        self,
+        layout: KVLayout,
+        pool: Any,
+        max_chunk_bytes: int = 1 << 20,
+        chunk_delay_s: float = 0.0,
+        tls: TLSConfig | None = None,
     ) -> None:
+        self.tls = tls
         self.layout, self.pool = layout, pool
         self.max_chunk_bytes, self.chunk_delay_s = max_chunk_bytes, chunk_delay_s
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -174,7 +181,7 @@ class TcpSender(KVSender):
 
     def _stub(self, address: str) -> kvtransfer_pb2_grpc.KVTransferStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = aio_channel(address, self.tls, GRPC_OPTIONS)
         return kvtransfer_pb2_grpc.KVTransferStub(self._channels[address])
 
     async def connect(self, address: str, deadline_ns: int) -> None:

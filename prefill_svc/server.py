@@ -13,6 +13,7 @@ from kvtransfer import KVLayout, create_sender
 from prefill_svc.servicer import PrefillServicer
 from protos import prefill_pb2, prefill_pb2_grpc
 from protos.serving import GrpcServer
+from protos.tls import TLSConfig
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -25,6 +26,7 @@ class PrefillConfig:
     kv_backend: str = "tcp"
     request_timeout_s: float = 600.0  # deadline of a request that names none
     kv_chunk_delay_s: float = 0.0  # fault hook (tests): delay before each KV chunk sent
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -36,13 +38,13 @@ class PrefillConfig:
 async def serve(cfg: PrefillConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
-    options = {"chunk_delay_s": cfg.kv_chunk_delay_s} if cfg.kv_backend == "tcp" else {}
+    options = {"chunk_delay_s": cfg.kv_chunk_delay_s, "tls": cfg.tls} if cfg.kv_backend == "tcp" else {}
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
     servicer = PrefillServicer(async_engine, sender, cfg.kv_backend, cfg.request_timeout_s)
     server = GrpcServer([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
-    port = server.bind(cfg.host, cfg.port)
+    port = server.bind(cfg.host, cfg.port, cfg.tls)
     async_engine.start()
     await server.start()
     await server.mark_serving()

@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.tls import TLSConfig
+
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
 SERVER_OPTIONS = [
@@ -37,10 +39,13 @@ class GrpcServer:
         self.port = 0
         self._watcher: asyncio.Task | None = None
 
-    def bind(self, host: str, port: int) -> int:
-        """Listen on host:port (port 0 picks a free one); returns the bound port."""
+    def bind(self, host: str, port: int, tls: TLSConfig | None = None) -> int:
+        """Listen on host:port (port 0 picks a free one), with TLS when given; returns the port."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.port = self.server.add_insecure_port(address)
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         return self.port

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.tls import TLSConfig
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
@@ -30,8 +31,10 @@ class Service:
     Ready means grpc.health.v1 SERVING, which for the gateway means its canary passed.
     """
 
-    def __init__(self, role: str, model: Path, *args: str, log_dir: Path) -> None:
-        self.role = role
+    def __init__(
+        self, role: str, model: Path, *args: str, log_dir: Path, tls: TLSConfig | None = None
+    ) -> None:
+        self.role, self.tls = role, tls
         self.http_url = ""
         if role == "gateway":
             args = ("--grpc-port", "0", *args)
@@ -68,7 +71,10 @@ class Service:
                     self.address = rest.split("(grpc ", 1)[1].rstrip(")")
                 else:
                     self.address = rest
-        self.channel = grpc.insecure_channel(self.address)
+        if self.tls is None:
+            self.channel = grpc.insecure_channel(self.address)
+        else:
+            self.channel = grpc.secure_channel(self.address, self.tls.channel_credentials())
         health = health_pb2_grpc.HealthStub(self.channel)
         while True:
             try:
@@ -128,9 +134,11 @@ def is_idle(load: common_pb2.LoadReport) -> bool:
     )
 
 
-def start_all(specs: list[tuple[str, Path, tuple[str, ...]]], log_dir: Path) -> list[Service]:
+def start_all(
+    specs: list[tuple[str, Path, tuple[str, ...]]], log_dir: Path, tls: TLSConfig | None = None
+) -> list[Service]:
     """Start several services at once (startup is mostly importing torch) and wait for all."""
-    services = [Service(role, model, *args, log_dir=log_dir) for role, model, args in specs]
+    services = [Service(role, model, *args, log_dir=log_dir, tls=tls) for role, model, args in specs]
     try:
         for s in services:
             s.wait_ready()
