@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if role == "prefill":
             svc.add_argument("--kv-fault-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+            svc.add_argument("--max-queued-requests", type=int, default=4096, help="more waiting are refused")
         else:
             svc.add_argument(
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
@@ -204,6 +205,13 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
     p.add_argument("--decode-policy", default="least_load", help="round_robin | least_load | power_of_two")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument(
+        "--max-request-bytes", type=int, default=4 << 20, help="larger bodies/messages are refused (413)"
+    )
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="larger prompts are refused (413)")
+    p.add_argument(
+        "--max-concurrent-requests", type=int, default=1024, help="more in flight are refused (429)"
+    )
+    p.add_argument(
         "--api-key-file", default=None, help="require this key (Bearer) on the API; or $PDSERVE_API_KEY"
     )
     if with_model_len:
@@ -230,6 +238,9 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
     gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
     gateway += ["--api-key-file", args.api_key_file] if args.api_key_file else []  # else $PDSERVE_API_KEY
+    gateway += ["--max-request-bytes", str(args.max_request_bytes), "--max-concurrent-requests",
+                str(args.max_concurrent_requests)]  # fmt: skip
+    gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
     model = args.model or str(default_model_dir(env))
     return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
@@ -258,6 +269,9 @@ def _gateway_config(
         decode_policy=args.decode_policy,
         request_timeout_s=args.request_timeout_s,
         max_model_len=args.max_model_len,
+        max_request_bytes=args.max_request_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_concurrent_requests=args.max_concurrent_requests,
         tls=_tls(args),
         api_key=_api_key(args, env),
     )
@@ -322,6 +336,7 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
             PrefillConfig(
                 engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s,
                 kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3, tls=_tls(args),
+                max_queued_requests=args.max_queued_requests,
             )
         )  # fmt: skip
     from decode_svc.server import DecodeConfig

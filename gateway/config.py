@@ -25,6 +25,9 @@ class GatewayConfig:
     max_model_len: int | None = None
     health_interval_s: float = 1.0
     canary_timeout_s: float = 60.0
+    max_request_bytes: int = 4 << 20  # REST body / public gRPC message; larger → 413 / RESOURCE_EXHAUSTED
+    max_prompt_tokens: int | None = None  # operator cap below the context; larger → 413
+    max_concurrent_requests: int = 1024  # in flight through this gateway; more → 429 / RESOURCE_EXHAUSTED
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
 
@@ -38,6 +41,11 @@ class GatewayConfig:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}: must be in [0, 65536), got {getattr(self, name)}")
+        for name in ("max_request_bytes", "max_concurrent_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("api_key: use at least 8 characters")
         if self.request_timeout_s <= 0 or self.health_interval_s <= 0:

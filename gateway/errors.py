@@ -15,6 +15,7 @@ _BY_GRPC = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
     grpc.StatusCode.FAILED_PRECONDITION: (503, "service_unavailable"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
 }
 _BY_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,

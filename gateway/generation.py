@@ -57,7 +57,11 @@ class Generator:
         metrics: Metrics,
         request_timeout_s: float,
         max_model_len: int | None = None,
+        max_prompt_tokens: int | None = None,
+        max_concurrent_requests: int = 1024,
     ) -> None:
+        self.max_prompt_tokens, self.max_concurrent_requests = max_prompt_tokens, max_concurrent_requests
+        self.num_in_flight = 0
         self.prefill, self.decode, self.metrics = prefill, decode, metrics
         self.request_timeout_s = request_timeout_s
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -78,6 +82,12 @@ class Generator:
             raise APIError.invalid(param, "must not be empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise APIError.invalid(param, f"token ids must be in [0, {self.vocab_size})")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise APIError(
+                413,
+                f"{param}: {len(ids)} tokens exceed this server's limit of {self.max_prompt_tokens}",
+                param,
+            )
         if len(ids) >= self.max_model_len:
             raise APIError.invalid(
                 param,
@@ -107,6 +117,11 @@ class Generator:
         timeout_s: float | None = None,
     ) -> AsyncIterator[Chunk]:
         self.check_max_tokens(prompt_ids, params)
+        if self.num_in_flight >= self.max_concurrent_requests:
+            raise APIError(
+                429, f"the gateway is at its limit of {self.max_concurrent_requests} concurrent requests; retry later",
+                type="rate_limit_error",
+            )  # fmt: skip
         m = self.metrics
         start = last = time.monotonic()
         deadline_ns = time.time_ns() + int((timeout_s or self.request_timeout_s) * 1e9)
@@ -120,6 +135,7 @@ class Generator:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         num_out, status = 0, "error"
         m.in_flight.inc()
+        self.num_in_flight += 1
         try:
             async for msg in self._dispatch(request, prompt_ids, deadline_ns):
                 now = time.monotonic()
@@ -149,6 +165,7 @@ class Generator:
             status = "cancelled"
             raise
         finally:
+            self.num_in_flight -= 1
             m.in_flight.dec()
             m.requests.labels(api, status).inc()
             m.e2e.observe(time.monotonic() - start)
@@ -209,7 +226,10 @@ class Generator:
         every instance refuse; else None (the error is final)."""
         code = e.code()
         fault = dict(e.trailing_metadata() or ()).get(FAULT_METADATA_KEY)
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and fault == "prefill":
+            tried["prefill"].add(prefill.address)
+            self.metrics.retries.labels("prefill", "full").inc()
+        elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             tried["decode"].add(decode.address)
             self.metrics.retries.labels("decode", "full").inc()
         elif code is grpc.StatusCode.UNAVAILABLE and fault == "prefill":

@@ -9,7 +9,7 @@ import uvicorn
 
 from gateway.config import GatewayConfig
 from gateway.grpc_api import GatewayServicer
-from gateway.http import create_app
+from gateway.http import BodyLimit, create_app
 from gateway.state import GatewayState
 from protos import gateway_pb2, gateway_pb2_grpc
 from protos.serving import GrpcServer
@@ -19,11 +19,15 @@ log = logging.getLogger("pdserve.gateway")
 
 async def serve(cfg: GatewayConfig) -> None:
     state = GatewayState(cfg)
-    grpc_server = GrpcServer([gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name])
+    grpc_server = GrpcServer(
+        [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name],
+        max_message_bytes=cfg.max_request_bytes,
+    )
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(state), grpc_server.server)
     grpc_port = grpc_server.bind(cfg.host, cfg.grpc_port, cfg.tls)
+    app = BodyLimit(create_app(state), cfg.max_request_bytes)
     http = uvicorn.Server(
-        uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )
     await grpc_server.start()
     await state.start()

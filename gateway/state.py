@@ -33,8 +33,9 @@ class GatewayState:
         self.decode = Pool("decode", cfg.decode, make_policy(cfg.decode_policy), interval, tls=cfg.tls)
         self.metrics = Metrics([self.prefill, self.decode])
         self.generator = Generator(
-            cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len
-        )
+            cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len,
+            cfg.max_prompt_tokens, cfg.max_concurrent_requests,
+        )  # fmt: skip
         self.model_name = cfg.served_model_name or Path(cfg.model).name
         self.created = int(time.time())
         self.canary_done = False

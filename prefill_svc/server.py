@@ -27,6 +27,7 @@ class PrefillConfig:
     request_timeout_s: float = 600.0  # deadline of a request that names none
     kv_chunk_delay_s: float = 0.0  # fault hook (tests): delay before each KV chunk sent
     tls: TLSConfig | None = None
+    max_queued_requests: int = 4096  # waiting for the scheduler; more → RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -41,7 +42,9 @@ async def serve(cfg: PrefillConfig) -> None:
     options = {"chunk_delay_s": cfg.kv_chunk_delay_s, "tls": cfg.tls} if cfg.kv_backend == "tcp" else {}
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
-    servicer = PrefillServicer(async_engine, sender, cfg.kv_backend, cfg.request_timeout_s)
+    servicer = PrefillServicer(
+        async_engine, sender, cfg.kv_backend, cfg.request_timeout_s, cfg.max_queued_requests
+    )
     server = GrpcServer([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     port = server.bind(cfg.host, cfg.port, cfg.tls)

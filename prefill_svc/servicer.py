@@ -23,8 +23,14 @@ log = logging.getLogger("pdserve.prefill")
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(
-        self, engine: AsyncEngine, sender: KVSender, kv_backend: str, request_timeout_s: float
+        self,
+        engine: AsyncEngine,
+        sender: KVSender,
+        kv_backend: str,
+        request_timeout_s: float,
+        max_queued_requests: int = 4096,
     ) -> None:
+        self.max_queued_requests = max_queued_requests
         self.engine, self.sender = engine, sender
         self.kv_backend, self.request_timeout_s = kv_backend, request_timeout_s
         self.pool = engine.engine.runner.kv_pool
@@ -44,6 +50,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except TransferError as e:
             await context.abort(e.code, e.message)
         dest = await self._destination(request, context)
+        if len(self.engine.engine.scheduler.waiting) >= self.max_queued_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"prefill queue is full ({self.max_queued_requests} waiting); retry later or elsewhere",
+            )
         prompt = list(request.prompt_token_ids)
         first_only = dataclasses.replace(params, max_tokens=1, stop=(), ignore_eos=True)
         try:

@@ -32,7 +32,7 @@ class Service:
     """
 
     def __init__(
-        self, role: str, model: Path, *args: str, log_dir: Path, tls: TLSConfig | None = None
+        self, role: str, model: Path, *args: str, log_dir: Path, tls: TLSConfig | None = None, port: int = 0
     ) -> None:
         self.role, self.tls = role, tls
         self.http_url = ""
@@ -41,7 +41,7 @@ class Service:
         self.log_path = log_dir / f"{role}-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         env = os.environ | {"PYTHONUNBUFFERED": "1", "PDSERVE_LOG_LEVEL": "INFO"}
-        cmd = [sys.executable, "-m", "engine.cli", role, "--model", str(model), "--port", "0", *args]
+        cmd = [sys.executable, "-m", "engine.cli", role, "--model", str(model), "--port", str(port), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -54,6 +54,23 @@ class Service:
             self._lines.put(raw.decode(errors="replace"))
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> Service:
+        self.wait_listening(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.role} not SERVING after {timeout_s}s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def wait_listening(self, timeout_s: float = START_TIMEOUT_S) -> Service:
+        """Until the process printed where it listens (a gateway serves requests from then on,
+        before its canary made it "ready")."""
         deadline = time.monotonic() + timeout_s
         while not self.address:
             if self.proc.poll() is not None:
@@ -75,17 +92,7 @@ class Service:
             self.channel = grpc.insecure_channel(self.address)
         else:
             self.channel = grpc.secure_channel(self.address, self.tls.channel_credentials())
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return self
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.role} not SERVING after {timeout_s}s:\n{self.log()}")
-            time.sleep(0.1)
+        return self
 
     def log(self) -> str:
         self._log.flush()
