@@ -12,6 +12,8 @@ from gateway.state import GatewayState
 from protos import decode_pb2, gateway_pb2, gateway_pb2_grpc
 from protos.convert import logprob_to_proto, sampling_from_proto
 
+MAX_TIMEOUT_S = 24 * 3600.0
+
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, state: GatewayState) -> None:
@@ -51,8 +53,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise APIError.invalid(
                     f"sampling.{str(e).split(':', 1)[0]}", str(e).split(":", 1)[-1].strip()
                 ) from None
-            if request.timeout_s < 0:
-                raise APIError.invalid("timeout_s", "must be >= 0")
+            if not 0 <= request.timeout_s <= MAX_TIMEOUT_S:  # also false for NaN
+                raise APIError.invalid(
+                    "timeout_s", f"must be in [0, {MAX_TIMEOUT_S:.0f}] seconds (0 = the default)"
+                )
             stream = gen.generate(
                 prompt_ids, params, "grpc", request.request_id or None, request.timeout_s or None
             )

@@ -95,7 +95,8 @@ class Service:
         return self
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def load(self) -> common_pb2.LoadReport:
