@@ -1,6 +1,11 @@
 """Engine step times (eager baseline) next to their roofline floors, measured in the same run.
 
     python bench/engine_bench.py --models qwen3-0.6b,qwen3-8b --prefill 512,2048,8192 --decode-bs 1,64 --ctx 1024
+    python bench/engine_bench.py --attention-backend triton --cuda-graphs --decode-bs 1,8,64,256
+
+``--cuda-graphs`` (needs ``--attention-backend triton``) captures decode CUDA graphs and times every
+decode row twice on the same runner, weights and KV: eager ("step ms") and replayed from the graph
+("graph ms"), adding the graph columns to the table.
 
 Random bf16 weights of the real shapes (no checkpoint read). A step is what the engine does per
 iteration: prepare (host → device), forward, sample (greedy) incl. the token read-back; timed with
@@ -60,10 +65,15 @@ class Row:
     tokens_or_ctx: int
     ms: float
     floor_ms: float
+    graph_ms: float | None = None  # decode step replayed from a CUDA graph (--cuda-graphs)
 
     @property
     def ratio(self) -> float:
         return self.ms / self.floor_ms
+
+    @property
+    def graph_ratio(self) -> float | None:
+        return None if self.graph_ms is None else self.graph_ms / self.floor_ms
 
 
 def model_config(name: str, max_len: int) -> ModelConfig:
@@ -105,25 +115,36 @@ def _time(fn, warmup: int, reps: int) -> float:
     return statistics.median(times)
 
 
-def make_runner(cfg: ModelConfig, max_tokens: int, attention_backend: str) -> ModelRunner:
+def make_runner(
+    cfg: ModelConfig, max_tokens: int, attention_backend: str, cuda_graphs: bool, max_bs: int
+) -> ModelRunner:
     with tempfile.TemporaryDirectory() as d:
         ecfg = EngineConfig(
             model=d,
             device="cuda",
             dtype="bfloat16",
             load_format="dummy",
+            max_num_seqs=max(256, max_bs),
             max_num_batched_tokens=max_tokens,
             gpu_memory_utilization=0.9,
             attention_backend=attention_backend,
+            cuda_graphs=cuda_graphs,
+            max_graph_batch_size=max(256, max_bs),
         )
         runner = ModelRunner(ecfg, cfg)
     runner.kv_pool.kv_gpu.normal_()  # never time on zeros
     return runner
 
 
-def step_ms(runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int) -> float:
+def step_ms(
+    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, graphs: bool = False
+) -> float:
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    return _time(lambda: runner.sample(runner.forward(runner.prepare(batch)), batch), warmup=3, reps=reps)
+    return _time(
+        lambda: runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch),
+        warmup=3,
+        reps=reps,
+    )
 
 
 def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list[Sequence]:
@@ -142,7 +163,18 @@ def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list
 
 def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     cfg = model_config(name, max(max(args.prefill), args.ctx) + 16)
-    runner = make_runner(cfg, max(args.prefill), args.attention_backend)
+    runner = make_runner(
+        cfg, max(args.prefill), args.attention_backend, args.cuda_graphs, max(args.decode_bs)
+    )
+    graphs = runner.graphs
+    if args.cuda_graphs:
+        assert graphs is not None, "--cuda-graphs needs --attention-backend triton"
+        print(
+            f"{name}: {len(graphs.batch_sizes)} decode graphs (bs 1..{graphs.max_batch_size}) captured in "
+            f"{graphs.capture_seconds:.1f} s, graph pool {graphs.graph_memory_bytes / 2**20:.0f} MiB, "
+            f"static buffers {graphs.static_bytes / 2**20:.0f} MiB",
+            flush=True,
+        )
     params = sum(p.numel() for p in runner.model.parameters())
     embed = VOCAB * cfg.hidden_size
     lm_head = embed
@@ -159,28 +191,32 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     for bs in args.decode_bs:
         seqs = sequences(runner, bs, args.ctx, args.ctx - 1)
         ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps)
+        graph_ms = None
+        if graphs is not None and bs <= graphs.max_batch_size:
+            graph_ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps, graphs=True)
         floor = (weight_bytes_read + bs * args.ctx * kv_bytes_per_token) / bw * 1e3
-        rows.append(Row(name, "decode", bs, args.ctx, ms, floor))
+        rows.append(Row(name, "decode", bs, args.ctx, ms, floor, graph_ms))
         print(rows[-1], flush=True)
     if args.profile:
-        profile_step(
-            runner, sequences(runner, 1, args.ctx, args.ctx - 1), [1], decode=True, label=f"{name} decode bs1"
-        )
+        seqs = sequences(runner, 1, args.ctx, args.ctx - 1)
+        profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1")
+        if graphs is not None:
+            profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1 graph", graphs=True)
     del runner
     torch.cuda.empty_cache()
     return rows
 
 
 def profile_step(
-    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, label: str
+    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, label: str, graphs: bool = False
 ) -> None:
     """Where a step's time goes: kernel launches vs GPU time (torch.profiler, top ops by CPU time)."""
     from torch.profiler import ProfilerActivity, profile
 
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    runner.sample(runner.forward(runner.prepare(batch)), batch)
+    runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        runner.sample(runner.forward(runner.prepare(batch)), batch)
+        runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
     events = prof.key_averages()
     launches = sum(
         e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
@@ -188,6 +224,31 @@ def profile_step(
     gpu_us = sum(e.self_device_time_total for e in events)
     print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+
+
+def table(rows: list[Row], graph_columns: bool) -> list[str]:
+    """The markdown table; the graph columns ("-" where a row has no graph time) only if asked for."""
+    if not graph_columns:
+        return [
+            "| model | phase | batch | tokens / ctx | step ms | floor ms | x floor |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {r.floor_ms:.2f} | {r.ratio:.1f} |"
+                for r in rows
+            ),
+        ]
+    lines = [
+        "| model | phase | batch | tokens / ctx | step ms | graph ms | floor ms | x floor | graph x floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g_ms = "-" if r.graph_ms is None else f"{r.graph_ms:.2f}"
+        g_x = "-" if r.graph_ratio is None else f"{r.graph_ratio:.1f}"
+        lines.append(
+            f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {g_ms} | {r.floor_ms:.2f} "
+            f"| {r.ratio:.1f} | {g_x} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -198,9 +259,16 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--attention-backend", default="torch_native", choices=["torch_native", "triton"])
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time decode replayed from CUDA graphs (needs --attention-backend triton)",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler summary of a decode step")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))
     args = p.parse_args()
+    if args.cuda_graphs and args.attention_backend != "triton":
+        p.error("--cuda-graphs needs --attention-backend triton")
     args.prefill = [int(x) for x in args.prefill.split(",")]
     args.decode_bs = [int(x) for x in args.decode_bs.split(",")]
 
@@ -212,12 +280,7 @@ def main() -> None:
     lines = [
         f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s; bf16 GEMM {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}",
         "",
-        "| model | phase | batch | tokens / ctx | step ms | floor ms | x floor |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {r.floor_ms:.2f} | {r.ratio:.1f} |"
-        for r in rows
+        *table(rows, args.cuda_graphs),
     ]
     print("\n".join(lines))
     out = Path(args.out)
@@ -229,7 +292,7 @@ def main() -> None:
                 "gpu": gpu,
                 "copy_bytes_per_s": bw,
                 "gemm_flops": flops,
-                "rows": [asdict(r) | {"x_floor": r.ratio} for r in rows],
+                "rows": [asdict(r) | {"x_floor": r.ratio, "graph_x_floor": r.graph_ratio} for r in rows],
             },
             indent=1,
         )

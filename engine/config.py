@@ -139,6 +139,11 @@ class EngineConfig:
     memory once at startup, so instances starting together would each count the same free memory.
     ``max_num_batched_tokens`` is the per-step token budget and therefore the chunked-prefill chunk
     size.
+
+    ``cuda_graphs``: replay decode steps of up to ``graph_batch_limit`` sequences from CUDA graphs
+    (``engine.graphs``). Effective only on CUDA with an attention backend that supports graphs
+    (``triton``); ignored, with a log line, otherwise. The graphs' memory comes on top of the KV
+    cache budget (a few hundred MiB, mostly the static ``[batch, vocab]`` logits; logged at startup).
     """
 
     model: str
@@ -154,6 +159,8 @@ class EngineConfig:
     load_format: str = "safetensors"  # "dummy": random weights, no files read (benchmarks)
     enable_prefix_cache: bool = True
     seed: int = 0
+    cuda_graphs: bool = True
+    max_graph_batch_size: int | None = None  # None: min(max_num_seqs, 256)
 
     def __post_init__(self) -> None:
         checks = [
@@ -164,7 +171,19 @@ class EngineConfig:
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
             (self.load_format in ("safetensors", "dummy"), "load_format", "safetensors or dummy"),
+            (
+                self.max_graph_batch_size is None or self.max_graph_batch_size >= 1,
+                "max_graph_batch_size",
+                ">= 1 or None (auto)",
+            ),
         ]
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {want}, got {getattr(self, name)!r}")
+
+    @property
+    def graph_batch_limit(self) -> int:
+        """The largest decode batch captured in a CUDA graph: no decode batch is ever larger than
+        ``min(max_num_seqs, max_num_batched_tokens)`` (the scheduler's admission limit)."""
+        limit = min(self.max_num_seqs, self.max_num_batched_tokens)
+        return min(limit, self.max_graph_batch_size or 256)

@@ -2,7 +2,9 @@
 
 ``prepare`` turns a scheduled batch (plain Python) into a ``ForwardBatch`` of device tensors,
 ``forward`` runs the model to last-token logits, ``sample`` picks tokens and reads them back (the
-step's one host sync).
+step's one host sync). On CUDA with a graph-capable attention backend, decode batches of up to
+``EngineConfig.graph_batch_limit`` sequences are staged into static buffers by ``prepare`` and
+replayed from CUDA graphs by ``forward`` (``engine.graphs``); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EngineConfig, ModelConfig
+from engine.graphs import DecodeGraphRunner, create_decode_graphs
 from engine.kvcache.page_pool import KVPagePool
 from engine.loader import load_model
 from engine.sampling import Sampler, SamplingTensors
@@ -42,6 +45,7 @@ class ModelRunner:
         self.model = load_model(model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy")
         self.attn_backend = create_backend(cfg)
         self.sampler = Sampler()
+        self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists
         self.num_pages = self._num_pages()
         self.kv_pool = self._make_pool(self.num_pages)
         log.info(
@@ -51,9 +55,16 @@ class ModelRunner:
             self.kv_pool.kv_gpu.numel() * self.kv_pool.kv_gpu.element_size() / 2**20,
             self.device,
         )
+        self.graphs = create_decode_graphs(
+            cfg, self.model, self.kv_pool, self.attn_backend, self.max_model_len, model_cfg.vocab_size
+        )
 
     # -- the step ------------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+    def prepare(self, batch: ScheduledBatch, use_graphs: bool = True) -> ForwardBatch:
+        """``use_graphs=False`` forces the eager path (tests and benchmarks compare the two)."""
+        graphs = self.graphs if use_graphs else None
+        if graphs is not None and batch.is_decode and len(batch.seqs) <= graphs.max_batch_size:
+            return graphs.prepare(batch)
         ps = self.cfg.page_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -84,6 +95,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Last-token logits, [batch, vocab] float32. From a graph replay they are a view of a static
+        buffer, valid until the next forward: sample (or clone) them before that."""
+        if self.graphs is not None and self.graphs.is_staged(fb):
+            return self.graphs.replay(fb)
         self.attn_backend.prepare(fb)
         return self.model(fb)  # [batch, vocab] float32
 

@@ -11,6 +11,13 @@ Backend contract (``AttentionBackend``):
 - ``forward(layer, q, k, v, batch)`` first stores the new tokens' K/V into the pool at
   ``batch.out_cache_loc``, then attends each query over its sequence's whole KV (prefix + new),
   causally, and returns ``[num_tokens, num_heads * head_dim]``.
+- CUDA graphs (``engine.graphs``): a backend with ``supports_graphs`` implements
+  ``prepare_graph(batch, max_seq_len)``, called once per captured DECODE batch size instead of
+  ``prepare``. The batch's tensors are static buffers that later replays refill with other
+  sequences, so the metadata it attaches is baked into the graph: it must hold for every replay
+  with ``seq_lens <= max_seq_len``, depend on the batch size and on device tensors only (never on
+  ``*_cpu`` fields), and allocate nothing a replay would have to refresh. Rows past the live batch
+  are padding (``seq_len`` 1 on page 0) and must stay harmless.
 Backends are registered by name in ``engine.attention`` and chosen once at startup.
 """
 
@@ -18,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,7 +43,7 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     out_cache_loc: torch.Tensor  # [num_tokens] int64 slot of each new token's K/V
-    page_table: torch.Tensor  # [batch, max_pages] int64, rows padded with page 0
+    page_table: torch.Tensor  # [batch, max_pages] int64; entries past a row's last page: any page id
     seq_lens: torch.Tensor  # [batch] int64 KV length after this step
     logits_indices: torch.Tensor  # [batch] int64 row of each sequence's last new token
     seq_lens_cpu: list[int]
@@ -57,8 +64,13 @@ class ForwardBatch:
 class AttentionBackend:
     """Base class; see the module docstring for the contract."""
 
+    supports_graphs: ClassVar[bool] = False
+
     def prepare(self, batch: ForwardBatch) -> None:
         pass
+
+    def prepare_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot run inside a CUDA graph")
 
     def forward(
         self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch

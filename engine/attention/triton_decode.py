@@ -6,7 +6,9 @@ group, not once per query head), walks its split of the sequence's pages through
 and writes an unnormalised partial output plus its log-sum-exp. Split lengths are derived from
 ``seq_len`` on the device, so nothing is read back to the host.
 Stage 2, grid ``(batch, num_heads)``: merges the splits, weighting each by ``exp(lse_s - max lse)``.
-``num_splits`` is a launch constant chosen from the batch shape (fixed per captured graph in #5).
+``num_splits`` is a launch constant chosen from the batch shape and a bound on the sequence lengths
+(``num_splits_for``); any value is correct for any ``seq_len >= 1``, so a CUDA graph fixes it per
+captured batch size from ``max_model_len``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+BLOCK_N = 64  # keys per inner-loop tile; a split is a whole number of tiles
 
 
 @triton.jit
@@ -84,10 +88,13 @@ def _merge_kernel(
     tl.store(Out + b * stride_outb + h * stride_outh + d, out.to(Out.dtype.element_ty))
 
 
-def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
-    """Enough programs to fill the GPU about twice: a power of two in [1, 16]."""
+def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_seq_len: int) -> int:
+    """Enough programs to fill the GPU about twice: a power of two in [1, 16], and no more splits
+    than ``max_seq_len`` has tiles (further splits would be empty for every sequence in the batch)."""
     want = triton.cdiv(2 * num_sms, batch_size * num_kv_heads)
-    return max(1, min(16, triton.next_power_of_2(want)))
+    tiles = triton.cdiv(max(max_seq_len, 1), BLOCK_N)
+    most = 1 << (min(16, tiles).bit_length() - 1)  # largest power of two <= min(16, tiles)
+    return max(1, min(most, triton.next_power_of_2(want)))
 
 
 def paged_decode_attention(
@@ -115,7 +122,7 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         scale,
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=64, NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
         # float32 models are the exactness reference: no TF32 rounding in their dots
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip

@@ -1,0 +1,225 @@
+"""Decode CUDA graphs: one graph per padded batch size, replayed with the live batch copied in.
+
+Eager decode is launch-bound (docs/BENCHMARKS.md: ~1.7k kernel launches and ~33 ms of host work
+around ~4 ms of kernels), so the whole decode forward, embedding to logits, is captured once per
+size in ``graph_batch_sizes`` and replayed. What makes a replay valid for any batch:
+
+- Static inputs. A graph keeps the addresses it read at capture, so every step's inputs go into the
+  same device buffers: ``input_ids``, ``positions``, ``out_cache_loc``, ``seq_lens`` ``[max_bs]`` and
+  ``page_table`` ``[max_bs, ceil(max_model_len / page_size)]``. ``prepare`` fills one persistent
+  pinned host buffer per field with numpy (no per-element torch ops) and copies the padded batch's
+  rows with ``non_blocking`` copies: nothing waits for the GPU.
+- Padding. A batch of n sequences runs in the smallest captured size bs >= n. Rows n..bs-1 decode
+  token 0 at position 0 as a length-1 sequence whose only page is the dummy page 0 (never
+  allocated, see ``PageAllocator``): they write their K/V into slot 0 and read nothing else,
+  whatever stale values a larger batch left in the buffers. Their logits are never returned.
+- Fixed attention metadata. The backend's ``prepare_graph`` derives it from the captured size and
+  ``max_model_len`` only (for ``triton``, the KV split count); nothing is read from the host.
+- One memory pool. Graphs are captured largest first into one pool, so the smaller ones reuse the
+  largest one's activation memory (replays never overlap). Each graph ends by copying its logits
+  into one shared static ``[max_bs, vocab]`` buffer; holding every graph's own output instead would
+  keep ``sum(sizes) * vocab`` floats alive (~1.4 GB for 152k vocab at 256).
+
+Sampling stays eager after the replay and reads the logits returned by ``replay``: a view of that
+shared buffer, valid until the next replay.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from engine.kvcache.page_pool import KVPagePool
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(limit: int) -> list[int]:
+    """Captured sizes: 1, 2, 4, 8, steps of 8 up to 64, steps of 16 beyond, and ``limit`` itself.
+
+    Padding costs little in memory-bound decode (a padded row reads one KV token, no weights of its
+    own), so steps of 16 at large sizes trade a few wasted rows for fewer graphs to capture."""
+    assert limit >= 1, f"graph batch limit must be >= 1, got {limit}"
+    candidates = [1, 2, 4, *range(8, 65, 8), *range(80, limit, 16)]
+    return [s for s in candidates if s < limit] + [limit]
+
+
+def stage_decode(
+    seqs: Seq[Sequence],
+    page_size: int,
+    padded: int,
+    input_ids: np.ndarray,  # [max_bs] int64
+    positions: np.ndarray,  # [max_bs] int64
+    out_cache_loc: np.ndarray,  # [max_bs] int64
+    seq_lens: np.ndarray,  # [max_bs] int64
+    page_table: np.ndarray,  # [max_bs, max_pages] int64
+) -> None:
+    """Write a decode batch's inputs into rows ``[0, len(seqs))`` and padding into rows up to
+    ``padded``. Page-table entries past a row's last page keep stale ids: nothing reads them."""
+    n = len(seqs)
+    pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n] position of the new token
+    num_pages = np.fromiter((len(s.pages) for s in seqs), np.int64, n)  # [n]
+    assert num_pages.max() <= page_table.shape[1], "a sequence has more pages than max_model_len allows"
+    flat = np.fromiter(itertools.chain.from_iterable(s.pages for s in seqs), np.int64)  # [sum pages]
+    rows = np.repeat(np.arange(n), num_pages)  # [sum pages]
+    cols = np.arange(flat.size) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+    page_table[rows, cols] = flat
+    input_ids[:n] = [s.token_ids[s.num_computed] for s in seqs]
+    positions[:n] = pos
+    seq_lens[:n] = pos + 1
+    out_cache_loc[:n] = page_table[np.arange(n), pos // page_size] * page_size + pos % page_size
+    input_ids[n:padded] = 0
+    positions[n:padded] = 0
+    out_cache_loc[n:padded] = 0
+    seq_lens[n:padded] = 1
+    page_table[n:padded, 0] = 0
+
+
+class DecodeGraphRunner:
+    """CUDA graphs for DECODE batches of up to ``max_batch_size`` sequences (module docstring).
+
+    ``capture()`` once, after the KV pool exists. Then per step: ``prepare(batch)`` stages the batch
+    into the static buffers and returns its ``ForwardBatch``; ``replay(fb)`` runs the graph of the
+    padded size and returns ``[n, vocab]`` float32 logits. ``replay`` takes only the batch of the
+    latest ``prepare``: the static buffers hold one batch at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_pool: KVPagePool,
+        attn_backend: AttentionBackend,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.kv_pool, self.attn_backend = model, kv_pool, attn_backend
+        self.device, self.max_model_len, self.page_size = device, max_model_len, kv_pool.page_size
+        self.batch_sizes = graph_batch_sizes(max_batch_size)
+        max_bs, max_pages = self.batch_sizes[-1], -(-max_model_len // self.page_size)
+        pin = device.type == "cuda"  # CPU runs only in unit tests, with stand-in graphs
+
+        def host(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.int64, pin_memory=pin)
+
+        # One pinned host buffer per input field (stage_decode's order) and its static device twin.
+        # Every row starts as padding: token 0 at position 0 into slot 0, length 1 on page 0.
+        staging_cpu = [
+            host(max_bs),
+            host(max_bs),
+            host(max_bs),
+            host(max_bs).fill_(1),
+            host(max_bs, max_pages),
+        ]
+        self._staging = [t.numpy() for t in staging_cpu]  # numpy views of the pinned memory
+        static = [torch.empty_like(t, device=device).copy_(t) for t in staging_cpu]
+        self._copies = list(zip(static, staging_cpu, strict=True))
+        self.input_ids_gpu, self.positions_gpu, self.out_cache_loc_gpu = static[:3]  # [max_bs] each
+        self.seq_lens_gpu, self.page_table_gpu = static[3:]  # [max_bs], [max_bs, max_pages]
+        self.logits_indices_gpu = torch.arange(max_bs, device=device)  # [max_bs]
+        self.logits_gpu = torch.zeros(max_bs, vocab_size, dtype=torch.float32, device=device)
+        self.static_bytes = sum(t.nbytes for t in [*static, self.logits_indices_gpu, self.logits_gpu])
+        self._copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
+        self._graphs: dict[int, Any] = {}  # batch size -> torch.cuda.CUDAGraph
+        self._staged: ForwardBatch | None = None
+        self.capture_seconds, self.graph_memory_bytes = 0.0, 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def padded_size(self, num_seqs: int) -> int:
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
+
+    # -- the step ------------------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        """Stage a DECODE batch of at most ``max_batch_size`` sequences: host fill + async copies."""
+        assert batch.is_decode and len(batch.seqs) <= self.max_batch_size, "not a graph-sized decode batch"
+        n = len(batch.seqs)
+        padded = self.padded_size(n)
+        if self._copied is not None and not self._copied.query():
+            self._copied.synchronize()  # the previous step's copies still read the staging buffers
+        stage_decode(batch.seqs, self.page_size, padded, *self._staging)
+        for gpu, cpu in self._copies:
+            gpu[:padded].copy_(cpu[:padded], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        self._staged = self._static_batch(n, self._staging[3][:n].tolist())
+        return self._staged
+
+    def replay(self, fb: ForwardBatch) -> torch.Tensor:
+        assert fb is self._staged, "replay() runs the batch of the latest prepare()"
+        n = fb.batch_size
+        self._graphs[self.padded_size(n)].replay()
+        return self.logits_gpu[:n]  # [n, vocab] float32, overwritten by the next replay
+
+    def is_staged(self, fb: ForwardBatch) -> bool:
+        return fb is self._staged
+
+    # -- capture -------------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Capture every size, largest first, into one pool; logs the time and the memory taken."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode(), torch.cuda.device(self.device):
+            for bs in reversed(self.batch_sizes):
+                self._graphs[bs] = self._capture(bs, pool)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.capture_seconds = time.perf_counter() - start
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info(
+            "decode CUDA graphs: %d batch sizes (1..%d) captured in %.2f s; graph pool %.1f MiB, "
+            "static buffers %.1f MiB",
+            len(self.batch_sizes),
+            self.max_batch_size,
+            self.capture_seconds,
+            self.graph_memory_bytes / 2**20,
+            self.static_bytes / 2**20,
+        )
+
+    def _capture(self, bs: int, pool: Any) -> torch.cuda.CUDAGraph:
+        self.run_static(bs)  # warm-up: compiles the Triton variants, sets up cuBLAS outside capture
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            self.run_static(bs)
+        return graph
+
+    def run_static(self, bs: int) -> None:
+        """What a graph of size ``bs`` holds: the model over the first ``bs`` static rows, its logits
+        copied into the shared static output. Reads the static buffers as they are now."""
+        fb = self._static_batch(bs, [1] * bs)  # host lengths are capture-time placeholders
+        self.attn_backend.prepare_graph(fb, self.max_model_len)
+        self.logits_gpu[:bs].copy_(self.model(fb))  # [bs, vocab] float32
+
+    def _static_batch(self, n: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids_gpu[:n],
+            positions=self.positions_gpu[:n],
+            out_cache_loc=self.out_cache_loc_gpu[:n],
+            page_table=self.page_table_gpu[:n],
+            seq_lens=self.seq_lens_gpu[:n],
+            logits_indices=self.logits_indices_gpu[:n],
+            seq_lens_cpu=seq_lens_cpu,
+            extend_lens_cpu=[1] * n,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
