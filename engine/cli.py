@@ -79,6 +79,7 @@ def _engine_config(args: argparse.Namespace, env: Env) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_backend=args.attention_backend,
         enable_prefix_cache=not args.no_prefix_cache,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 
@@ -187,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=_bench)
+
+    soak = sub.add_parser("soak", help="saturate a running gateway for a while; check for errors and leaks")
+    from bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(soak)
+    soak.set_defaults(func=_soak)
     return parser
 
 
@@ -244,6 +251,12 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += tls
     model = args.model or str(default_model_dir(env))
     return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
+
+
+def _soak(args: argparse.Namespace, env: Env) -> int:
+    from bench.soak import run_from_args
+
+    return run_from_args(args)
 
 
 def _bench(args: argparse.Namespace, env: Env) -> int:
@@ -324,6 +337,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--attention-backend", default="torch_native")
     p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true",
+        help="decode eagerly (graphs apply only on CUDA with --attention-backend triton)",
+    )  # fmt: skip
 
 
 def _serve(args: argparse.Namespace, env: Env) -> int:

@@ -67,7 +67,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "num_total_pages", "num_free_pages", "num_cached_pages", "page_size", "num_running", "num_waiting", "num_held_pages", "num_pending_transfers", "max_num_seqs", "kv_bytes_transferred")
+    __slots__ = ("role", "num_total_pages", "num_free_pages", "num_cached_pages", "page_size", "num_running", "num_waiting", "num_held_pages", "num_pending_transfers", "max_num_seqs", "kv_bytes_transferred", "rss_bytes")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class LoadReport(_message.Message):
     NUM_PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_total_pages: int
     num_free_pages: int
@@ -90,4 +91,5 @@ class LoadReport(_message.Message):
     num_pending_transfers: int
     max_num_seqs: int
     kv_bytes_transferred: int
-    def __init__(self, role: _Optional[str] = ..., num_total_pages: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_cached_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held_pages: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_bytes_transferred: _Optional[int] = ...) -> None: ...
+    rss_bytes: int
+    def __init__(self, role: _Optional[str] = ..., num_total_pages: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_cached_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held_pages: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_bytes_transferred: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, overload
 
@@ -103,4 +104,16 @@ def load_report(
         num_pending_transfers=num_pending_transfers,
         max_num_seqs=engine.cfg.max_num_seqs,
         kv_bytes_transferred=kv_bytes,
+        rss_bytes=rss_bytes(),
     )
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
