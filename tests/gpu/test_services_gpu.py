@@ -30,8 +30,8 @@ COMMON = (
     "16",
     "--max-num-batched-tokens",
     "2048",
-    "--gpu-memory-utilization",
-    "0.3",
+    "--kv-cache-mib",
+    "2048",
 )
 
 
