@@ -18,6 +18,7 @@ with bandwidth and GEMM rate measured on this GPU at start.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -202,7 +203,8 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
         profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1")
         if graphs is not None:
             profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1 graph", graphs=True)
-    del runner
+    del runner, graphs
+    gc.collect()  # graphs and their pool sit in reference cycles; the next model needs the memory
     torch.cuda.empty_cache()
     return rows
 
