@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,14 +41,8 @@ def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0", description="OpenAI-compatible API of pdserve")
     gen = state.generator
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path.startswith("/v1/"):  # /health and /metrics stay open for probes and scrapers
-            try:
-                check_api_key(request.headers.get("authorization", ""), state.cfg.api_key)
-            except APIError as e:
-                return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    if state.cfg.api_key is not None:
+        app.add_middleware(APIKeyAuth, api_key=state.cfg.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -196,6 +190,27 @@ async def _sse(
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class APIKeyAuth:
+    """ASGI middleware: /v1/* needs ``Authorization: Bearer <key>`` (401 otherwise); /health and
+    /metrics stay open for probes and scrapers. Plain ASGI on purpose: Starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from streaming responses."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            headers = dict(scope.get("headers") or ())
+            try:
+                check_api_key(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
+            except APIError as e:
+                response = JSONResponse(
+                    e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"}
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
