@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from services import Service, start_all
 
@@ -91,7 +91,7 @@ _sampling = st.builds(
 _requests = st.builds(
     gateway_pb2.GatewayGenerateRequest,
     model=_mostly(st.sampled_from(["", MODEL]), st.text(max_size=12)),
-    text=st.none() | st.text(max_size=200),
+    text=_mostly(st.text(min_size=1, max_size=60), st.none() | st.text(max_size=200)),
     sampling=_sampling,
     timeout_s=_mostly(st.sampled_from([0.0, 30.0]), st.floats(allow_nan=True, allow_infinity=True)),
     request_id=st.text(max_size=16),
@@ -112,8 +112,14 @@ def _with_ids(
     return copy
 
 
+_VALID = gateway_pb2.GatewayGenerateRequest(
+    model=MODEL, text="hello", sampling=common_pb2.SamplingParams(temperature=0.5, max_tokens=3, seed=1)
+)
+
+
 @FUZZ
 @given(request=_requests)
+@example(request=_VALID)
 def test_grpc_api_never_answers_internal(fuzz_gateway, request):
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(fuzz_gateway.address))
     outcome = CASES.setdefault("grpc", [])
