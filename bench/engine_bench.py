@@ -7,6 +7,9 @@
 decode row twice on the same runner, weights and KV: eager ("step ms") and replayed from the graph
 ("graph ms"), adding the graph columns to the table.
 
+Norms, rotary and SiLU run as fused Triton kernels (``EngineConfig.fused_kernels``, the default);
+``--no-fused-kernels`` runs them as torch ops, to compare.
+
 Random bf16 weights of the real shapes (no checkpoint read). A step is what the engine does per
 iteration: prepare (host → device), forward, sample (greedy) incl. the token read-back; timed with
 CUDA events, median of repeats after warm-up. Floors (DESIGN.md, "Limits"):
@@ -117,7 +120,12 @@ def _time(fn, warmup: int, reps: int) -> float:
 
 
 def make_runner(
-    cfg: ModelConfig, max_tokens: int, attention_backend: str, cuda_graphs: bool, max_bs: int
+    cfg: ModelConfig,
+    max_tokens: int,
+    attention_backend: str,
+    cuda_graphs: bool,
+    max_bs: int,
+    fused_kernels: bool = True,
 ) -> ModelRunner:
     with tempfile.TemporaryDirectory() as d:
         ecfg = EngineConfig(
@@ -130,6 +138,7 @@ def make_runner(
             gpu_memory_utilization=0.9,
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
+            fused_kernels=fused_kernels,
             max_graph_batch_size=max(256, max_bs),
         )
         runner = ModelRunner(ecfg, cfg)
@@ -165,7 +174,12 @@ def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list
 def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     cfg = model_config(name, max(max(args.prefill), args.ctx) + 16)
     runner = make_runner(
-        cfg, max(args.prefill), args.attention_backend, args.cuda_graphs, max(args.decode_bs)
+        cfg,
+        max(args.prefill),
+        args.attention_backend,
+        args.cuda_graphs,
+        max(args.decode_bs),
+        fused_kernels=not args.no_fused_kernels,
     )
     graphs = runner.graphs
     if args.cuda_graphs:
@@ -221,7 +235,10 @@ def profile_step(
         runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
     events = prof.key_averages()
     launches = sum(
-        e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        e.count
+        for e in events
+        # Triton launches through cuLaunchKernelEx
+        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
     )
     gpu_us = sum(e.self_device_time_total for e in events)
     print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
@@ -266,6 +283,11 @@ def main() -> None:
         action="store_true",
         help="also time decode replayed from CUDA graphs (needs --attention-backend triton)",
     )
+    p.add_argument(
+        "--no-fused-kernels",
+        action="store_true",
+        help="norms, rotary and SiLU as torch ops instead of the fused Triton kernels",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler summary of a decode step")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))
     args = p.parse_args()
@@ -280,7 +302,8 @@ def main() -> None:
     rows = [r for m in args.models.split(",") for r in bench_model(m, args, bw, flops)]
 
     lines = [
-        f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s; bf16 GEMM {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}",
+        f"GPU: {gpu}; copy {bw / 1e12:.2f} TB/s; bf16 GEMM {flops / 1e12:.0f} TFLOP/s; torch {torch.__version__}; "
+        f"layer ops: {'torch' if args.no_fused_kernels else 'triton (fused)'}",
         "",
         *table(rows, args.cuda_graphs),
     ]
@@ -294,6 +317,7 @@ def main() -> None:
                 "gpu": gpu,
                 "copy_bytes_per_s": bw,
                 "gemm_flops": flops,
+                "fused_kernels": not args.no_fused_kernels,
                 "rows": [asdict(r) | {"x_floor": r.ratio, "graph_x_floor": r.graph_ratio} for r in rows],
             },
             indent=1,

@@ -80,6 +80,7 @@ def _engine_config(args: argparse.Namespace, env: Env) -> EngineConfig:
         attention_backend=args.attention_backend,
         enable_prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
+        fused_kernels=not args.no_fused_kernels,
     )
 
 
@@ -340,6 +341,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-cuda-graphs", action="store_true",
         help="decode eagerly (graphs apply only on CUDA with --attention-backend triton)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-fused-kernels", action="store_true",
+        help="run norms, rotary and SiLU as torch ops on CUDA too (the CPU always does)",
     )  # fmt: skip
 
 

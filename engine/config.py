@@ -144,6 +144,10 @@ class EngineConfig:
     (``engine.graphs``). Effective only on CUDA with an attention backend that supports graphs
     (``triton``); ignored, with a log line, otherwise. The graphs' memory comes on top of the KV
     cache budget (a few hundred MiB, mostly the static ``[batch, vocab]`` logits; logged at startup).
+
+    ``fused_kernels``: run RMSNorm (+ residual add), SiLU·up and q/k-norm + rotary as fused Triton
+    kernels (``engine.layers.kernels``, ``triton``) instead of torch ops. Effective only on CUDA;
+    the CPU always runs the ``torch`` ops.
     """
 
     model: str
@@ -161,6 +165,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graphs: bool = True
     max_graph_batch_size: int | None = None  # None: min(max_num_seqs, 256)
+    fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         checks = [

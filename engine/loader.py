@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.layers.kernels import LayerOps
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import model_class
 
@@ -28,15 +29,20 @@ class ModelLoadError(ValueError):
 
 
 def load_model(
-    cfg: ModelConfig, model_dir: str | Path, device: torch.device | str, dummy: bool = False
+    cfg: ModelConfig,
+    model_dir: str | Path,
+    device: torch.device | str,
+    dummy: bool = False,
+    ops: LayerOps | None = None,
 ) -> nn.Module:
-    """``dummy``: fill parameters with seeded random values instead of reading the checkpoint."""
+    """``dummy``: fill parameters with seeded random values instead of reading the checkpoint.
+    ``ops``: the layers' elementwise implementation (``engine.layers.kernels``); None: torch."""
     try:
         cls = model_class(cfg.architecture)
     except ValueError as e:
         raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     with _default_dtype(cfg.torch_dtype), torch.device(device):
-        model = cls(cfg)
+        model = cls(cfg, ops)
     if dummy:
         init_dummy_weights(model)
     else:

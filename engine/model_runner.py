@@ -18,6 +18,7 @@ from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.graphs import DecodeGraphRunner, create_decode_graphs
 from engine.kvcache.page_pool import KVPagePool
+from engine.layers.kernels import create_layer_ops, layer_ops_name
 from engine.loader import load_model
 from engine.sampling import Sampler, SamplingTensors
 from engine.sampling_params import SamplingParams
@@ -42,7 +43,11 @@ class ModelRunner:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
         self.max_model_len = self._max_model_len()
-        self.model = load_model(model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy")
+        self.layer_ops = create_layer_ops(layer_ops_name(cfg))
+        self.model = load_model(
+            model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy", ops=self.layer_ops
+        )
+        log.info("layer ops: %s (fused_kernels=%s, %s)", self.layer_ops.name, cfg.fused_kernels, self.device)
         self.attn_backend = create_backend(cfg)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists

@@ -1,5 +1,6 @@
 """Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary, the
-paged attention backend, output projection."""
+paged attention backend, output projection. The q/k norm and rotary run as one ``LayerOps`` call
+(one fused kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
+from engine.layers.kernels import LayerOps
 from engine.layers.linear import Linear, PackedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -26,7 +28,12 @@ class AttentionOptions:
 
 class SelfAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, opts: AttentionOptions
+        self,
+        cfg: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        opts: AttentionOptions,
+        ops: LayerOps,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -37,9 +44,11 @@ class SelfAttention(nn.Module):
             cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=opts.qkv_bias
         )
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if opts.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if opts.qk_norm else None
-        self.rotary = rotary
+        # Weight holders for the checkpoint's q_norm / k_norm; applied inside ops.qk_norm_rope.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
+        self.eps = cfg.rms_norm_eps
+        self.rotary, self.ops = rotary, ops
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x [num_tokens, hidden]
@@ -47,8 +56,10 @@ class SelfAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q_weight = None if self.q_norm is None else self.q_norm.weight
+        k_weight = None if self.k_norm is None else self.k_norm.weight
+        q, k = self.ops.qk_norm_rope(
+            positions, q, k, self.rotary.cos_cache, self.rotary.sin_cache, q_weight, k_weight, self.eps
+        )
         out = batch.attn_backend.forward(self, q, k, v, batch)  # [num_tokens, num_heads * head_dim]
         return self.o_proj(out)

@@ -1,7 +1,9 @@
-"""Rotary position embedding (NeoX / HF "rotate_half" layout) with a precomputed cos/sin table.
+"""Rotary position embedding (NeoX / HF "rotate_half" layout): the precomputed cos/sin table.
 
-The table covers every position up to ``max_positions`` and is indexed by the packed ``positions``
-tensor, so one call serves extend and decode batches alike without host-side work.
+The table covers every position up to ``max_positions`` and is indexed on the device by the packed
+``positions`` tensor, so one call serves extend and decode batches alike without host-side work.
+Applying it is ``LayerOps.qk_norm_rope`` (``engine.layers.kernels``): torch ops, or on CUDA one
+Triton kernel that also does Qwen3's q/k norm.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
+    """Holds the table, shared by every layer (one copy, non-persistent buffers)."""
+
     cos_cache: torch.Tensor  # [max_positions, head_dim] float32
     sin_cache: torch.Tensor
 
@@ -46,16 +50,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, num_heads, head_dim]; k [T, num_kv_heads, head_dim]
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)

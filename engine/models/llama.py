@@ -1,7 +1,13 @@
 """Llama (incl. Llama 3.1 rope scaling); also the base of the Qwen2 and Qwen3 models.
 
 Checkpoint names are HF's; ``packed_weights`` maps the separate q/k/v and gate/up tensors onto our
-packed projections.
+packed projections. The layers' elementwise work goes through the ``LayerOps`` the model is built
+with (``engine.layers.kernels``: torch, or fused Triton kernels on CUDA).
+
+The block runs in residual-stream form: a layer returns its MLP output and the running residual
+separately, and the next layer's input norm adds them (``RMSNorm(x, residual)``), so every residual
+add shares a kernel with the norm that follows it. The sums are the ones ``x = x + sublayer(norm(x))``
+computes, rounded to the model dtype at the same points.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from torch import nn
 from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionOptions, SelfAttention
+from engine.layers.kernels import LayerOps
 from engine.layers.linear import Linear
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
@@ -22,32 +29,48 @@ from engine.layers.rotary import RotaryEmbedding
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer_id: int, rotary: RotaryEmbedding, opts: AttentionOptions
+        self,
+        cfg: ModelConfig,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        opts: AttentionOptions,
+        ops: LayerOps,
     ) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg, layer_id, rotary, opts)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg, layer_id, rotary, opts, ops)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embedding for the first layer, whose residual is
+        None). Returns (this layer's MLP output, the residual stream before it), both [T, hidden]."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: AttentionOptions) -> None:
+    def __init__(self, cfg: ModelConfig, opts: AttentionOptions, ops: LayerOps) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, opts) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, opts, ops) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(batch.positions, x, batch)
-        return self.norm(x)
+            x, residual = layer(batch.positions, x, residual, batch)
+        assert residual is not None, "a model has at least one layer"
+        return self.norm(x, residual)[0]  # [num_tokens, hidden]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -64,15 +87,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ops: LayerOps | None = None) -> None:
+        """``ops``: the layers' elementwise implementation; None is the torch one (CPU, reference)."""
         super().__init__()
         self.config = cfg
+        ops = LayerOps() if ops is None else ops
         opts = AttentionOptions(
             qk_norm=self.qk_norm,
             qkv_bias=cfg.attention_bias if self.qkv_bias is None else self.qkv_bias,
             o_bias=cfg.attention_bias if self.o_bias is None else self.o_bias,
         )
-        self.model = DecoderModel(cfg, opts)
+        self.model = DecoderModel(cfg, opts, ops)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]

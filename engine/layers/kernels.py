@@ -1,0 +1,113 @@
+"""The decoder layer's elementwise ops, behind a registry: ``torch`` (the CPU path and the reference)
+and ``triton`` (fused kernels for CUDA), chosen once when the model is built.
+
+Why: eager torch spends ~50 small kernels per layer on RMSNorm (casts, pow, mean, rsqrt, muls),
+rotary (gather, casts, rotate-half, muls, adds), SiLU·up and residual adds; inside a decode CUDA
+graph those launches are free but each still costs a few µs of GPU time, which at batch 1 is more
+than the weights take to read. The ``triton`` ops do each group in one kernel: 4 per layer.
+
+Contract (``LayerOps``): every op takes and returns device tensors, reads nothing back to the host
+and sizes its launch from tensor shapes only, so it can run inside a CUDA graph. Results have the
+dtype the ``torch`` op gives; the ``torch`` op is the code the layers always ran (HF's arithmetic:
+float32 statistics, each elementwise op rounded to the model dtype) and the ``triton`` op follows
+the same roundings, so both agree to within float32 reduction order.
+
+Layers receive the instance from the model constructor (``load_model(..., ops=create_layer_ops(cfg))``);
+nothing in a forward checks the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import EngineConfig
+
+
+class LayerOps:
+    """The ``torch`` implementation; subclasses override with fused kernels (module docstring)."""
+
+    name: ClassVar[str] = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dim, HF-style: float32 statistics, weight applied in the input dtype.
+        x [..., dim]; weight [dim]."""
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x32.to(dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm block's residual add fused into the next norm: ``s = x + residual`` (rounded to
+        the dtype, as a separate add would be), returns ``(rms_norm(s), s)``. x, residual [T, dim]."""
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gated MLP's activation on the packed projection: [T, 2 * inter] -> [T, inter]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def qk_norm_rope(
+        self,
+        positions: torch.Tensor,  # [T] int64
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        cos_cache: torch.Tensor,  # [max_positions, head_dim] float32
+        sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,  # [head_dim]: per-head RMSNorm first (Qwen3), or None
+        k_weight: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional per-head q/k RMSNorm, then rotary (NeoX "rotate_half" layout) on q and k."""
+        if q_weight is not None and k_weight is not None:
+            q, k = self.rms_norm(q, q_weight, eps), self.rms_norm(k, k_weight, eps)
+        cos = cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
+        sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+Factory = Callable[[], LayerOps]
+_FACTORIES: dict[str, Factory] = {}
+
+
+def register_layer_ops(name: str) -> Callable[[Factory], Factory]:
+    def wrap(factory: Factory) -> Factory:
+        assert name not in _FACTORIES, f"layer ops {name!r} registered twice"
+        _FACTORIES[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_layer_ops("torch")
+def _torch() -> LayerOps:
+    return LayerOps()
+
+
+@register_layer_ops("triton")
+def _triton() -> LayerOps:
+    from engine.layers.triton_ops import TritonOps
+
+    return TritonOps()
+
+
+def layer_ops_name(cfg: EngineConfig) -> str:
+    """``triton`` when ``cfg.fused_kernels`` is on and the device is CUDA; ``torch`` otherwise."""
+    return "triton" if cfg.fused_kernels and cfg.device.startswith("cuda") else "torch"
+
+
+def create_layer_ops(name: str) -> LayerOps:
+    if name not in _FACTORIES:
+        raise ValueError(f"layer ops: unknown implementation {name!r}; available: {sorted(_FACTORIES)}")
+    return _FACTORIES[name]()

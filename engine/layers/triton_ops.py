@@ -1,0 +1,234 @@
+"""Fused Triton kernels for the decoder layer (the ``triton`` ``LayerOps``; contract in ``kernels.py``).
+
+Three kernels replace ~50 small torch ops per layer:
+- ``_rms_norm_kernel``, one program per row: optional residual add, float32 sum of squares, the
+  normalised row rounded to the input dtype, times the weight.
+- ``_silu_mul_kernel``, grid ``(tokens, column blocks)``: ``silu(gate) * up`` read from the packed
+  gate/up GEMM output, written once.
+- ``_qk_norm_rope_kernel``, one program per (token, q or k head): Qwen3's per-head RMSNorm, then
+  rotary with cos/sin gathered from the rotary table by the device ``positions``.
+
+Numerics follow the torch ops step by step: each value torch would store in the model dtype is
+rounded to it here too (``_rnd``), and launches pass ``enable_fp_fusion=False`` so float32 models do
+not get a*b+c contracted into FMAs torch does not use. What remains different is the float32 sum
+order of the norms' reductions.
+
+Graph safety: outputs come from ``torch.empty`` (the graph pool inside a capture), grids from shapes,
+positions and weights are read on the device; nothing syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.layers.kernels import LayerOps
+
+_LAUNCH = dict(enable_fp_fusion=False)
+
+
+@triton.jit
+def _rnd(x, dtype: tl.constexpr):
+    """Round float32 ``x`` to ``dtype`` and back: the value torch stores between two ops."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X, R, W, Out, ResOut,
+    stride_x, stride_r, stride_o, stride_ro,
+    n_cols, inv_n, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _rnd(x + r, ResOut.dtype.element_ty)  # the norm reads the sum as stored
+        tl.store(ResOut + row * stride_ro + cols, x.to(ResOut.dtype.element_ty), mask=mask)
+    var = tl.sum(x * x, axis=0) * inv_n
+    y = _rnd(x * tl.math.rsqrt(var + eps), X.dtype.element_ty)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + cols, (w * y).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dtype = Out.dtype.element_ty
+    gate = tl.load(GateUp + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + row * stride_g + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    act = _rnd(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)  # F.silu, stored in dtype
+    tl.store(Out + row * stride_o + cols, (act * up).to(dtype), mask=mask)
+
+
+@triton.jit
+def _norm_rope_head(
+    X, Out, W, cos1, cos2, sin1, sin2, d, mask, eps,
+    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    """One head: x [HEAD_DIM] as halves x1, x2 (``d`` indexes a half). cos/sin already in dtype."""
+    dtype = Out.dtype.element_ty
+    half = HEAD_DIM // 2
+    x1 = tl.load(X + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + half + d, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) * (1.0 / HEAD_DIM)
+        rstd = tl.math.rsqrt(var + eps)
+        w1 = tl.load(W + d, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + half + d, mask=mask, other=0.0).to(tl.float32)
+        x1 = _rnd(w1 * _rnd(x1 * rstd, dtype), dtype)
+        x2 = _rnd(w2 * _rnd(x2 * rstd, dtype), dtype)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); every product rounded like torch's
+    out1 = _rnd(x1 * cos1, dtype) + _rnd(-x2 * sin1, dtype)
+    out2 = _rnd(x2 * cos2, dtype) + _rnd(x1 * sin2, dtype)
+    tl.store(Out + d, out1.to(dtype), mask=mask)
+    tl.store(Out + half + d, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    Q, K, QOut, KOut, QW, KW, Positions, Cos, Sin,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
+    eps,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    dtype = QOut.dtype.element_ty
+    d = tl.arange(0, BLOCK_HALF)
+    mask = d < HEAD_DIM // 2
+    table = tl.load(Positions + t).to(tl.int64) * stride_cos
+    cos1 = _rnd(tl.load(Cos + table + d, mask=mask, other=0.0), dtype)  # cos_cache[pos].to(dtype)
+    cos2 = _rnd(tl.load(Cos + table + HEAD_DIM // 2 + d, mask=mask, other=0.0), dtype)
+    sin1 = _rnd(tl.load(Sin + table + d, mask=mask, other=0.0), dtype)
+    sin2 = _rnd(tl.load(Sin + table + HEAD_DIM // 2 + d, mask=mask, other=0.0), dtype)
+    if h < NUM_Q_HEADS:
+        x = Q + t * stride_qt + h * stride_qh
+        out = QOut + (t * NUM_Q_HEADS + h) * HEAD_DIM
+        _norm_rope_head(x, out, QW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM)
+    else:
+        x = K + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
+        out = KOut + (t * NUM_KV_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
+        _norm_rope_head(x, out, KW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM)
+
+
+def _row_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    assert x.stride(-1) == 1, "the last dim must be contiguous"
+    return x.reshape(-1, x.shape[-1])  # [rows, dim]; a view for the layer's activations
+
+
+def rms_norm(
+    x: torch.Tensor,  # [..., dim]
+    weight: torch.Tensor,  # [dim]
+    eps: float,
+    residual: torch.Tensor | None = None,  # like x
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rms_norm(x [+ residual]), x + residual or None)`` in one kernel; the torch ops' dtypes."""
+    x2 = _rows(x)
+    rows, dim = x2.shape
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out2 = out.view(rows, dim)
+    r2, res_out, res_out2 = x2, None, x2
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x"
+        r2 = _rows(residual)
+        res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        res_out2 = res_out.view(rows, dim)
+    block = triton.next_power_of_2(dim)
+    _rms_norm_kernel[(rows,)](
+        x2, r2, weight, out2, res_out2,
+        x2.stride(0), r2.stride(0), out2.stride(0), res_out2.stride(0),
+        dim, 1.0 / dim, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block), **_LAUNCH,
+    )  # fmt: skip
+    return out, res_out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    g2 = _rows(gate_up)  # [T, 2 * inter]
+    rows, width = g2.shape
+    assert width % 2 == 0, "gate_up holds gate and up halves"
+    inter = width // 2
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    grid = (rows, triton.cdiv(inter, block))
+    _silu_mul_kernel[grid](g2, out.view(rows, inter), g2.stride(0), inter, inter, BLOCK=block, **_LAUNCH)
+    return out
+
+
+def qk_norm_rope(
+    positions: torch.Tensor,  # [T] int
+    q: torch.Tensor,  # [T, num_heads, head_dim], last dim contiguous (e.g. a view of the qkv output)
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    cos_cache: torch.Tensor,  # [max_positions, head_dim] float32
+    sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns new contiguous q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.dtype == q.dtype and k.shape[2] == head_dim and head_dim % 2 == 0, "q/k heads must match"
+    assert q.stride(2) == 1 and k.stride(2) == 1, "head_dim must be contiguous"
+    assert cos_cache.stride() == sin_cache.stride() and cos_cache.stride(1) == 1, "cos/sin table layout"
+    has_norm = q_weight is not None and k_weight is not None
+    if q_weight is not None and k_weight is not None:
+        assert q_weight.dtype == q.dtype and k_weight.dtype == q.dtype, "norm weights in the model dtype"
+    q_out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out, k_out
+    grid = (num_tokens, num_heads + num_kv_heads)
+    _qk_norm_rope_kernel[grid](
+        q, k, q_out, k_out, q_weight if has_norm else q, k_weight if has_norm else k,
+        positions, cos_cache, sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
+        eps,
+        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, num_warps=1, **_LAUNCH,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+class TritonOps(LayerOps):
+    """``LayerOps`` on the fused kernels above (CUDA; also runs under ``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)[0]
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, summed = rms_norm(x, weight, eps, residual)
+        assert summed is not None
+        return out, summed
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(gate_up)
+
+    def qk_norm_rope(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return qk_norm_rope(positions, q, k, cos_cache, sin_cache, q_weight, k_weight, eps)

@@ -1,0 +1,227 @@
+"""Fused layer kernels (engine/layers/triton_ops.py) against the torch ops they replace, the engine on
+them against HF, and the kernel count of one decode step (GPU box; errors and counts printed, -s).
+
+The op tests also run on the CPU under ``TRITON_INTERPRET=1`` (with triton installed), except
+bfloat16: the interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA"),
+]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Largest |fused - torch| over the largest |torch|: about two units in the last place of the dtype
+# (a reduction summed in another order may flip one rounding of an intermediate).
+BOUNDS = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="interpreter rounds bf16 differently"),
+    ),
+]
+
+
+def _ops():
+    from engine.layers.kernels import LayerOps
+    from engine.layers.triton_ops import TritonOps
+
+    return LayerOps(), TritonOps()
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, device=DEVICE, generator=g) * scale).to(dtype)
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape}/{got.dtype}"
+    assert not got.isnan().any(), f"{name}: NaN"
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+    differ = (got != want).double().mean().item()
+    print(f"{name}: max err {err:.1e} (bound {BOUNDS[got.dtype]:.0e}), elements differing {differ:.2%}")
+    assert err <= BOUNDS[got.dtype], f"{name}: max rel err {err:.2e}"
+    # Same roundings as torch: a low-precision result rarely differs at all.
+    assert got.dtype == torch.float32 or differ < 0.01, f"{name}: {differ:.2%} of elements differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 1024), (7, 4096), (33, 896), (300, 128)])
+def test_rms_norm(dtype, rows, dim):
+    ref, fused = _ops()
+    wide = _randn(rows, dim + 64, dtype=dtype, seed=rows + dim, scale=3.0)
+    x = wide[:, 32 : 32 + dim]  # a strided view: rows are not dim apart
+    residual = _randn(rows, dim, dtype=dtype, seed=dim)
+    weight = 1 + 0.1 * _randn(dim, dtype=dtype, seed=1)
+    _check(f"rms_norm {dtype} {rows}x{dim}", fused.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
+    got, want = fused.add_rms_norm(x, residual, weight, 1e-6), ref.add_rms_norm(x, residual, weight, 1e-6)
+    assert torch.equal(got[1], want[1]), "x + residual is one rounded add, as in torch"
+    _check(f"add_rms_norm {dtype} {rows}x{dim}", got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_over_heads(dtype):
+    """The per-head norm shape: [tokens, heads, head_dim], a view into a packed projection."""
+    ref, fused = _ops()
+    packed = _randn(9, 6 * 128, dtype=dtype, seed=3)
+    x = packed[:, 128 : 5 * 128].view(9, 4, 128)
+    weight = 1 + 0.1 * _randn(128, dtype=dtype, seed=4)
+    _check(f"rms_norm heads {dtype}", fused.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3072), (5, 12288), (17, 1000), (2, 3, 64)])
+def test_silu_and_mul(dtype, shape):
+    ref, fused = _ops()
+    *lead, inter = shape
+    gate_up = _randn(*lead, 2 * inter, dtype=dtype, seed=inter, scale=4.0)  # reaches silu's tails
+    _check(f"silu_and_mul {dtype} {shape}", fused.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize(
+    "tokens,num_heads,num_kv_heads,head_dim",
+    [(1, 16, 8, 128), (7, 32, 8, 128), (64, 4, 2, 64), (3, 8, 1, 80)],
+)
+def test_qk_norm_rope(dtype, qk_norm, tokens, num_heads, num_kv_heads, head_dim):
+    from engine.config import RopeConfig
+    from engine.layers.rotary import RotaryEmbedding
+
+    ref, fused = _ops()
+    rope = RopeConfig(theta=1e6, scaling="llama3", factor=8.0, original_max_position_embeddings=64)
+    rotary = RotaryEmbedding(head_dim, 4096, rope).to(DEVICE)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = _randn(tokens, q_size + 2 * kv_size, dtype=dtype, seed=tokens * head_dim, scale=2.0)
+    q = qkv[:, :q_size].view(tokens, num_heads, head_dim)  # views, as the attention layer passes them
+    k = qkv[:, q_size : q_size + kv_size].view(tokens, num_kv_heads, head_dim)
+    g = torch.Generator(device=DEVICE).manual_seed(tokens)
+    positions = torch.randint(0, 4096, (tokens,), device=DEVICE, generator=g)
+    positions[0] = 4095  # the table's last row
+    weights = (None, None)
+    if qk_norm:
+        weights = (
+            1 + 0.1 * _randn(head_dim, dtype=dtype, seed=5),
+            1 + 0.1 * _randn(head_dim, dtype=dtype, seed=6),
+        )
+    args = (positions, q, k, rotary.cos_cache, rotary.sin_cache, *weights, 1e-6)
+    got, want = fused.qk_norm_rope(*args), ref.qk_norm_rope(*args)
+    for name, a, b in zip(("q", "k"), got, want, strict=True):
+        if qk_norm:
+            _check(f"qk_norm_rope {name} {dtype} {tokens}x{num_heads}/{num_kv_heads}x{head_dim}", a, b)
+        else:  # no reduction: every value is rounded exactly where torch rounds it
+            assert torch.equal(a, b), (
+                f"rope {name} {dtype}: max diff {(a.double() - b.double()).abs().max():.2e}"
+            )
+
+
+# -- the engine on the fused kernels -------------------------------------------------------------------
+
+SHAPE = dict(arch="qwen3", num_layers=4, hidden_size=256, intermediate_size=768, num_heads=8, num_kv_heads=2,
+             head_dim=64, seed=9)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    from engine.make_model import make_model
+
+    return make_model(tmp_path_factory.mktemp("fused") / "qwen3", **SHAPE)
+
+
+def _llm(path, fused: bool, **kw):
+    from engine import LLM
+
+    options = dict(device="cuda", attention_backend="triton", kv_cache_bytes=256 << 20, fused_kernels=fused)
+    return LLM(str(path), **(options | kw))
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_fused_engine_matches_hf_greedy(model_dirs, arch):
+    """float32: decode replayed from CUDA graphs where the attention kernel allows (head_dim >= 16)."""
+    transformers = pytest.importorskip("transformers")
+    from oracles import hf_greedy
+
+    from engine import SamplingParams
+    from engine.config import ModelConfig
+
+    path = model_dirs[arch]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    backend = "triton" if ModelConfig.from_dir(path).head_dim >= 16 else "torch_native"
+    llm = _llm(path, fused=True, dtype="float32", attention_backend=backend, max_num_seqs=8)
+    assert llm.engine.runner.layer_ops.name == "triton"
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 17, 40)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, 32)[0]
+
+
+@needs_cuda
+def test_fused_bf16_logits_match_unfused(qwen3_dir):
+    """The same decode batch over the same KV, fused and unfused, eager and from the graph."""
+    from decode_batches import decode_batch, mixed_lens, release, row_rel_err
+
+    engines = [_llm(qwen3_dir, fused, dtype="bfloat16", max_num_seqs=16).engine for fused in (True, False)]
+    assert [e.runner.layer_ops.name for e in engines] == ["triton", "torch"]
+    engines[0].runner.kv_pool.kv_gpu.normal_()
+    engines[1].runner.kv_pool.kv_gpu.copy_(engines[0].runner.kv_pool.kv_gpu)
+    lens = mixed_lens(13, engines[0].cfg.page_size, seed=2)
+    logits = []
+    for engine in engines:
+        for graphs in (False, True):
+            batch = decode_batch(engine, lens, seed=2)
+            logits.append(engine.runner.forward(engine.runner.prepare(batch, use_graphs=graphs)).clone())
+            release(engine, batch)
+    fused_eager, fused_graph, torch_eager, torch_graph = logits
+    errs = [row_rel_err(fused_eager, torch_eager), row_rel_err(fused_graph, torch_graph)]
+    print(f"bf16 fused vs torch ops, max row rel err: eager {errs[0]:.2e}, graph {errs[1]:.2e}")
+    assert max(errs) < 1e-2
+
+
+def _kernels_in_decode_step(engine, lens) -> tuple[int, float]:
+    """(GPU kernels launched, their summed µs) by one eager decode forward, after a warm-up."""
+    from decode_batches import decode_batch, release
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = engine.runner
+    batch = decode_batch(engine, lens, seed=4)
+    runner.forward(runner.prepare(batch, use_graphs=False))  # compiles the Triton variants
+    fb = runner.prepare(batch, use_graphs=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.forward(fb)
+        torch.cuda.synchronize()
+    release(engine, batch)
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+    return len(kernels), sum(e.time_range.elapsed_us() for e in kernels)
+
+
+@needs_cuda
+def test_fused_decode_step_launches_fewer_kernels(qwen3_dir):
+    counts = {}
+    for fused in (True, False):
+        engine = _llm(qwen3_dir, fused, dtype="bfloat16", max_num_seqs=8, cuda_graphs=False).engine
+        counts[fused] = _kernels_in_decode_step(engine, [100, 37, 1500, 16])
+    (n_fused, us_fused), (n_torch, us_torch) = counts[True], counts[False]
+    layers = SHAPE["num_layers"]
+    print(
+        f"one eager bf16 decode step, {layers} layers, bs 4: fused {n_fused} kernels ({us_fused:.0f} µs GPU), "
+        f"torch ops {n_torch} kernels ({us_torch:.0f} µs GPU); ~{(n_torch - n_fused) / layers:.0f} fewer per layer"
+    )
+    assert n_fused * 3 <= n_torch, "the fused path should launch at most a third of the kernels"
