@@ -1,0 +1,129 @@
+"""Offline engine throughput and the HF transformers baseline, on a GPU (issue #5's last rows).
+
+    python bench/offline_bench.py --out runs/offline
+
+1. Offline throughput: ``LLM.generate`` over ``--num-seqs`` sequences whose input and output lengths
+   are uniform in ``[--min-len, --max-len]`` (seed 0, ``ignore_eos``), Qwen3-0.6B shape, bf16 random
+   weights, the engine's defaults on CUDA (Triton attention, decode CUDA graphs, fused kernels).
+   Reports output tokens/s and total (input + output) tokens/s, end to end, with a warm-up run.
+2. HF ``generate`` on the same shapes: per-token decode latency at batch 1 after a ``--ctx``-token
+   prompt (greedy, HF's own KV cache, sdpa attention), next to our engine's decode step from
+   ``bench/engine_bench.py`` — the comparison users make first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.make_model import make_model
+
+SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}  # fmt: skip
+VOCAB = 151936
+
+
+def model_dir(root: Path, name: str) -> Path:
+    """A tokenizer from make_model and a config.json of the real shape; weights come from
+    ``load_format="dummy"`` (random, never written to disk)."""
+    path = make_model(root / name)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg |= SHAPES[name] | {"vocab_size": VOCAB, "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+                           "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(cfg))
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    return path
+
+
+def offline_throughput(path: Path, num_seqs: int, lo: int, hi: int) -> dict:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend="triton",
+              max_num_seqs=256, max_num_batched_tokens=8192)  # fmt: skip
+    rng = random.Random(0)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True) for _ in prompts]
+    llm.generate(prompts[:8], params[:8])  # warm-up: Triton compiles, allocator settles
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    num_in = sum(len(p) for p in prompts)
+    num_out = sum(len(o.token_ids) for o in outs)
+    assert num_out == sum(p.max_tokens for p in params), "ignore_eos: every sequence runs to max_tokens"
+    del llm
+    torch.cuda.empty_cache()
+    return {"seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
+            "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed)}  # fmt: skip
+
+
+@torch.inference_mode()
+def hf_decode_ms(path: Path, ctx: int, new_tokens: int) -> float:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").eval()  # fmt: skip
+    prompt = torch.randint(0, VOCAB, (1, ctx), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4)
+    # decode time per token = (time for n tokens - time for 1 token) / (n - 1): the prefill cancels out
+    return (run(new_tokens) - run(1)) / (new_tokens - 1) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-seqs", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--hf-models", default="qwen3-0.6b,qwen3-8b")
+    p.add_argument("--skip-offline", action="store_true")
+    p.add_argument("--out", default="runs/offline")
+    args = p.parse_args()
+    results: dict = {"gpu": torch.cuda.get_device_name()}
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        if not args.skip_offline:
+            results["offline_qwen3_0.6b"] = offline_throughput(model_dir(root, "qwen3-0.6b"), args.num_seqs,
+                                                               args.min_len, args.max_len)  # fmt: skip
+            print("offline", results["offline_qwen3_0.6b"], flush=True)
+        for name in args.hf_models.split(","):
+            results[f"hf_generate_{name}_bs1_ctx{args.ctx}_ms_per_token"] = round(
+                hf_decode_ms(model_dir(root, name), args.ctx, 64), 2
+            )
+            torch.cuda.empty_cache()
+            print(
+                name,
+                "HF generate ms/token",
+                results[f"hf_generate_{name}_bs1_ctx{args.ctx}_ms_per_token"],
+                flush=True,
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "offline_bench.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
