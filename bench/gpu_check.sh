@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command on the GPU box: GPU tests, then the engine benchmark. Results go to $OUT (or ./runs).
-# Usage: bash bench/gpu_check.sh [extra engine_bench.py args]
+# One command on the GPU box: GPU tests, the engine benchmark (Triton attention, decode graphs,
+# fused kernels — the CUDA defaults), the offline/HF benchmark. Results go to $OUT (or ./runs).
+# Usage: bash bench/gpu_check.sh [extra engine_bench.py args, e.g. --prefill 512 --decode-bs 1,64]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -16,7 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton, grpc, google.protobuf as pb; print("torch", torch.__version__, "triton", triton.__version__, "grpcio", grpc.__version__, "protobuf", pb.__version__)' | tee -a "$OUT/gpu.txt"
 python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-python3 bench/engine_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 bench/engine_bench.py --attention-backend triton --cuda-graphs --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+python3 bench/offline_bench.py --out "$OUT" 2>&1 | tee "$OUT/offline.log"
+offline_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc bench rc=$bench_rc offline rc=$offline_rc"
+exit $(( tests_rc || bench_rc || offline_rc ))
