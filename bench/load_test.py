@@ -150,7 +150,11 @@ async def rest_sender(cfg: LoadTestConfig) -> AsyncIterator[tuple[Send, str]]:
 
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     async with httpx.AsyncClient(
-        base_url=cfg.base_url, timeout=cfg.request_timeout_s, limits=limits, trust_env=False
+        base_url=cfg.base_url,
+        timeout=cfg.request_timeout_s,
+        limits=limits,
+        trust_env=False,
+        headers=auth_headers(),
     ) as client:
         model = cfg.model
         if model is None:
@@ -361,3 +365,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def auth_headers() -> dict[str, str]:
+    """The gateway's API key, if this environment has one ($PDSERVE_API_KEY)."""
+    from engine.env import Env
+
+    key = Env.read().api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}

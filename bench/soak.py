@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from bench.load_test import auth_headers
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 
@@ -53,7 +54,7 @@ async def _load(args: argparse.Namespace, model: str, stop_at: float, counts: di
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the report
     rng = random.Random(args.seed)
     async with httpx.AsyncClient(
-        base_url=args.base_url, timeout=args.request_timeout_s, trust_env=False
+        base_url=args.base_url, timeout=args.request_timeout_s, trust_env=False, headers=auth_headers()
     ) as client:
 
         async def worker() -> None:
@@ -102,7 +103,9 @@ def _idle(load: common_pb2.LoadReport) -> bool:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=30, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=args.base_url, timeout=30, trust_env=False, headers=auth_headers()
+    ) as client:
         health = (await client.get("/health")).json()
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
     instances = {a: "prefill" for a in health["prefill"]} | {a: "decode" for a in health["decode"]}

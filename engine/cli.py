@@ -238,6 +238,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine += ["--kv-cache-mib", str(args.kv_cache_mib)] if args.kv_cache_mib is not None else []
     engine += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
     engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
+    engine += ["--no-cuda-graphs"] if args.no_cuda_graphs else []
+    engine += ["--no-fused-kernels"] if args.no_fused_kernels else []
     tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
     engine += tls
@@ -313,7 +315,9 @@ def _api_key(args: argparse.Namespace, env: Env) -> str | None:
             key = Path(args.api_key_file).read_text().strip()
         except OSError as e:
             raise ValueError(f"api_key_file: cannot read {args.api_key_file}: {e.strerror}") from None
-        return key or None
+        if not key:
+            raise ValueError(f"api_key_file: {args.api_key_file} is empty (refusing to run without the key)")
+        return key
     return env.api_key
 
 

@@ -16,12 +16,14 @@ _BY_GRPC = {
     grpc.StatusCode.CANCELLED: (499, "cancelled"),
     grpc.StatusCode.FAILED_PRECONDITION: (503, "service_unavailable"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
 }
 _BY_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.INVALID_ARGUMENT,  # over --max-prompt-tokens: retrying will not help
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -46,6 +48,7 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.counted = False  # already in the request metrics (the generation pipeline counts its own)
 
     @classmethod
     def invalid(cls, param: str, message: str) -> APIError:

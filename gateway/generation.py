@@ -10,6 +10,7 @@ away) cancels the decode call, which frees the request's pages on both instances
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -74,6 +75,15 @@ class Generator:
         self.model_name = Path(model_dir).name
 
     # -- input -------------------------------------------------------------------------------------
+    async def tokenize_async(
+        self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
+    ) -> list[int]:
+        """``tokenize`` on a worker thread: a multi-megabyte prompt takes seconds to encode, which
+        must not stall every other stream on the event loop."""
+        if isinstance(prompt, str):
+            return await asyncio.to_thread(self.tokenize, prompt, param, add_special_tokens)
+        return self.tokenize(prompt, param, add_special_tokens)
+
     def tokenize(
         self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
     ) -> list[int]:
@@ -126,7 +136,8 @@ class Generator:
         start = last = time.monotonic()
         deadline_ns = time.time_ns() + int((timeout_s or self.request_timeout_s) * 1e9)
         request = decode_pb2.GenerateRequest(
-            request_id=request_id or uuid.uuid4().hex,
+            # Internal ids are always fresh: two clients sending the same id must not collide.
+            request_id=f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}",
             prompt_token_ids=prompt_ids,
             sampling=sampling_to_proto(params),
             deadline_unix_ns=deadline_ns,
@@ -135,6 +146,7 @@ class Generator:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         num_out, status = 0, "error"
         m.in_flight.inc()
+        m.prompt_tokens.inc(len(prompt_ids))
         self.num_in_flight += 1
         try:
             async for msg in self._dispatch(request, prompt_ids, deadline_ns):
@@ -160,6 +172,7 @@ class Generator:
             status = "ok"
         except APIError as e:
             status = str(e.status)
+            e.counted = True
             raise
         except BaseException:
             status = "cancelled"

@@ -46,7 +46,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise APIError.invalid("prompt", "set text or token_ids")
-            prompt_ids = gen.tokenize(request.text if kind == "text" else list(request.token_ids.ids))
+            prompt_ids = await gen.tokenize_async(
+                request.text if kind == "text" else list(request.token_ids.ids)
+            )
             try:
                 params = sampling_from_proto(request.sampling)
             except ValueError as e:

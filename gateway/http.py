@@ -14,8 +14,8 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +35,7 @@ from gateway.state import GatewayState
 
 log = logging.getLogger("pdserve.gateway")
 _DISCONNECT_POLL_S = 0.25
+T = TypeVar("T")
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -44,8 +45,16 @@ def create_app(state: GatewayState) -> FastAPI:
     if state.cfg.api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=state.cfg.api_key)
 
+    def count(request: Request, status: int) -> None:
+        """Requests rejected before generation started still show in pdserve_requests_total."""
+        api = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(request.url.path)
+        if api is not None:
+            state.metrics.requests.labels(api, str(status)).inc()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        if not e.counted:
+            count(request, e.status)
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
@@ -57,6 +66,7 @@ def create_app(state: GatewayState) -> FastAPI:
             message, param = "the request body is not valid JSON", None
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
+        count(request, 400)
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
     @app.exception_handler(Exception)
@@ -89,7 +99,7 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        prompt_ids = gen.tokenize(body.single_prompt())
+        prompt_ids = await gen.tokenize_async(body.single_prompt())
         params = body.sampling(body.max_tokens or 16, body.logprobs)
         gen.check_max_tokens(prompt_ids, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -105,7 +115,7 @@ def create_app(state: GatewayState) -> FastAPI:
             return {"index": 0, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
 
         if body.stream:
-            return await _sse(chunks, lambda c: envelope("text_completion", request_id, body.model, [choice(c)], None),
+            return await _sse(request, chunks, lambda c: envelope("text_completion", request_id, body.model, [choice(c)], None),
                               request_id, body.model, "text_completion", body.include_usage)  # fmt: skip
         parts = await _collect(chunks, request)
         merged = {
@@ -124,11 +134,13 @@ def create_app(state: GatewayState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError.invalid("top_logprobs", "needs logprobs: true")
         try:
-            text = gen.tokenizer.apply_chat_template(messages)
+            text = await asyncio.to_thread(gen.tokenizer.apply_chat_template, messages)
         except Exception as e:  # a template's raise_exception: the conversation does not fit it
             raise APIError.invalid("messages", str(e)) from None
-        prompt_ids = gen.tokenize(text, "messages", add_special_tokens=False)
+        prompt_ids = await gen.tokenize_async(text, "messages", add_special_tokens=False)
         top = body.top_logprobs or 0
         max_tokens = body.max_completion_tokens or body.max_tokens or gen.room(prompt_ids)
         params = body.sampling(max_tokens, top if body.logprobs else None)
@@ -146,7 +158,7 @@ def create_app(state: GatewayState) -> FastAPI:
             return {"index": 0, "delta": d, "logprobs": lps, "finish_reason": c.finish_reason}
 
         if body.stream:
-            return await _sse(chunks, lambda c: envelope("chat.completion.chunk", request_id, body.model, [delta(c)], None),
+            return await _sse(request, chunks, lambda c: envelope("chat.completion.chunk", request_id, body.model, [delta(c)], None),
                               request_id, body.model, "chat.completion.chunk", body.include_usage)  # fmt: skip
         parts = await _collect(chunks, request)
         lps = (
@@ -160,6 +172,7 @@ def create_app(state: GatewayState) -> FastAPI:
 
 
 async def _sse(
+    request: Request,
     chunks: AsyncIterator[Chunk],
     event: Callable[[Chunk], dict[str, Any]],
     request_id: str,
@@ -170,7 +183,7 @@ async def _sse(
     """Server-sent events; the first chunk is awaited here so that an error before any token gets
     a real HTTP status instead of a 200 with an error event."""
     try:
-        first = await anext(aiter(chunks))
+        first = await _unless_disconnected(anext(aiter(chunks)), request)
     except APIError as e:
         await chunks.aclose()  # type: ignore[attr-defined]
         return JSONResponse(e.body(), status_code=e.status)
@@ -193,15 +206,18 @@ async def _sse(
 
 
 class APIKeyAuth:
-    """ASGI middleware: /v1/* needs ``Authorization: Bearer <key>`` (401 otherwise); /health and
-    /metrics stay open for probes and scrapers. Plain ASGI on purpose: Starlette's
-    BaseHTTPMiddleware would hide a client's disconnect from streaming responses."""
+    """ASGI middleware: every path but /health and /metrics (open for probes and scrapers) needs
+    ``Authorization: Bearer <key>`` (401 otherwise) — the API, and its /docs and /openapi.json.
+    Plain ASGI on purpose: Starlette's BaseHTTPMiddleware would hide a client's disconnect from
+    streaming responses."""
+
+    OPEN = ("/health", "/metrics")
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
             headers = dict(scope.get("headers") or ())
             try:
                 check_api_key(headers.get(b"authorization", b"").decode("latin-1"), self.api_key)
@@ -258,13 +274,21 @@ class BodyLimit:
 
 
 async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> list[Chunk]:
-    """All chunks of a non-streamed request. Starlette does not cancel a handler whose client went
-    away, so watch for it: a gone client cancels the generation (and so frees its pages)."""
+    """All chunks of a non-streamed request (cancelled if the client leaves first)."""
 
     async def gather() -> list[Chunk]:
         return [c async for c in chunks]
 
-    task = asyncio.ensure_future(gather())
+    try:
+        return await _unless_disconnected(gather(), request)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _unless_disconnected(work: Awaitable[T], request: Request) -> T:
+    """Await ``work``, cancelling it if the client disconnects first. Starlette does not cancel a
+    handler whose client went away, and the work holds KV pages on the instances until it ends."""
+    task = asyncio.ensure_future(work)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
@@ -276,7 +300,6 @@ async def _collect(chunks: AsyncIterator[Chunk], request: Request) -> list[Chunk
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 async def _chain(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

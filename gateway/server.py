@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -26,9 +29,12 @@ async def serve(cfg: GatewayConfig) -> None:
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(state), grpc_server.server)
     grpc_port = grpc_server.bind(cfg.host, cfg.grpc_port, cfg.tls)
     app = BodyLimit(create_app(state), cfg.max_request_bytes)
-    http = uvicorn.Server(
+    http = _HTTPServer(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, http.request_exit)
     await grpc_server.start()
     await state.start()
     http_task = asyncio.get_running_loop().create_task(http.serve(), name="http")
@@ -43,12 +49,25 @@ async def serve(cfg: GatewayConfig) -> None:
              list(cfg.decode), cfg.decode_policy)  # fmt: skip
     readiness = asyncio.get_running_loop().create_task(_track_readiness(state, grpc_server), name="readiness")
     try:
-        await http_task  # uvicorn handles SIGINT / SIGTERM and returns
+        await http_task  # returns once SIGINT / SIGTERM asked it to (in-flight REST requests finish)
     finally:
         readiness.cancel()
         await grpc_server.health.enter_graceful_shutdown()
         await grpc_server.server.stop(5)
         await state.close()
+        log.info("gateway stopped")
+
+
+class _HTTPServer(uvicorn.Server):
+    """uvicorn without its own signal handling: one handler stops REST and gRPC together, with
+    their grace periods (uvicorn's would re-raise SIGTERM after serving and skip the gRPC shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        self.should_exit = True
 
 
 async def _track_readiness(state: GatewayState, server: GrpcServer) -> None:

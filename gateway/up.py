@@ -57,8 +57,10 @@ class Child:
             self.lines.put(line)
             print(f"[{self.name}] {line}", end="", flush=True)
 
-    def wait_listening(self, deadline: float) -> str:
+    def wait_listening(self, deadline: float, stop: threading.Event) -> str:
         while time.monotonic() < deadline:
+            if stop.is_set():
+                raise RuntimeError("stopped during startup")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} during startup")
             try:
@@ -80,9 +82,11 @@ def _pdserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *args]
 
 
-def _wait_ready(url: str, deadline: float, children: Sequence[Child]) -> None:
+def _wait_ready(url: str, deadline: float, children: Sequence[Child], stop: threading.Event) -> None:
     last = ""
     while time.monotonic() < deadline:
+        if stop.is_set():
+            raise RuntimeError("stopped during startup")
         for c in children:
             if c.proc.poll() is not None:
                 raise RuntimeError(f"{c.name} exited with code {c.proc.returncode} during startup")
@@ -136,16 +140,16 @@ def up(
         for c in children:
             c.start()
         for c in children:
-            c.wait_listening(deadline)
+            c.wait_listening(deadline, stop)
         routes = [arg for c in children for arg in (f"--{c.name.split('-')[0]}", c.address)]
         gateway = Child("gateway", _pdserve("gateway", "--model", model, "--host", host, "--port", str(port),
                                             "--grpc-port", str(grpc_port), *routes, *gateway_args))  # fmt: skip
         children.append(gateway)
         gateway.start()
-        gateway.wait_listening(deadline)
+        gateway.wait_listening(deadline, stop)
         base = gateway.address
         grpc_address = gateway.rest.split("(grpc ", 1)[-1].split(")")[0]
-        _wait_ready(f"{base}/health", deadline, children)
+        _wait_ready(f"{base}/health", deadline, children, stop)
         print(json.dumps({"status": "up", "openai_base_url": f"{base}/v1", "grpc": grpc_address}), flush=True)
         print(f"pdserve is up: OpenAI API at {base}/v1 — try\n  curl {base}/v1/completions -H 'Content-Type: "
               f"application/json' -d '{{\"model\": \"{os.path.basename(model.rstrip('/'))}\", \"prompt\": \"Hello\", "

@@ -30,8 +30,8 @@ SERVER_OPTIONS = [
 class GrpcServer:
     def __init__(self, service_names: Iterable[str], max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         """``max_message_bytes``: larger requests are refused by gRPC with RESOURCE_EXHAUSTED."""
-        options = [*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_message_bytes)]
-        self.server = grpc.aio.server(options=options)
+        options = dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_message_bytes}
+        self.server = grpc.aio.server(options=list(options.items()))  # each key once: gRPC takes the first
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

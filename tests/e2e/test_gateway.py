@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import httpx
@@ -212,7 +213,8 @@ def test_health_and_metrics(gateway, instances):
     )
     text = httpx.get(f"{gateway.http_url}/metrics", timeout=TIMEOUT_S).text
     assert 'pdserve_requests_total{api="completions",status="ok"}' in text
-    assert 'pdserve_requests_total{api="completions",status="400"}' in text or "status=" in text
+    assert 'pdserve_requests_total{api="completions",status="400"}' in text  # the bad-input table ran first
+    assert "pdserve_prompt_tokens_total" in text and "pdserve_prompt_tokens_total 0.0" not in text
     for name in ("pdserve_time_to_first_token_seconds_count", "pdserve_e2e_request_latency_seconds_count",
                  "pdserve_kv_transfer_seconds_count", "pdserve_requests_in_flight"):  # fmt: skip
         assert name in text
@@ -369,10 +371,34 @@ def test_client_disconnect_mid_stream_frees_decode(gateway, instances):
 
 def test_client_disconnect_on_a_non_streamed_request_frees_decode(gateway, instances):
     body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4000, "ignore_eos": True}  # ~15 s of decoding
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=1.0)
+    outcome: list = []
+
+    def client():
+        try:
+            httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=3.0)
+        except httpx.ReadTimeout as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    deadline = time.monotonic() + 3
+    while sum(d.load().num_running for d in instances["decode"]) == 0:  # it must really be decoding
+        assert time.monotonic() < deadline, "the request never reached decode"
+        time.sleep(0.02)
+    thread.join(timeout=10)
+    assert outcome, "the client should have given up (timeout) long before 4000 tokens"
     for d in instances["decode"]:
-        d.wait_idle(timeout_s=5)
+        d.wait_idle(timeout_s=5)  # far sooner than the ~15 s the request would have taken
+    metrics = httpx.get(f"{gateway.http_url}/metrics", timeout=10).text
+    assert 'pdserve_requests_total{api="completions",status="cancelled"}' in metrics
+
+
+def test_sigterm_stops_the_gateway_gracefully(instances, tiny_model):
+    gw = start_gateway(instances, tiny_model)
+    gw.proc.terminate()
+    assert gw.proc.wait(timeout=30) == 0
+    assert "gateway stopped" in gw.log()
+    gw.stop()
 
 
 def test_gateway_keeps_serving_after_everything_above(gateway, reference):

@@ -29,7 +29,7 @@ def test_short_soak_has_no_errors_and_no_leaks(tiny_model, tmp_path):
             assert (
                 instance["idle_after"] and instance["free_or_cached_pages_after"] == instance["total_pages"]
             )
-        assert len(result["samples"]) >= 8
+        assert len(result["samples"]) >= 4
     finally:
         for s in (gw, prefill, decode):
             s.stop()
