@@ -51,7 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 async def _load(args: argparse.Namespace, model: str, stop_at: float, counts: dict[str, Any]) -> None:
     import httpx
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the report
     rng = random.Random(args.seed)
     async with httpx.AsyncClient(
         base_url=args.base_url, timeout=args.request_timeout_s, trust_env=False, headers=auth_headers()
@@ -103,6 +102,7 @@ def _idle(load: common_pb2.LoadReport) -> bool:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the report
     async with httpx.AsyncClient(
         base_url=args.base_url, timeout=30, trust_env=False, headers=auth_headers()
     ) as client:
