@@ -135,10 +135,12 @@ def test_larger_batches_and_extend_stay_eager(engine):
 
 
 def test_cli_flag_turns_graphs_off(tiny_model, tmp_path):
-    from engine.cli import _engine_config, build_parser
+    from engine.cli import build_parser, engine_config_from_args
     from engine.env import Env
 
     env = Env(cache_dir=tmp_path, log_level="INFO")
     base = ["generate", "--prompt", "x", "--model", str(tiny_model)]
-    assert _engine_config(build_parser().parse_args(base), env).cuda_graphs
-    assert not _engine_config(build_parser().parse_args([*base, "--no-cuda-graphs"]), env).cuda_graphs
+    assert engine_config_from_args(build_parser().parse_args(base), env).cuda_graphs
+    assert not engine_config_from_args(
+        build_parser().parse_args([*base, "--no-cuda-graphs"]), env
+    ).cuda_graphs

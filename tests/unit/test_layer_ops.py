@@ -33,10 +33,12 @@ def test_every_layer_of_a_cpu_model_uses_the_torch_ops(tiny_model):
 
 
 def test_cli_flag_turns_fused_kernels_off(tiny_model, tmp_path):
-    from engine.cli import _engine_config, build_parser
+    from engine.cli import build_parser, engine_config_from_args
     from engine.env import Env
 
     env = Env(cache_dir=tmp_path, log_level="INFO")
     base = ["generate", "--prompt", "x", "--model", str(tiny_model)]
-    assert _engine_config(build_parser().parse_args(base), env).fused_kernels
-    assert not _engine_config(build_parser().parse_args([*base, "--no-fused-kernels"]), env).fused_kernels
+    assert engine_config_from_args(build_parser().parse_args(base), env).fused_kernels
+    assert not engine_config_from_args(
+        build_parser().parse_args([*base, "--no-fused-kernels"]), env
+    ).fused_kernels
