@@ -28,6 +28,7 @@ import grpc
 
 from bench.load_test import auth_headers
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.convert import is_idle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -93,12 +94,6 @@ async def _sample(instances: dict[str, str]) -> dict[str, common_pb2.LoadReport]
     return out
 
 
-def _idle(load: common_pb2.LoadReport) -> bool:
-    return load.num_free_pages + load.num_cached_pages == load.num_total_pages and not (
-        load.num_running or load.num_waiting or load.num_held_pages or load.num_pending_transfers
-    )
-
-
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -123,7 +118,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.monotonic() - start
     idle_deadline = time.monotonic() + args.idle_timeout_s
     final = await _sample(instances)
-    while not all(_idle(r) for r in final.values()) and time.monotonic() < idle_deadline:
+    while not all(is_idle(r) for r in final.values()) and time.monotonic() < idle_deadline:
         await asyncio.sleep(0.2)
         final = await _sample(instances)
     under_load = [s for s in samples if s["t_s"] >= args.warmup_s] or samples
@@ -136,7 +131,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "rss_mib_last": round(last, 1),
             "rss_mib_max": round(max(s[address]["rss_mib"] for s in under_load), 1),
             "rss_growth_pct": round(100 * (last - first) / first, 2),
-            "idle_after": _idle(final[address]),
+            "idle_after": is_idle(final[address]),
             "free_or_cached_pages_after": final[address].num_free_pages + final[address].num_cached_pages,
             "total_pages": final[address].num_total_pages,
         }

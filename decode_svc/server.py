@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from kvtransfer import KVLayout, create_receiver
 from protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
-from protos.serving import GrpcServer
+from protos.serving import GrpcServer, host_port
 from protos.tls import TLSConfig
 
 log = logging.getLogger("pdserve.decode")
@@ -46,24 +46,14 @@ async def serve(cfg: DecodeConfig) -> None:
     ]
     server = GrpcServer(names)
     port = server.bind(cfg.host, cfg.port, cfg.tls)
-    host = cfg.advertise_host or cfg.host
-    kv_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    kv_address = host_port(cfg.advertise_host or cfg.host, port)
     servicer = DecodeServicer(
         async_engine, receiver, cfg.kv_backend, kv_address, cfg.request_timeout_s, cfg.tls
     )
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
     receiver.add_to_server(server.server)
-    async_engine.start()
-    await server.start()
-    await server.mark_serving()
-    server.watch(lambda: async_engine.failure is None)
     log.info("decode serving on %s:%d (model %s, layout %s)", cfg.host, port, cfg.engine.model, layout.digest)
-    print(f"pdserve decode listening on {cfg.host}:{port}", flush=True)
-    try:
-        await server.run_until_signal()
-    finally:
-        await async_engine.stop()
-        await servicer.close()
+    await server.serve_engine(async_engine, "decode", cfg.host, servicer.close)
 
 
 def run(cfg: DecodeConfig) -> int:

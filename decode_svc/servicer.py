@@ -34,7 +34,7 @@ from protos.convert import (
     sampling_from_proto,
     sampling_to_proto,
 )
-from protos.serving import SERVER_OPTIONS
+from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger("pdserve.decode")
@@ -66,7 +66,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def _prefill(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
         if address not in self._channels:
-            self._channels[address] = aio_channel(address, self.tls, SERVER_OPTIONS[:2])
+            self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
         return prefill_pb2_grpc.PrefillServiceStub(self._channels[address])
 
     async def GetLoad(self, request: Any, context: Any) -> Any:

@@ -75,7 +75,6 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._task: asyncio.Task | None = None
-        self.num_steps = 0
         self.failure: BaseException | None = None  # set if the loop itself died (a bug): serve nothing
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -221,7 +220,6 @@ class AsyncEngine:
                 log.exception("engine step failed; finishing every request with reason 'error'")
                 self._fail_all("error")
                 continue
-            self.num_steps += 1
             for out in outputs:
                 self._deliver(out)
             await asyncio.sleep(0)  # let handlers consume before the next step

@@ -82,10 +82,8 @@ class Engine:
         return self.outputs.finish(seq, reason)
 
     def reserve_pages(self, num_pages: int) -> list[int] | None:
-        """Take ``num_pages`` pages outside the scheduler (evicting cached prefixes if needed), or None."""
-        if self.allocator.num_free < num_pages and self.prefix_cache is not None:
-            self.prefix_cache.evict(num_pages - self.allocator.num_free)
-        return self.allocator.alloc(num_pages)
+        """Take ``num_pages`` pages for a request not yet in the scheduler (decode's reservation)."""
+        return self.scheduler.take_pages(num_pages)
 
     def free_pages(self, pages: list[int]) -> None:
         """Drop the caller's reference on pages from ``reserve_pages`` or a ``kv_pages`` lease."""

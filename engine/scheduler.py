@@ -196,13 +196,17 @@ class Scheduler:
         need = self._pages_for(num_tokens) - len(seq.pages)
         if need <= 0:
             return True
-        if self.allocator.num_free < need and self.prefix_cache is not None:
-            self.prefix_cache.evict(need - self.allocator.num_free)
-        pages = self.allocator.alloc(need)
+        pages = self.take_pages(need)
         if pages is None:
             return False
         seq.pages.extend(pages)
         return True
+
+    def take_pages(self, num_pages: int) -> list[int] | None:
+        """``num_pages`` free pages, evicting cached prefixes if needed; None if there are not enough."""
+        if self.allocator.num_free < num_pages and self.prefix_cache is not None:
+            self.prefix_cache.evict(num_pages - self.allocator.num_free)
+        return self.allocator.alloc(num_pages)
 
     def _preempt(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.PREFILLING:

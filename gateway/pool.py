@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.routing import Candidate, Policy
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from protos.serving import SERVER_OPTIONS
+from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger("pdserve.gateway")
@@ -76,7 +76,7 @@ class Pool:
             health_timeout_s,
             eject_after,
         )
-        self.instances = [Instance(a, role, aio_channel(a, tls, SERVER_OPTIONS[:2])) for a in addresses]
+        self.instances = [Instance(a, role, aio_channel(a, tls, CHANNEL_OPTIONS)) for a in addresses]
         self._task: asyncio.Task | None = None
 
     # -- routing -----------------------------------------------------------------------------------

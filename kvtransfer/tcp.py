@@ -32,11 +32,11 @@ from kvtransfer.base import (
 from kvtransfer.layout import KVLayout
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 from protos.convert import logprob_from_proto, logprob_to_proto
+from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
 
 log = logging.getLogger(__name__)
 _QUEUE_CHUNKS = 8  # chunks buffered ahead of the network: bounds the sender's extra memory
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
 def layout_to_proto(layout: KVLayout) -> kvtransfer_pb2.KVLayout:
@@ -181,7 +181,7 @@ class TcpSender(KVSender):
 
     def _stub(self, address: str) -> kvtransfer_pb2_grpc.KVTransferStub:
         if address not in self._channels:
-            self._channels[address] = aio_channel(address, self.tls, GRPC_OPTIONS)
+            self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
         return kvtransfer_pb2_grpc.KVTransferStub(self._channels[address])
 
     async def connect(self, address: str, deadline_ns: int) -> None:

@@ -48,20 +48,11 @@ async def serve(cfg: PrefillConfig) -> None:
     server = GrpcServer([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     port = server.bind(cfg.host, cfg.port, cfg.tls)
-    async_engine.start()
-    await server.start()
-    await server.mark_serving()
-    server.watch(lambda: async_engine.failure is None)
     log.info(
         "prefill serving on %s:%d (model %s, layout %s, kv backend %s)",
         cfg.host, port, cfg.engine.model, layout.digest, cfg.kv_backend,
     )  # fmt: skip
-    print(f"pdserve prefill listening on {cfg.host}:{port}", flush=True)
-    try:
-        await server.run_until_signal()
-    finally:
-        await async_engine.stop()
-        await sender.close()
+    await server.serve_engine(async_engine, "prefill", cfg.host, sender.close)
 
 
 def run(cfg: PrefillConfig) -> int:

@@ -108,6 +108,13 @@ def load_report(
     )
 
 
+def is_idle(load: common_pb2.LoadReport) -> bool:
+    """Nothing running, queued, held or in transfer, and every page free or only cached."""
+    return load.num_free_pages + load.num_cached_pages == load.num_total_pages and not (
+        load.num_running or load.num_waiting or load.num_held_pages or load.num_pending_transfers
+    )
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; peak RSS elsewhere)."""
     try:

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,11 +21,17 @@ from protos.tls import TLSConfig
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
-SERVER_OPTIONS = [
+# Clients (gateway → instances, decode → prefill, the KV sender) allow the same message sizes.
+CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
 ]
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts bracketed as gRPC addresses want them."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class GrpcServer:
@@ -43,7 +50,7 @@ class GrpcServer:
 
     def bind(self, host: str, port: int, tls: TLSConfig | None = None) -> int:
         """Listen on host:port (port 0 picks a free one), with TLS when given; returns the port."""
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = host_port(host, port)
         if tls is None:
             self.port = self.server.add_insecure_port(address)
         else:
@@ -76,6 +83,24 @@ class GrpcServer:
             await self.mark_not_serving()
 
         self._watcher = asyncio.get_running_loop().create_task(poll(), name="health-watch")
+
+    async def serve_engine(
+        self, engine: Any, role: str, host: str, close: Callable[[], Awaitable[None]]
+    ) -> None:
+        """The life of an engine-backed instance (prefill, decode), once its services are added and
+        its port bound: start the engine loop and the server, report SERVING (until the loop dies),
+        print where it listens (the line ``pdserve up`` and the tests read), serve until a signal,
+        then stop the engine and ``close`` the instance's own clients."""
+        engine.start()
+        await self.start()
+        await self.mark_serving()
+        self.watch(lambda: engine.failure is None)
+        print(f"pdserve {role} listening on {host_port(host, self.port)}", flush=True)
+        try:
+            await self.run_until_signal()
+        finally:
+            await engine.stop()
+            await close()
 
     async def run_until_signal(self, grace_s: float = 5.0) -> None:
         """Serve until SIGINT/SIGTERM, then stop accepting work and give in-flight RPCs ``grace_s``."""

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.convert import is_idle
 from protos.tls import TLSConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,16 +131,6 @@ class Service:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self._log.close()
-
-
-def is_idle(load: common_pb2.LoadReport) -> bool:
-    return (
-        load.num_free_pages + load.num_cached_pages == load.num_total_pages
-        and load.num_running == 0
-        and load.num_waiting == 0
-        and load.num_held_pages == 0
-        and load.num_pending_transfers == 0
-    )
 
 
 def start_all(
