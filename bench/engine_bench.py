@@ -4,8 +4,13 @@
     python bench/engine_bench.py --attention-backend triton --cuda-graphs --decode-bs 1,8,64,256
 
 ``--cuda-graphs`` (needs ``--attention-backend triton``) captures decode CUDA graphs and times every
-decode row twice on the same runner, weights and KV: eager ("step ms") and replayed from the graph
-("graph ms"), adding the graph columns to the table.
+decode row on the same runner, weights and KV: eager ("step ms"); replayed from the graph, one step
+at a time ("graph ms": prepare, replay, sample, wait for the tokens); pipelined as the engine runs it
+with overlap scheduling ("overlap ms": step N+1 staged and launched before step N's tokens are
+waited for); and the graph replays alone, back to back ("gpu ms": the device time, no host work). Prefill rows get "graph ms" from piecewise CUDA graphs
+(``engine.graphs.piecewise``, captured up to the largest ``--prefill``) against eager "step ms".
+``--ctx 1024,4096`` repeats the decode rows per context length (rows whose KV does not fit are
+skipped, with a line saying so).
 
 Norms, rotary and SiLU run as fused Triton kernels (``EngineConfig.fused_kernels``, the default);
 ``--no-fused-kernels`` runs them as torch ops, to compare.
@@ -26,6 +31,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +76,8 @@ class Row:
     ms: float
     floor_ms: float
     graph_ms: float | None = None  # decode step replayed from a CUDA graph (--cuda-graphs)
+    overlap_ms: float | None = None  # graph steps pipelined as with overlap scheduling
+    gpu_ms: float | None = None  # graph replays back to back: device time alone
 
     @property
     def ratio(self) -> float:
@@ -157,6 +165,37 @@ def step_ms(
     )
 
 
+def overlap_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
+    """Graph decode steps as the overlapped engine runs them: step N+1 is prepared and launched before
+    step N's tokens are waited for. Wall time per step over ``reps`` steps."""
+    batch = ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
+
+    def steps(n: int) -> None:
+        previous = None
+        for _ in range(n):
+            pending = runner.sample_async(runner.forward(runner.prepare(batch)), batch)
+            if previous is not None:
+                previous.wait()
+            previous = pending
+        assert previous is not None
+        previous.wait()
+
+    steps(3)
+    start = time.perf_counter()
+    steps(reps)
+    return (time.perf_counter() - start) * 1e3 / reps
+
+
+def gpu_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
+    """The decode graph of this batch replayed back to back: device time per step, no host work."""
+    graphs = runner.graphs
+    assert graphs is not None
+    batch = ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
+    runner.forward(runner.prepare(batch))
+    graph = graphs._graphs[graphs.padded_size(len(seqs))]
+    return _time(lambda: [graph.replay() for _ in range(10)], warmup=2, reps=reps) / 10
+
+
 def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list[Sequence]:
     ps, seqs, next_page = runner.cfg.page_size, [], 1
     g = torch.Generator().manual_seed(0)
@@ -172,7 +211,7 @@ def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list
 
 
 def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
-    cfg = model_config(name, max(max(args.prefill), args.ctx) + 16)
+    cfg = model_config(name, max(*args.prefill, *args.ctx) + 16)
     runner = make_runner(
         cfg,
         max(args.prefill),
@@ -182,6 +221,13 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
         fused_kernels=not args.no_fused_kernels,
     )
     graphs = runner.graphs
+    if runner.piecewise is not None:
+        pw = runner.piecewise
+        print(
+            f"{name}: piecewise graphs, {len(pw.buckets)} buckets (16..{pw.max_tokens} tokens) x {pw.num_pieces} "
+            f"pieces captured in {pw.capture_seconds:.1f} s, pool {pw.graph_memory_bytes / 2**20:.0f} MiB",
+            flush=True,
+        )
     if args.cuda_graphs:
         assert graphs is not None, "--cuda-graphs needs --attention-backend triton"
         print(
@@ -198,22 +244,34 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     kv_bytes_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
     rows = []
     for n in args.prefill:
-        ms = step_ms(runner, sequences(runner, 1, n, 0), [n], decode=False, reps=args.reps)
+        seqs = sequences(runner, 1, n, 0)
+        ms = step_ms(runner, seqs, [n], decode=False, reps=args.reps)
         attn = 2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers  # causal QK^T + PV
         floor = (2 * matmul_params * n + 2 * lm_head + attn) / flops * 1e3
         rows.append(Row(name, "prefill", 1, n, ms, floor))
+        if runner.piecewise is not None and n <= runner.piecewise.max_tokens:
+            rows[-1].graph_ms = step_ms(runner, seqs, [n], decode=False, reps=args.reps, graphs=True)
         print(rows[-1], flush=True)
-    for bs in args.decode_bs:
-        seqs = sequences(runner, bs, args.ctx, args.ctx - 1)
-        ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps)
-        graph_ms = None
-        if graphs is not None and bs <= graphs.max_batch_size:
-            graph_ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps, graphs=True)
-        floor = (weight_bytes_read + bs * args.ctx * kv_bytes_per_token) / bw * 1e3
-        rows.append(Row(name, "decode", bs, args.ctx, ms, floor, graph_ms))
-        print(rows[-1], flush=True)
+    for ctx in args.ctx:
+        for bs in args.decode_bs:
+            if bs * -(-ctx // runner.cfg.page_size) >= runner.num_pages:
+                print(f"{name} decode bs {bs} ctx {ctx}: skipped, its KV needs more than the pool's "
+                      f"{runner.num_pages} pages", flush=True)  # fmt: skip
+                continue
+            seqs = sequences(runner, bs, ctx, ctx - 1)
+            ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps)
+            row = Row(
+                name, "decode", bs, ctx, ms, (weight_bytes_read + bs * ctx * kv_bytes_per_token) / bw * 1e3
+            )
+            if graphs is not None and bs <= graphs.max_batch_size:
+                row.graph_ms = step_ms(runner, seqs, [1] * bs, decode=True, reps=args.reps, graphs=True)
+                row.overlap_ms = overlap_step_ms(runner, seqs, reps=4 * args.reps)
+                row.gpu_ms = gpu_step_ms(runner, seqs, reps=args.reps)
+            rows.append(row)
+            print(rows[-1], flush=True)
     if args.profile:
-        seqs = sequences(runner, 1, args.ctx, args.ctx - 1)
+        ctx = args.ctx[0]
+        seqs = sequences(runner, 1, ctx, ctx - 1)
         profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1")
         if graphs is not None:
             profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1 graph", graphs=True)
@@ -257,15 +315,22 @@ def table(rows: list[Row], graph_columns: bool) -> list[str]:
             ),
         ]
     lines = [
-        "| model | phase | batch | tokens / ctx | step ms | graph ms | floor ms | x floor | graph x floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | phase | batch | tokens / ctx | step ms | graph ms | graph speedup | overlap ms | gpu ms "
+        "| floor ms | x floor | best x floor | tok/s (overlap) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     for r in rows:
-        g_ms = "-" if r.graph_ms is None else f"{r.graph_ms:.2f}"
-        g_x = "-" if r.graph_ratio is None else f"{r.graph_ratio:.1f}"
+        best = min(v for v in (r.ms, r.graph_ms, r.overlap_ms) if v is not None)
+        speedup = "-" if r.graph_ms is None else f"{r.ms / r.graph_ms:.2f}"
+        tps = "-" if r.overlap_ms is None else f"{r.batch / r.overlap_ms * 1e3:,.0f}"
         lines.append(
-            f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {g_ms} | {r.floor_ms:.2f} "
-            f"| {r.ratio:.1f} | {g_x} |"
+            f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {ms(r.graph_ms)} | {speedup} "
+            f"| {ms(r.overlap_ms)} | {ms(r.gpu_ms)} | {r.floor_ms:.2f} | {r.ratio:.1f} | {best / r.floor_ms:.2f} "
+            f"| {tps} |"
         )
     return lines
 
@@ -275,7 +340,7 @@ def main() -> None:
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--prefill", default="512,2048,8192")
     p.add_argument("--decode-bs", default="1,64")
-    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--ctx", default="1024", help="decode context lengths, comma-separated")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--attention-backend", default="torch_native", choices=["torch_native", "triton"])
     p.add_argument(
@@ -295,6 +360,7 @@ def main() -> None:
         p.error("--cuda-graphs needs --attention-backend triton")
     args.prefill = [int(x) for x in args.prefill.split(",")]
     args.decode_bs = [int(x) for x in args.decode_bs.split(",")]
+    args.ctx = [int(x) for x in args.ctx.split(",")]
 
     bw, flops = measure_ceilings()
     gpu = torch.cuda.get_device_name()

@@ -5,7 +5,10 @@
 1. Offline throughput: ``LLM.generate`` over ``--num-seqs`` sequences whose input and output lengths
    are uniform in ``[--min-len, --max-len]`` (seed 0, ``ignore_eos``), Qwen3-0.6B shape, bf16 random
    weights, the engine's defaults on CUDA (Triton attention, decode CUDA graphs, fused kernels).
-   Reports output tokens/s and total (input + output) tokens/s, end to end, with a warm-up run.
+   Reports output tokens/s and total (input + output) tokens/s, end to end, with a warm-up run;
+   once with overlap scheduling (the CUDA default) and once without, each with where the host's
+   time went (wall time inside each engine phase, the wait for sampled tokens separately) and the
+   number of prefill and decode steps.
 2. HF ``generate`` on the same shapes: per-token decode latency at batch 1 after a ``--ctx``-token
    prompt (greedy, HF's own KV cache, sdpa attention), next to our engine's decode step from
    ``bench/engine_bench.py`` — the comparison users make first.
@@ -46,27 +49,82 @@ def model_dir(root: Path, name: str) -> Path:
     return path
 
 
-def offline_throughput(path: Path, num_seqs: int, lo: int, hi: int) -> dict:
+class PhaseTimes:
+    """Host wall time inside the engine's phases, by wrapping its methods (bench-only)."""
+
+    def __init__(self, engine) -> None:
+        from engine.model_runner import PendingTokens
+
+        self.seconds: dict[str, float] = {}
+        self.steps = {"extend": 0, "decode": 0, "decode_rows": 0}
+        self._wrap(engine.scheduler, "schedule", "schedule")
+        self._wrap(engine.runner, "prepare", "prepare")
+        self._wrap(engine.runner, "forward", "forward (launch)")
+        self._wrap(engine.runner, "sample_async", "sample (launch)")
+        self._wrap(engine.scheduler, "commit", "commit")
+        self._wrap(engine, "_postprocess", "postprocess incl. wait")
+        wait = PendingTokens.wait
+        self._restore = lambda: setattr(PendingTokens, "wait", wait)
+        timed = self._timed(wait, "wait for tokens")
+        PendingTokens.wait = lambda pending: timed(pending)  # type: ignore[method-assign,assignment]
+        schedule = engine.scheduler.schedule
+
+        def counted():
+            batch = schedule()
+            if batch is not None:
+                kind = "decode" if batch.is_decode else "extend"
+                self.steps[kind] += 1
+                self.steps["decode_rows"] += len(batch.seqs) if batch.is_decode else 0
+            return batch
+
+        engine.scheduler.schedule = counted
+
+    def _timed(self, fn, key: str):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+
+        return timed
+
+    def _wrap(self, obj, name: str, key: str) -> None:
+        setattr(obj, name, self._timed(getattr(obj, name), key))
+
+    def report(self) -> dict:
+        self._restore()
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["postprocess excl. wait"] = round(
+            self.seconds["postprocess incl. wait"] - self.seconds["wait for tokens"], 2
+        )
+        return out | self.steps
+
+
+def offline_throughput(path: Path, num_seqs: int, lo: int, hi: int, overlap: bool = True) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(str(path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend="triton",
-              max_num_seqs=256, max_num_batched_tokens=8192)  # fmt: skip
+              max_num_seqs=256, max_num_batched_tokens=8192, overlap=overlap)  # fmt: skip
     rng = random.Random(0)
     prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True) for _ in prompts]
     llm.generate(prompts[:8], params[:8])  # warm-up: Triton compiles, allocator settles
     torch.cuda.synchronize()
+    phases = PhaseTimes(llm.engine)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    host = phases.report()
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.token_ids) for o in outs)
     assert num_out == sum(p.max_tokens for p in params), "ignore_eos: every sequence runs to max_tokens"
     del llm
     torch.cuda.empty_cache()
-    return {"seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
-            "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed)}  # fmt: skip
+    return {"overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
+            "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed),
+            "host_seconds": host}  # fmt: skip
 
 
 @torch.inference_mode()
@@ -105,9 +163,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         if not args.skip_offline:
-            results["offline_qwen3_0.6b"] = offline_throughput(model_dir(root, "qwen3-0.6b"), args.num_seqs,
-                                                               args.min_len, args.max_len)  # fmt: skip
-            print("offline", results["offline_qwen3_0.6b"], flush=True)
+            path = model_dir(root, "qwen3-0.6b")
+            for overlap in (True, False):
+                key = "offline_qwen3_0.6b" + ("" if overlap else "_no_overlap")
+                results[key] = offline_throughput(path, args.num_seqs, args.min_len, args.max_len, overlap)
+                print("offline", results[key], flush=True)
         for name in args.hf_models.split(","):
             results[f"hf_generate_{name}_bs1_ctx{args.ctx}_ms_per_token"] = round(
                 hf_decode_ms(model_dir(root, name), args.ctx, 64), 2

@@ -79,6 +79,7 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         enable_prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
         fused_kernels=not args.no_fused_kernels,
+        overlap=False if args.no_overlap else None,
     )
 
 
@@ -173,6 +174,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-fused-kernels", action="store_true",
         help="run norms, rotary and SiLU as torch ops on CUDA too (the CPU always does)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-overlap", action="store_true",
+        help="on CUDA, finish each step before scheduling the next (no overlap scheduling)",
     )  # fmt: skip
 
 

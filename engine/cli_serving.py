@@ -111,6 +111,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
     engine += ["--no-cuda-graphs"] if args.no_cuda_graphs else []
     engine += ["--no-fused-kernels"] if args.no_fused_kernels else []
+    engine += ["--no-overlap"] if args.no_overlap else []
     tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
     engine += tls

@@ -141,13 +141,20 @@ class EngineConfig:
     size.
 
     ``cuda_graphs``: replay decode steps of up to ``graph_batch_limit`` sequences from CUDA graphs
-    (``engine.graphs``). Effective only on CUDA with an attention backend that supports graphs
-    (``triton``); ignored, with a log line, otherwise. The graphs' memory comes on top of the KV
-    cache budget (a few hundred MiB, mostly the static ``[batch, vocab]`` logits; logged at startup).
+    (``engine.graphs``), effective only on CUDA with an attention backend that supports graphs
+    (``triton``; ignored, with a log line, otherwise); and run EXTEND steps of up to
+    ``piecewise_token_limit`` tokens as piecewise CUDA graphs (attention eager between them), on
+    CUDA with any backend. The graphs' memory comes on top of the KV cache budget (a few hundred
+    MiB: the static ``[batch, vocab]`` logits, the piecewise buffers; logged at startup).
 
     ``fused_kernels``: run RMSNorm (+ residual add), SiLU·up and q/k-norm + rotary as fused Triton
     kernels (``engine.layers.kernels``, ``triton``) instead of torch ops. Effective only on CUDA;
     the CPU always runs the ``torch`` ops.
+
+    ``overlap``: overlap scheduling (``engine.engine``): the host prepares step N+1 and
+    postprocesses step N-1 while the device runs step N. None (the default) turns it on for CUDA;
+    on the CPU there is nothing to overlap with, so it only delays outputs by a step (tests turn it
+    on to prove the bookkeeping).
     """
 
     model: str
@@ -166,6 +173,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     max_graph_batch_size: int | None = None  # None: min(max_num_seqs, 256)
     fused_kernels: bool = True
+    overlap: bool | None = None  # None: on for CUDA, off for CPU
+    max_piecewise_tokens: int | None = None  # None: max_num_batched_tokens; 0: no piecewise graphs
 
     def __post_init__(self) -> None:
         checks = [
@@ -177,6 +186,11 @@ class EngineConfig:
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
             (self.load_format in ("safetensors", "dummy"), "load_format", "safetensors or dummy"),
             (
+                self.max_piecewise_tokens is None or self.max_piecewise_tokens >= 0,
+                "max_piecewise_tokens",
+                ">= 0 or None (auto)",
+            ),
+            (
                 self.max_graph_batch_size is None or self.max_graph_batch_size >= 1,
                 "max_graph_batch_size",
                 ">= 1 or None (auto)",
@@ -185,6 +199,14 @@ class EngineConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {want}, got {getattr(self, name)!r}")
+
+    @property
+    def piecewise_token_limit(self) -> int:
+        """The largest EXTEND step run from piecewise graphs (0: none): ``max_piecewise_tokens``, by
+        default the step token budget, so every prefill chunk fits."""
+        if self.max_piecewise_tokens is None:
+            return self.max_num_batched_tokens
+        return min(self.max_piecewise_tokens, self.max_num_batched_tokens)
 
     @property
     def graph_batch_limit(self) -> int:

@@ -2,21 +2,38 @@
 
 ``Engine.step`` is the whole algorithm: schedule → prepare → forward → sample → postprocess. The
 offline ``LLM`` drives it in a loop; the services (#3) drive it from their own loops.
+
+Overlap scheduling (``EngineConfig.overlap``, on for CUDA by default): ``step`` launches step N,
+then reads back and postprocesses step N-1 while the GPU runs N, so the host's scheduling, staging,
+detokenizing and stop checks hide under GPU time. Step N is scheduled before N-1's tokens are known:
+``Scheduler.commit`` accounts for the tokens in flight, and a decode row whose input is one of them
+reads it on the device (``engine.sequence``). A request that stops on a token of step N-1 was
+already scheduled into step N; that row's result is dropped (one wasted row, never a wrong token).
+Outputs come one ``step`` call later than without overlap, never later in time.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from engine.config import EngineConfig, ModelConfig
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
-from engine.model_runner import ModelRunner, SampledTokens
+from engine.model_runner import ModelRunner, PendingTokens
 from engine.output import OutputProcessor, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class _Launched:
+    """A launched step: the rows whose tokens it samples, and those tokens on their way back."""
+
+    rows: list[tuple[int, Sequence]]
+    pending: PendingTokens
 
 
 class Engine:
@@ -35,6 +52,8 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, eos)
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = random.Random(cfg.seed)
+        self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
+        self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool = False
@@ -113,23 +132,37 @@ class Engine:
         return max_len
 
     def has_unfinished(self) -> bool:
+        """A request not finished. (A launched step whose rows all ended is not work: the next step
+        reads it back and drops it.)"""
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        """Run one step; returns the outputs of the step read back now (module docstring)."""
+        try:
+            batch = self.scheduler.schedule()
+            launched = self._launch(batch) if batch is not None else None
+            if self.overlap:
+                launched, self._inflight = self._inflight, launched
+            return self._postprocess(launched) if launched is not None else []
+        except BaseException:
+            self._inflight = None  # its requests end with the error (the caller aborts them)
+            raise
+
+    def _launch(self, batch: ScheduledBatch) -> _Launched:
         forward_batch = self.runner.prepare(batch)
         logits = self.runner.forward(forward_batch)
-        sampled = self.runner.sample(logits, batch)
-        return self._postprocess(batch, sampled)
+        pending = self.runner.sample_async(logits, batch)
+        return _Launched(self.scheduler.commit(batch), pending)
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens) -> list[RequestOutput]:
-        row = {id(seq): i for i, seq in enumerate(batch.seqs)}
+    def _postprocess(self, launched: _Launched) -> list[RequestOutput]:
+        sampled = launched.pending.wait()
         outputs, finished = [], []
-        for seq in self.scheduler.update(batch, sampled.token_ids):
-            i = row[id(seq)]
-            token = seq.token_ids[-1]
+        for i, seq in launched.rows:
+            if seq.finished:
+                continue  # ended (stop, abort) after this step was launched: drop its row
+            token = sampled.token_ids[i]
+            seq.num_inflight -= 1
+            seq.token_ids.append(token)
             logprob = None
             if seq.params.logprobs is not None and sampled.logprobs is not None:
                 top = sampled.top_logprobs[i][: seq.params.logprobs] if sampled.top_logprobs else []

@@ -1,10 +1,16 @@
 """Owns the device side of an engine: weights, the KV page pool, the attention backend, the sampler.
 
 ``prepare`` turns a scheduled batch (plain Python) into a ``ForwardBatch`` of device tensors,
-``forward`` runs the model to last-token logits, ``sample`` picks tokens and reads them back (the
-step's one host sync). On CUDA with a graph-capable attention backend, decode batches of up to
-``EngineConfig.graph_batch_limit`` sequences are staged into static buffers by ``prepare`` and
-replayed from CUDA graphs by ``forward`` (``engine.graphs``); everything else runs eagerly.
+``forward`` runs the model to last-token logits, ``sample_async`` picks tokens and starts copying
+them to the host; ``PendingTokens.wait`` is the step's one host sync (``sample`` does both). The
+sampled tokens also stay on the device in ``last_tokens``, where the next step's ``prepare`` reads
+the input tokens the host does not have yet (overlap scheduling, ``engine.sequence``).
+
+CUDA graphs (``engine.graphs``): on CUDA with a graph-capable attention backend, decode batches of
+up to ``EngineConfig.graph_batch_limit`` sequences are staged into static buffers by ``prepare`` and
+replayed by ``forward``; EXTEND batches of up to ``EngineConfig.piecewise_token_limit`` tokens are
+staged likewise and run as piecewise graphs with eager attention in between. Everything else (and
+everything on the CPU) runs eagerly.
 """
 
 from __future__ import annotations
@@ -16,7 +22,13 @@ import torch
 
 from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EngineConfig, ModelConfig
-from engine.graphs import DecodeGraphRunner, create_decode_graphs
+from engine.graphs import (
+    DecodeGraphRunner,
+    PiecewiseGraphRunner,
+    create_decode_graphs,
+    create_piecewise_graphs,
+    resolve_input_ids,
+)
 from engine.kvcache.page_pool import KVPagePool
 from engine.layers.kernels import create_layer_ops, layer_ops_name
 from engine.loader import load_model
@@ -38,11 +50,43 @@ class SampledTokens:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+@dataclass
+class PendingTokens:
+    """A launched step's samples on their way to the host; ``wait`` blocks until they are there."""
+
+    token_ids: torch.Tensor  # [batch] int64 host, filled by an async copy
+    logprobs: torch.Tensor | None  # [batch] float32 host
+    top_token_ids: torch.Tensor | None  # [batch, max_logprobs] int64 host
+    top_logprobs: torch.Tensor | None  # [batch, max_logprobs] float32 host
+    ready: torch.cuda.Event | None  # recorded after the copies (None on CPU: already done)
+
+    def wait(self) -> SampledTokens:
+        if self.ready is not None:
+            self.ready.synchronize()
+        token_ids = self.token_ids.tolist()
+        if self.logprobs is None:
+            return SampledTokens(token_ids, None, None)
+        top = None
+        if self.top_token_ids is not None and self.top_logprobs is not None:
+            pairs = zip(self.top_token_ids.tolist(), self.top_logprobs.tolist(), strict=True)
+            top = [list(zip(ids, lps, strict=True)) for ids, lps in pairs]
+        return SampledTokens(token_ids, self.logprobs.tolist(), top)
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig) -> None:
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
         self.max_model_len = self._max_model_len()
+        # The latest step's sampled tokens, by row, on the device; and two host buffers they are
+        # copied into, used in turn (a step's buffer is read before the step after next is launched).
+        # Rows: a step holds at most max_num_seqs sequences; the memory profile's prefill may hold more.
+        rows = max(cfg.max_num_seqs, cfg.max_num_batched_tokens // max(1, self.max_model_len - 1) + 1)
+        self.last_tokens = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self._readback = [torch.zeros(rows, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._readback_ready = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._readback_turn = 0
         self.layer_ops = create_layer_ops(layer_ops_name(cfg))
         self.model = load_model(
             model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy", ops=self.layer_ops
@@ -51,6 +95,7 @@ class ModelRunner:
         self.attn_backend = create_backend(cfg)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists
+        self.piecewise: PiecewiseGraphRunner | None = None
         self.num_pages = self._num_pages()
         self.kv_pool = self._make_pool(self.num_pages)
         log.info(
@@ -61,8 +106,15 @@ class ModelRunner:
             self.device,
         )
         self.graphs = create_decode_graphs(
-            cfg, self.model, self.kv_pool, self.attn_backend, self.max_model_len, model_cfg.vocab_size
+            cfg,
+            self.model,
+            self.kv_pool,
+            self.attn_backend,
+            self.last_tokens,
+            self.max_model_len,
+            model_cfg.vocab_size,
         )
+        self.piecewise = create_piecewise_graphs(cfg, self.model, self.attn_backend)
 
     # -- the step ------------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, use_graphs: bool = True) -> ForwardBatch:
@@ -72,21 +124,27 @@ class ModelRunner:
             return graphs.prepare(batch)
         ps = self.cfg.page_size
         input_ids: list[int] = []
+        input_rows: list[int] = []  # row of last_tokens holding a token the host lacks, else -1
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
         for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
             start, end = seq.num_computed, seq.num_computed + n
-            input_ids += seq.token_ids[start:end]
+            known = seq.token_ids[start:end]  # all but an in-flight last token
+            input_ids += known + [0] * (n - len(known))
+            input_rows += [-1] * len(known) + [seq.inflight_row] * (n - len(known))
             positions += range(start, end)
             slots += [seq.pages[p // ps] * ps + p % ps for p in range(start, end)]
             seq_lens.append(end)
         max_pages = max(len(seq.pages) for seq in batch.seqs)
         page_table = [seq.pages + [0] * (max_pages - len(seq.pages)) for seq in batch.seqs]
         last_rows = torch.tensor(batch.extend_lens).cumsum(0) - 1
-        return ForwardBatch(
+        ids = self._to_device(input_ids)
+        if any(r >= 0 for r in input_rows):
+            ids = resolve_input_ids(ids, self._to_device(input_rows), self.last_tokens)
+        fb = ForwardBatch(
             mode=ForwardMode.DECODE if batch.is_decode else ForwardMode.EXTEND,
-            input_ids=self._to_device(input_ids),
+            input_ids=ids,
             positions=self._to_device(positions),
             out_cache_loc=self._to_device(slots),
             page_table=self._to_device(page_table),
@@ -97,34 +155,51 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
         )
+        piecewise = self.piecewise if use_graphs else None
+        if piecewise is not None and not batch.is_decode and fb.num_tokens <= piecewise.max_tokens:
+            piecewise.stage(fb)
+        return fb
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Last-token logits, [batch, vocab] float32. From a graph replay they are a view of a static
-        buffer, valid until the next forward: sample (or clone) them before that."""
+        """Last-token logits, [batch, vocab] float32. From a decode graph replay they are a view of a
+        static buffer, valid until the next forward: sample (or clone) them before that."""
         if self.graphs is not None and self.graphs.is_staged(fb):
             return self.graphs.replay(fb)
+        if self.piecewise is not None and self.piecewise.is_staged(fb):
+            return self.piecewise.replay(fb)
         self.attn_backend.prepare(fb)
         return self.model(fb)  # [batch, vocab] float32
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: ScheduledBatch) -> SampledTokens:
+        return self.sample_async(logits, batch).wait()
+
+    @torch.inference_mode()
+    def sample_async(self, logits: torch.Tensor, batch: ScheduledBatch) -> PendingTokens:
+        """Sample ``batch``'s rows from ``logits`` [batch, vocab]; nothing waits for the GPU. Each
+        sequence's step index counts its tokens still in flight (a seeded draw depends on it)."""
         tensors = SamplingTensors.build(
             [seq.params for seq in batch.seqs],
             seeds=[seq.seed for seq in batch.seqs],
-            steps=[seq.num_output for seq in batch.seqs],
+            steps=[seq.num_output + seq.num_inflight for seq in batch.seqs],
             vocab_size=logits.shape[-1],
             device=self.device,
         )
         out = self.sampler(logits, tensors)
-        token_ids = out.token_ids.tolist()
-        if out.logprobs is None:
-            return SampledTokens(token_ids, None, None)
-        top = None
-        if out.top_token_ids is not None and out.top_logprobs is not None:
-            pairs = zip(out.top_token_ids.tolist(), out.top_logprobs.tolist(), strict=True)
-            top = [list(zip(ids, lps, strict=True)) for ids, lps in pairs]
-        return SampledTokens(token_ids, out.logprobs.tolist(), top)
+        n = len(batch.seqs)
+        self.last_tokens[:n].copy_(out.token_ids)
+        turn, self._readback_turn = self._readback_turn, self._readback_turn ^ 1
+        token_ids = self._readback[turn][:n]  # [n]
+        token_ids.copy_(out.token_ids, non_blocking=True)
+        pending = PendingTokens(token_ids, None, None, None, self._readback_ready[turn])
+        if out.logprobs is not None:
+            pending.logprobs = out.logprobs.to("cpu", non_blocking=True)
+            if out.top_token_ids is not None and out.top_logprobs is not None:
+                pending.top_token_ids = out.top_token_ids.to("cpu", non_blocking=True)
+                pending.top_logprobs = out.top_logprobs.to("cpu", non_blocking=True)
+        if pending.ready is not None:
+            pending.ready.record()
+        return pending
 
     # -- sizing --------------------------------------------------------------------------------------
     def _max_model_len(self) -> int:

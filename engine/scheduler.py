@@ -9,7 +9,9 @@ Policy, in order:
    finds none preempts the most recently admitted running sequence (its computed pages go to the
    prefix cache, so recomputing it later is mostly a cache hit).
 Pages are allocated for exactly the tokens a step computes; ``release`` gives them back (to the
-prefix cache first) when a sequence finishes or is aborted.
+prefix cache first) when a sequence finishes or is aborted. ``commit`` records a launched step
+before its sampled tokens are known (overlap scheduling, see ``engine.sequence``), so a sequence
+whose in-flight token is its last (``max_tokens``, context) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Scheduler:
         for seq in list(self.decoding):
             if seq.status is not SeqStatus.DECODING:
                 continue  # preempted below while making room
+            if seq.num_tokens + seq.num_inflight >= seq.max_len:
+                continue  # the token on its way is its last (overlap scheduling): it ends on arrival
             while not self._grow(seq, seq.num_computed + 1):
                 victim = self.decoding[-1]
                 self._preempt(victim)
@@ -141,23 +145,24 @@ class Scheduler:
             return None
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_decode=True)
 
-    def update(self, batch: ScheduledBatch, next_tokens: list[int]) -> list[Sequence]:
-        """Record a finished forward; returns the sequences that received a new token."""
-        sampled = []
-        for seq, n, token in zip(batch.seqs, batch.extend_lens, next_tokens, strict=True):
-            if seq.finished:
-                continue  # released (aborted) after it was scheduled
+    def commit(self, batch: ScheduledBatch) -> list[tuple[int, Sequence]]:
+        """Account for a launched forward of ``batch`` (before its tokens are read back): advance
+        ``num_computed``, move finished prompts to decoding. Returns ``(row, seq)`` for each sequence
+        whose next token this step samples; its value arrives later (``Sequence.num_inflight``)."""
+        sampling = []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.extend_lens, strict=True)):
             seq.num_computed += n
-            if seq.num_computed < seq.num_tokens:
+            if seq.num_pending > 0:
                 continue  # an intermediate prefill chunk: its logits are not a prediction
-            seq.token_ids.append(token)
-            sampled.append(seq)
+            seq.num_inflight += 1
+            seq.inflight_row = row
+            sampling.append((row, seq))
             if seq.status is SeqStatus.PREFILLING:
                 self.prefilling.remove(seq)
                 self.decoding.append(seq)
                 seq.status = SeqStatus.DECODING
                 self._cache_computed(seq)
-        return sampled
+        return sampling
 
     def release(self, seq: Sequence, reason: str) -> None:
         """Finish ``seq`` (stop, length, abort): its pages go to the prefix cache or the free list."""
@@ -176,6 +181,8 @@ class Scheduler:
         return len(self.prefilling) + len(self.decoding)
 
     def _admit(self, seq: Sequence) -> bool:
+        if seq.num_inflight:
+            return False  # preempted with its token in flight: admitted once the token is back
         if self.prefix_cache is not None:
             # Leave at least one token to compute: its logits predict the next token.
             match = self.prefix_cache.match_prefix(seq.token_ids[:-1])

@@ -1,8 +1,9 @@
-"""Hand-built decode batches over random prefix KV, and the graph-vs-eager checks that the CPU
-(stand-in graphs) and GPU (real CUDA graphs) decode-graph tests share.
+"""Hand-built batches over random prefix KV, and the graph-vs-eager checks that the CPU (stand-in
+graphs) and GPU (real CUDA graphs) graph tests share.
 
-A sequence of length L here has L - 1 tokens of KV already in its pages (random values written into
-the pool, no prefill) and decodes token L - 1 at position L - 1.
+A decode sequence of length L here has L - 1 tokens of KV already in its pages (random values written
+into the pool, no prefill) and decodes token L - 1 at position L - 1. An extend sequence has a
+prefix of P tokens in its pages the same way and computes its next E tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +14,16 @@ from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+
+
+class StandInGraph:
+    """A CPU stand-in for a captured CUDA graph: ``replay`` runs the captured function eagerly."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
 
 
 def decode_batch(engine: Engine, lens: list[int], seed: int) -> ScheduledBatch:
@@ -27,6 +38,23 @@ def decode_batch(engine: Engine, lens: list[int], seed: int) -> ScheduledBatch:
         seq.pages, seq.num_computed = pages, n - 1
         seqs.append(seq)
     return ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
+
+
+def extend_batch(engine: Engine, shapes: list[tuple[int, int]], seed: int) -> ScheduledBatch:
+    """One sequence per (prefix P, extend E): P tokens of KV in its pages, E tokens to compute."""
+    ps = engine.cfg.page_size
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i, (prefix, ext) in enumerate(shapes):
+        tokens = torch.randint(0, 1000, (prefix + ext,), generator=g).tolist()
+        seq = Sequence(
+            f"e{seed}-{i}", tokens, SamplingParams(temperature=0), seed=0, max_len=prefix + ext + 1
+        )
+        pages = engine.allocator.alloc(-(-(prefix + ext) // ps))
+        assert pages is not None, "KV pool too small for the test batch"
+        seq.pages, seq.num_computed = pages, prefix
+        seqs.append(seq)
+    return ScheduledBatch(seqs, [ext for _, ext in shapes], is_decode=False)
 
 
 def mixed_lens(num: int, page_size: int, seed: int, longest: int = 1500) -> list[int]:

@@ -1,9 +1,12 @@
-"""CUDA graph runners, chosen once at startup: decode graphs (#5); piecewise prefill graphs are #6.
+"""CUDA graph runners, chosen once at startup: decode graphs and piecewise extend graphs.
 
 ``create_decode_graphs`` returns a captured ``DecodeGraphRunner``, or None (the engine stays eager)
 unless the config asks for graphs (``cuda_graphs``, the default), the device is CUDA and the
 attention backend can run inside a graph (``AttentionBackend.supports_graphs``: ``triton`` can;
 ``torch_native`` cannot, its decode sizes its gathers from host-side sequence lengths).
+``create_piecewise_graphs`` returns a captured ``PiecewiseGraphRunner`` for EXTEND batches of up to
+``EngineConfig.piecewise_token_limit`` tokens, or None, under the same switch on CUDA (attention
+runs eagerly between the pieces, so any backend works).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.config import EngineConfig
-from engine.graphs.decode_graphs import DecodeGraphRunner, graph_batch_sizes
+from engine.graphs.decode_graphs import DecodeGraphRunner, graph_batch_sizes, resolve_input_ids
+from engine.graphs.piecewise import PiecewiseGraphRunner, piecewise_buckets
 from engine.kvcache.page_pool import KVPagePool
+from engine.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ def create_decode_graphs(
     model: nn.Module,
     kv_pool: KVPagePool,
     attn_backend: AttentionBackend,
+    last_tokens: torch.Tensor,
     max_model_len: int,
     vocab_size: int,
 ) -> DecodeGraphRunner | None:
@@ -44,6 +50,7 @@ def create_decode_graphs(
         model,
         kv_pool,
         attn_backend,
+        last_tokens,
         max_batch_size=cfg.graph_batch_limit,
         max_model_len=max_model_len,
         vocab_size=vocab_size,
@@ -53,4 +60,26 @@ def create_decode_graphs(
     return runner
 
 
-__all__ = ["DecodeGraphRunner", "create_decode_graphs", "graph_batch_sizes"]
+def create_piecewise_graphs(
+    cfg: EngineConfig, model: nn.Module, attn_backend: AttentionBackend
+) -> PiecewiseGraphRunner | None:
+    device = torch.device(cfg.device)
+    if not cfg.cuda_graphs or device.type != "cuda" or cfg.piecewise_token_limit == 0:
+        return None
+    if not isinstance(model, LlamaForCausalLM):  # the cut points are DecoderLayer's methods
+        log.info("piecewise CUDA graphs: %s has no attention cut points; extend runs eagerly", type(model))
+        return None
+    runner = PiecewiseGraphRunner(model, attn_backend, max_tokens=cfg.piecewise_token_limit, device=device)
+    runner.capture()
+    return runner
+
+
+__all__ = [
+    "DecodeGraphRunner",
+    "PiecewiseGraphRunner",
+    "create_decode_graphs",
+    "create_piecewise_graphs",
+    "graph_batch_sizes",
+    "piecewise_buckets",
+    "resolve_input_ids",
+]

@@ -5,8 +5,10 @@ around ~4 ms of kernels), so the whole decode forward, embedding to logits, is c
 size in ``graph_batch_sizes`` and replayed. What makes a replay valid for any batch:
 
 - Static inputs. A graph keeps the addresses it read at capture, so every step's inputs go into the
-  same device buffers: ``input_ids``, ``positions``, ``out_cache_loc``, ``seq_lens`` ``[max_bs]`` and
-  ``page_table`` ``[max_bs, ceil(max_model_len / page_size)]``. ``prepare`` fills one persistent
+  same device buffers: ``input_ids``, ``input_rows``, ``positions``, ``out_cache_loc``, ``seq_lens``
+  ``[max_bs]`` and ``page_table`` ``[max_bs, ceil(max_model_len / page_size)]``. A row whose input
+  token is still on the device (overlap scheduling, ``engine.sequence``) has ``input_rows`` >= 0:
+  the graph's first op reads that token from the runner's ``last_tokens`` (the latest step's samples). ``prepare`` fills one persistent
   pinned host buffer per field with numpy (no per-element torch ops) and copies the padded batch's
   rows with ``non_blocking`` copies: nothing waits for the GPU.
 - Padding. A batch of n sequences runs in the smallest captured size bs >= n. Rows n..bs-1 decode
@@ -29,7 +31,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
+from engine.graphs.capture import capture_all
 from engine.kvcache.page_pool import KVPagePool
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -60,6 +62,7 @@ def stage_decode(
     page_size: int,
     padded: int,
     input_ids: np.ndarray,  # [max_bs] int64
+    input_rows: np.ndarray,  # [max_bs] int64: row of last_tokens holding the input token, or -1
     positions: np.ndarray,  # [max_bs] int64
     out_cache_loc: np.ndarray,  # [max_bs] int64
     seq_lens: np.ndarray,  # [max_bs] int64
@@ -75,15 +78,27 @@ def stage_decode(
     rows = np.repeat(np.arange(n), num_pages)  # [sum pages]
     cols = np.arange(flat.size) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
     page_table[rows, cols] = flat
-    input_ids[:n] = [s.token_ids[s.num_computed] for s in seqs]
+    rows_in = np.fromiter((s.next_input_row for s in seqs), np.int64, n)  # [n]
+    input_rows[:n] = rows_in
+    input_ids[:n] = [s.token_ids[s.num_computed] if r < 0 else 0 for s, r in zip(seqs, rows_in, strict=True)]
     positions[:n] = pos
     seq_lens[:n] = pos + 1
     out_cache_loc[:n] = page_table[np.arange(n), pos // page_size] * page_size + pos % page_size
     input_ids[n:padded] = 0
+    input_rows[n:padded] = -1
     positions[n:padded] = 0
     out_cache_loc[n:padded] = 0
     seq_lens[n:padded] = 1
     page_table[n:padded, 0] = 0
+
+
+def resolve_input_ids(
+    input_ids: torch.Tensor, input_rows: torch.Tensor, last_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Input tokens with the in-flight ones filled in on the device: row i takes
+    ``last_tokens[input_rows[i]]`` where ``input_rows[i] >= 0``. All [n] int64; no host sync."""
+    from_device = last_tokens[input_rows.clamp(min=0)]  # [n]
+    return torch.where(input_rows >= 0, from_device, input_ids)
 
 
 class DecodeGraphRunner:
@@ -100,6 +115,7 @@ class DecodeGraphRunner:
         model: nn.Module,
         kv_pool: KVPagePool,
         attn_backend: AttentionBackend,
+        last_tokens: torch.Tensor,
         *,
         max_batch_size: int,
         max_model_len: int,
@@ -107,6 +123,7 @@ class DecodeGraphRunner:
         device: torch.device,
     ) -> None:
         self.model, self.kv_pool, self.attn_backend = model, kv_pool, attn_backend
+        self.last_tokens = last_tokens  # [>= max_bs] int64, the latest step's sampled tokens
         self.device, self.max_model_len, self.page_size = device, max_model_len, kv_pool.page_size
         self.batch_sizes = graph_batch_sizes(max_batch_size)
         max_bs, max_pages = self.batch_sizes[-1], -(-max_model_len // self.page_size)
@@ -119,6 +136,7 @@ class DecodeGraphRunner:
         # Every row starts as padding: token 0 at position 0 into slot 0, length 1 on page 0.
         staging_cpu = [
             host(max_bs),
+            host(max_bs).fill_(-1),
             host(max_bs),
             host(max_bs),
             host(max_bs).fill_(1),
@@ -127,8 +145,9 @@ class DecodeGraphRunner:
         self._staging = [t.numpy() for t in staging_cpu]  # numpy views of the pinned memory
         static = [torch.empty_like(t, device=device).copy_(t) for t in staging_cpu]
         self._copies = list(zip(static, staging_cpu, strict=True))
-        self.input_ids_gpu, self.positions_gpu, self.out_cache_loc_gpu = static[:3]  # [max_bs] each
-        self.seq_lens_gpu, self.page_table_gpu = static[3:]  # [max_bs], [max_bs, max_pages]
+        self.input_ids_gpu, self.input_rows_gpu, self.positions_gpu = static[:3]  # [max_bs] each
+        self.out_cache_loc_gpu, self.seq_lens_gpu = static[3:5]  # [max_bs] each
+        self.page_table_gpu = static[5]  # [max_bs, max_pages]
         self.logits_indices_gpu = torch.arange(max_bs, device=device)  # [max_bs]
         self.logits_gpu = torch.zeros(max_bs, vocab_size, dtype=torch.float32, device=device)
         self.static_bytes = sum(t.nbytes for t in [*static, self.logits_indices_gpu, self.logits_gpu])
@@ -157,7 +176,7 @@ class DecodeGraphRunner:
             gpu[:padded].copy_(cpu[:padded], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        self._staged = self._static_batch(n, self._staging[3][:n].tolist())
+        self._staged = self._static_batch(n, self._staging[4][:n].tolist())
         return self._staged
 
     def replay(self, fb: ForwardBatch) -> torch.Tensor:
@@ -172,18 +191,12 @@ class DecodeGraphRunner:
     # -- capture -------------------------------------------------------------------------------------
     def capture(self) -> None:
         """Capture every size, largest first, into one pool; logs the time and the memory taken."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        free_before = torch.cuda.mem_get_info(self.device)[0]
-        start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode(), torch.cuda.device(self.device):
+
+        def capture(pool: Any) -> None:
             for bs in reversed(self.batch_sizes):
                 self._graphs[bs] = self._capture(bs, pool)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.empty_cache()
-        self.capture_seconds = time.perf_counter() - start
-        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+
+        self.capture_seconds, self.graph_memory_bytes = capture_all(self.device, capture)
         log.info(
             "decode CUDA graphs: %d batch sizes (1..%d) captured in %.2f s; graph pool %.1f MiB, "
             "static buffers %.1f MiB",
@@ -206,6 +219,7 @@ class DecodeGraphRunner:
         """What a graph of size ``bs`` holds: the model over the first ``bs`` static rows, its logits
         copied into the shared static output. Reads the static buffers as they are now."""
         fb = self._static_batch(bs, [1] * bs)  # host lengths are capture-time placeholders
+        fb.input_ids = resolve_input_ids(fb.input_ids, self.input_rows_gpu[:bs], self.last_tokens)
         self.attn_backend.prepare_graph(fb, self.max_model_len)
         self.logits_gpu[:bs].copy_(self.model(fb))  # [bs, vocab] float32
 

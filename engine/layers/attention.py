@@ -1,6 +1,7 @@
-"""Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary, the
-paged attention backend, output projection. The q/k norm and rotary run as one ``LayerOps`` call
-(one fused kernel on CUDA)."""
+"""Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary
+(``qkv``), then the paged attention backend and the output projection, which the decoder layer
+calls around it (so piecewise CUDA graphs can stop at attention). The q/k norm and rotary run as
+one ``LayerOps`` call (one fused kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
 from engine.layers.kernels import LayerOps
 from engine.layers.linear import Linear, PackedLinear
@@ -50,8 +50,11 @@ class SelfAttention(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.rotary, self.ops = rotary, ops
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        # x [num_tokens, hidden]
+    def qkv(
+        self, positions: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before attention: x [T, hidden] -> q [T, num_heads, head_dim] and k, v
+        [T, num_kv_heads, head_dim], normalized and rotated."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
@@ -61,5 +64,4 @@ class SelfAttention(nn.Module):
         q, k = self.ops.qk_norm_rope(
             positions, q, k, self.rotary.cos_cache, self.rotary.sin_cache, q_weight, k_weight, self.eps
         )
-        out = batch.attn_backend.forward(self, q, k, v, batch)  # [num_tokens, num_heads * head_dim]
-        return self.o_proj(out)
+        return q, k, v

@@ -47,12 +47,28 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embedding for the first layer, whose residual is
         None). Returns (this layer's MLP output, the residual stream before it), both [T, hidden]."""
+        q, k, v, residual = self.pre_attention(positions, x, residual)
+        out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, num_heads * head_dim]
+        return self.post_attention(out, residual)
+
+    # The two halves around attention, for piecewise CUDA graphs (``engine.graphs.piecewise``).
+    def pre_attention(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm (+ residual add) and q/k/v: returns q, k, v (``SelfAttention.qkv``) and the
+        residual stream [T, hidden]."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, batch)
-        h, residual = self.post_attention_layernorm(h, residual)
+        q, k, v = self.self_attn.qkv(positions, h)
+        return q, k, v, residual
+
+    def post_attention(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """attn_out [T, num_heads * head_dim] -> (MLP output, residual stream), both [T, hidden]."""
+        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(h), residual
 
 

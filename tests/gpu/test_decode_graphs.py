@@ -103,3 +103,56 @@ def test_replayed_step_does_not_sync(engines):
 
 def test_padded_rows_keep_live_kv(engines):
     check_padding_keeps_live_kv(engines["float32"], tol=1e-4)
+
+
+def test_overlap_scheduling_changes_no_token(model_dir):
+    """Overlap (the CUDA default) against finishing every step first, on the same weights: greedy and
+    seeded rows, stop tokens that end requests while their next step is already launched."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 33, 70, 12, 90, 47)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=25, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=30, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=18, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+    ]
+    sync = _llm(model_dir, max_num_seqs=8, overlap=False).generate(prompts, params)
+    # Stop each greedy request on a token it produces mid-way, so it ends with a step in flight.
+    stops = [p if p.temperature > 0 else SamplingParams(temperature=0, max_tokens=p.max_tokens, ignore_eos=True,
+             stop_token_ids=(o.token_ids[len(o.token_ids) // 2],)) for p, o in zip(params, sync, strict=True)]  # fmt: skip
+    overlap_llm = _llm(model_dir, max_num_seqs=8)
+    assert overlap_llm.engine.overlap, "overlap scheduling is the CUDA default"
+    overlap = overlap_llm.generate(prompts, params)
+    for a, b in zip(sync, overlap, strict=True):
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        assert [lp.token_id for lp in b.logprobs] == [lp.token_id for lp in a.logprobs]
+    stopped = overlap_llm.generate(prompts, stops)
+    for a, b, p in zip(sync, stopped, stops, strict=True):
+        if p.stop_token_ids:
+            cut = a.token_ids.index(p.stop_token_ids[0]) + 1
+            assert (b.token_ids, b.finish_reason) == (a.token_ids[:cut], "stop")
+    engine = overlap_llm.engine
+    engine.prefix_cache.evict(10**9)
+    assert engine.allocator.num_free == engine.allocator.num_total
+
+
+def test_overlapped_engine_steps_do_not_sync(model_dir):
+    """Steady-state decode through ``Engine.step`` with overlap: the only wait is on the previous
+    step's read-back event, which the sync debug mode does not count; any other sync raises."""
+    engine = _llm(model_dir, max_num_seqs=16).engine
+    for i in range(12):
+        engine.add_request(f"r{i}", list(range(3 + i, 40 + 3 * i)), SamplingParams(
+            temperature=0 if i % 2 else 0.9, seed=i, max_tokens=64, ignore_eos=True))  # fmt: skip
+    for _ in range(6):  # prefill, then decode at every batch size this run will use
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = [out for _ in range(20) for out in engine.step()]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(outputs) == 20 * 12 and not any(o.finished for o in outputs)
+    for i in range(12):
+        engine.abort(f"r{i}")

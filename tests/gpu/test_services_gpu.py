@@ -1,11 +1,13 @@
 """Prefill and decode services on one CUDA device (GPU box only): tokens equal the offline engine's
-on the same device, and the TTFT breakdown for 128 / 512 / 2048-token prompts is printed.
+on the same device, and the TTFT breakdown for 128 / 512 / 2048-token prompts is printed, with the
+prefill instance's piecewise CUDA graphs on and off (two prefill instances).
 
-float32 so that batching differences cannot flip a greedy token; decode runs the Triton kernel.
+float32 so that batching differences cannot flip a greedy token; both run the Triton backend.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -45,8 +47,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def services(model_dir, tmp_path_factory):
+    triton = (*COMMON, "--attention-backend", "triton")
     started = start_all(
-        [("prefill", model_dir, COMMON), ("decode", model_dir, (*COMMON, "--attention-backend", "triton"))],
+        [
+            ("prefill", model_dir, triton),
+            ("decode", model_dir, triton),
+            ("prefill", model_dir, (*triton, "--no-cuda-graphs")),
+        ],
         tmp_path_factory.mktemp("gpu_logs"),
     )
     yield started
@@ -65,7 +72,7 @@ def _run(decode, request):
 
 
 def test_services_on_cuda_match_the_offline_engine(services, model_dir):
-    prefill, decode = services
+    prefill, decode, _ = services
     g = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 60, 300, 1000, 17, 129, 2500, 33)
@@ -79,7 +86,12 @@ def test_services_on_cuda_match_the_offline_engine(services, model_dir):
             )
         )
     ref = LLM(
-        str(model_dir), device="cuda", page_size=16, max_num_batched_tokens=2048, kv_cache_bytes=2 << 30
+        str(model_dir),
+        device="cuda",
+        page_size=16,
+        max_num_batched_tokens=2048,
+        kv_cache_bytes=2 << 30,
+        attention_backend="triton",
     )
     assert got == [o.token_ids for o in ref.generate(prompts, params)]
     prefill.wait_idle()
@@ -87,10 +99,12 @@ def test_services_on_cuda_match_the_offline_engine(services, model_dir):
 
 
 def test_ttft_breakdown(services):
-    prefill, decode = services
+    prefill_graphs, decode, prefill_eager = services
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     rows = []
-    for n in (128, 512, 2048):
+    for (graphs, prefill), n in itertools.product(
+        [("on", prefill_graphs), ("off", prefill_eager)], (128, 512, 2048)
+    ):
         parts: dict[str, list[float]] = {
             k: [] for k in ("queue", "prefill", "transfer", "first_decode", "ttft_client")
         }
@@ -106,11 +120,14 @@ def test_ttft_breakdown(services):
             parts["transfer"].append(t.transfer_done_ns - t.prefill_done_ns)
             parts["first_decode"].append(t.first_decode_token_ns - t.transfer_done_ns)
             parts["ttft_client"].append(t.transfer_done_ns - start)
-        rows.append((n, {k: statistics.median(v) / 1e6 for k, v in parts.items()}))
-    lines = ["prompt | queue ms | prefill ms | transfer ms | first decode ms | TTFT (client→first token) ms"]
-    for n, m in rows:
+        rows.append((graphs, n, {k: statistics.median(v) / 1e6 for k, v in parts.items()}))
+    lines = [
+        "prefill graphs | prompt | queue ms | prefill ms | transfer ms | first decode ms | TTFT (client→first token) ms"
+    ]
+    for graphs, n, m in rows:
         lines.append(
-            f"{n} | {m['queue']:.2f} | {m['prefill']:.2f} | {m['transfer']:.2f} | {m['first_decode']:.2f} | {m['ttft_client']:.2f}"
+            f"{graphs} | {n} | {m['queue']:.2f} | {m['prefill']:.2f} | {m['transfer']:.2f} | {m['first_decode']:.2f} "
+            f"| {m['ttft_client']:.2f}"
         )
     report = "\n".join(lines)
     print("\n" + report)
@@ -118,4 +135,4 @@ def test_ttft_breakdown(services):
     if out:
         with open(os.path.join(out, "ttft_breakdown.txt"), "w") as f:
             f.write(report + "\n")
-    assert all(m["transfer"] > 0 for _, m in rows)
+    assert all(m["transfer"] > 0 for _, _, m in rows)

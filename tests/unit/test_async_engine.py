@@ -16,9 +16,17 @@ from engine.engine import Engine
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
-def make_engine(model) -> Engine:
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def overlap(request) -> bool:
+    """Every test runs with and without overlap scheduling (outputs one step later)."""
+    return request.param
+
+
+def make_engine(model, overlap: bool) -> Engine:
     return Engine(
-        EngineConfig(model=str(model), page_size=4, max_num_batched_tokens=16, kv_cache_bytes=4 << 20)
+        EngineConfig(
+            model=str(model), page_size=4, max_num_batched_tokens=16, kv_cache_bytes=4 << 20, overlap=overlap
+        )
     )
 
 
@@ -35,10 +43,10 @@ async def run(engine: Engine, body):
         await driver.stop()
 
 
-def test_concurrent_streams_equal_offline_generate(tiny_model):
+def test_concurrent_streams_equal_offline_generate(tiny_model, overlap):
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 9)]
     expected = LLM(str(tiny_model), page_size=4, max_num_batched_tokens=16).generate(prompts, GREEDY)
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, overlap)
 
     async def body(driver):
         async def one(i, prompt):
@@ -52,8 +60,8 @@ def test_concurrent_streams_equal_offline_generate(tiny_model):
     assert all_pages_back(engine)
 
 
-def test_deadline_finishes_the_request_and_frees_its_pages(tiny_model):
-    engine = make_engine(tiny_model)
+def test_deadline_finishes_the_request_and_frees_its_pages(tiny_model, overlap):
+    engine = make_engine(tiny_model, overlap)
     long = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)  # seconds of decoding
 
     async def body(driver):
@@ -69,8 +77,8 @@ def test_deadline_finishes_the_request_and_frees_its_pages(tiny_model):
     assert all_pages_back(engine)
 
 
-def test_leaving_a_stream_early_aborts_and_frees(tiny_model):
-    engine = make_engine(tiny_model)
+def test_leaving_a_stream_early_aborts_and_frees(tiny_model, overlap):
+    engine = make_engine(tiny_model, overlap)
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
 
     async def body(driver):
@@ -86,8 +94,8 @@ def test_leaving_a_stream_early_aborts_and_frees(tiny_model):
     assert all_pages_back(engine)
 
 
-def test_held_kv_is_leased_until_freed_even_when_nobody_reads_it(tiny_model):
-    engine = make_engine(tiny_model)
+def test_held_kv_is_leased_until_freed_even_when_nobody_reads_it(tiny_model, overlap):
+    engine = make_engine(tiny_model, overlap)
     one = SamplingParams(temperature=0, max_tokens=1)
 
     async def body(driver):
@@ -110,8 +118,8 @@ def test_held_kv_is_leased_until_freed_even_when_nobody_reads_it(tiny_model):
     assert all_pages_back(engine)
 
 
-def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_model):
-    engine = make_engine(tiny_model)
+def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_model, overlap):
+    engine = make_engine(tiny_model, overlap)
 
     async def body(driver):
         with pytest.raises(ValueError, match="prompt"):
@@ -126,10 +134,10 @@ def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_mode
 
 
 @pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3, 5])
-def test_cancelling_adopt_at_any_point_frees_the_pages_once(tiny_model, yields_before_cancel):
+def test_cancelling_adopt_at_any_point_frees_the_pages_once(tiny_model, overlap, yields_before_cancel):
     """The hand-over of reserved pages to the engine must survive the caller being cancelled
     before, during or after the engine adopted them (no leak, no double free)."""
-    engine = make_engine(tiny_model)
+    engine = make_engine(tiny_model, overlap)
 
     async def body(driver):
         pages = await driver.call(lambda e: e.reserve_pages(3))
@@ -152,8 +160,8 @@ def test_cancelling_adopt_at_any_point_frees_the_pages_once(tiny_model, yields_b
 
 
 @pytest.mark.parametrize("yields_before_cancel", [0, 1, 2, 3])
-def test_a_cancelled_call_is_skipped_or_undone(tiny_model, yields_before_cancel):
-    engine = make_engine(tiny_model)
+def test_a_cancelled_call_is_skipped_or_undone(tiny_model, overlap, yields_before_cancel):
+    engine = make_engine(tiny_model, overlap)
 
     async def body(driver):
         task = asyncio.ensure_future(
@@ -172,8 +180,8 @@ def test_a_cancelled_call_is_skipped_or_undone(tiny_model, yields_before_cancel)
     assert all_pages_back(engine)
 
 
-def test_a_failing_step_with_a_failing_abort_still_ends_every_stream(tiny_model, monkeypatch):
-    engine = make_engine(tiny_model)
+def test_a_failing_step_with_a_failing_abort_still_ends_every_stream(tiny_model, overlap, monkeypatch):
+    engine = make_engine(tiny_model, overlap)
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected")

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from decode_batches import check_padding_keeps_live_kv, decode_batch, graph_vs_eager, mixed_lens, release
+from decode_batches import (
+    StandInGraph,
+    check_padding_keeps_live_kv,
+    decode_batch,
+    graph_vs_eager,
+    mixed_lens,
+    release,
+)
 
 from engine import LLM
 from engine.attention.torch_native import TorchNativeBackend
@@ -46,14 +53,6 @@ class StaticDecodeBackend(TorchNativeBackend):
         return out.squeeze(2)
 
 
-class StandInGraph:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def replay(self) -> None:
-        self.fn()
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     llm = LLM(str(tiny_model), page_size=4, max_num_seqs=16, max_model_len=512)
@@ -63,6 +62,7 @@ def engine(tiny_model):
         runner.model,
         runner.kv_pool,
         StaticDecodeBackend(max_gather_tokens=4096),
+        runner.last_tokens,
         max_batch_size=llm.engine.cfg.graph_batch_limit,
         max_model_len=runner.max_model_len,
         vocab_size=llm.engine.model_config.vocab_size,
@@ -96,10 +96,11 @@ def test_staging_matches_the_eager_prepare_and_pads_onto_page_zero(engine):
     runner = engine.runner
     batch = decode_batch(engine, mixed_lens(5, 4, seed=1, longest=300), seed=1)
     fb = runner.prepare(batch, use_graphs=False)
-    ids, pos, slots, lens = (np.full(8, -1, dtype=np.int64) for _ in range(4))
+    ids, rows, pos, slots, lens = (np.full(8, -1, dtype=np.int64) for _ in range(5))
     table = np.full((8, 128), -1, dtype=np.int64)
-    stage_decode(batch.seqs, 4, 8, ids, pos, slots, lens, table)
+    stage_decode(batch.seqs, 4, 8, ids, rows, pos, slots, lens, table)
     assert ids[:5].tolist() == fb.input_ids.tolist()
+    assert (rows == -1).all(), "every input token is known on the host"
     assert pos[:5].tolist() == fb.positions.tolist()
     assert slots[:5].tolist() == fb.out_cache_loc.tolist()
     assert lens[:5].tolist() == fb.seq_lens.tolist()

@@ -60,9 +60,10 @@ def assert_no_page_leaked(engine: Engine) -> None:
     assert allocator.num_free == allocator.num_total
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_model: Path) -> LLM:
-    return LLM(str(tiny_model), kv_cache_bytes=8 << 20)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def llm(tiny_model: Path, request) -> LLM:
+    """With and without overlap scheduling: what a user sees must not change."""
+    return LLM(str(tiny_model), kv_cache_bytes=8 << 20, overlap=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -262,9 +263,14 @@ def test_invalid_prompt_in_a_batch_leaves_the_engine_usable(tiny_model):
 # -- abort -----------------------------------------------------------------------------------------
 
 
-def test_abort_mid_decode_and_while_waiting(tiny_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_abort_mid_decode_and_while_waiting(tiny_model, overlap):
     engine = LLM(
-        str(tiny_model), page_size=4, max_num_seqs=2, kv_cache_bytes=pool_bytes(tiny_model, 64)
+        str(tiny_model),
+        page_size=4,
+        max_num_seqs=2,
+        kv_cache_bytes=pool_bytes(tiny_model, 64),
+        overlap=overlap,
     ).engine
     prompts = {f"r{i}": random_prompt(6 + 5 * i, 10 + i) for i in range(4)}
     solo = {rid: stream(engine, f"solo-{rid}", ids, greedy(12)) for rid, ids in prompts.items()}
@@ -329,7 +335,8 @@ def test_prefix_cache_reuses_whole_pages_of_a_repeated_prompt(tiny_model, prompt
 # -- continuous batching ---------------------------------------------------------------------------
 
 
-def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model, overlap):
     prompts = [random_prompt(1 + (i * 7) % 64, 100 + i) for i in range(40)]
     params = [greedy(4 + i % 13) for i in range(40)]
     alone_llm = LLM(str(tiny_model), kv_cache_bytes=1 << 20, enable_prefix_cache=False)
@@ -341,6 +348,7 @@ def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model):
         max_num_seqs=8,
         max_num_batched_tokens=32,
         kv_cache_bytes=pool_bytes(tiny_model, 25),  # 96 tokens for 8 running sequences: preemption
+        overlap=overlap,
     )
     together = busy.generate(prompts, params)
     for a, b, sp in zip(alone, together, params, strict=True):
@@ -391,9 +399,14 @@ def test_interrupted_generate_leaves_the_engine_usable(tiny_model, monkeypatch):
     assert [o.token_ids for o in llm.generate(prompts, greedy(12))] == expected
 
 
-def test_usage_reports_first_admission_cache_hits_despite_preemption(tiny_model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_usage_reports_first_admission_cache_hits_despite_preemption(tiny_model, overlap):
     llm = LLM(
-        str(tiny_model), page_size=4, kv_cache_bytes=pool_bytes(tiny_model, 24), max_num_batched_tokens=16
+        str(tiny_model),
+        page_size=4,
+        kv_cache_bytes=pool_bytes(tiny_model, 24),
+        max_num_batched_tokens=16,
+        overlap=overlap,
     )
     prompts = [random_prompt(n, seed=100 + n) for n in (20, 21, 22, 23)]  # no shared prefixes
     outs = llm.generate(prompts, greedy(40))
