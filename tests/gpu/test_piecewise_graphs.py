@@ -90,7 +90,8 @@ def test_chunked_prefill_through_pieces_matches_eager_generation(engines):
     from engine import SamplingParams
 
     engine = engines["float32"]
-    prompts = [list(range(3, 3 + n)) for n in (700, 1300, 40)]  # chunks of LIMIT tokens, then a remainder
+    # chunks of LIMIT tokens, then a remainder
+    prompts = [[(7 * i + n) % 1000 for i in range(n)] for n in (700, 1300, 40)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     got = LLM.from_engine(engine).generate(prompts, params)
     model = engine.cfg.model
