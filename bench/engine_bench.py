@@ -143,6 +143,7 @@ def make_runner(
             load_format="dummy",
             max_num_seqs=max(256, max_bs),
             max_num_batched_tokens=max_tokens,
+            max_piecewise_tokens=max_tokens,  # every prefill row timed both ways (the default stops at 2048)
             gpu_memory_utilization=0.9,
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,
@@ -222,10 +223,10 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
     )
     graphs = runner.graphs
     if runner.piecewise is not None:
-        pw = runner.piecewise
         print(
-            f"{name}: piecewise graphs, {len(pw.buckets)} buckets (16..{pw.max_tokens} tokens) x {pw.num_pieces} "
-            f"pieces captured in {pw.capture_seconds:.1f} s, pool {pw.graph_memory_bytes / 2**20:.0f} MiB",
+            f"{name}: piecewise graphs, {len(runner.piecewise.buckets)} buckets (16..{runner.piecewise.max_tokens} "
+            f"tokens) x {runner.piecewise.num_pieces} pieces captured in {runner.piecewise.capture_seconds:.1f} s, "
+            f"pool {runner.piecewise.graph_memory_bytes / 2**20:.0f} MiB",
             flush=True,
         )
     if args.cuda_graphs:
@@ -270,6 +271,8 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
             rows.append(row)
             print(rows[-1], flush=True)
     if args.profile:
+        n = max(args.prefill)
+        profile_step(runner, sequences(runner, 1, n, 0), [n], decode=False, label=f"{name} prefill {n}")
         ctx = args.ctx[0]
         seqs = sequences(runner, 1, ctx, ctx - 1)
         profile_step(runner, seqs, [1], decode=True, label=f"{name} decode bs1")
@@ -301,6 +304,7 @@ def profile_step(
     gpu_us = sum(e.self_device_time_total for e in events)
     print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
     print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    print(events.table(sort_by="self_device_time_total", row_limit=25), flush=True)
 
 
 def table(rows: list[Row], graph_columns: bool) -> list[str]:

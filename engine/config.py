@@ -174,7 +174,7 @@ class EngineConfig:
     max_graph_batch_size: int | None = None  # None: min(max_num_seqs, 256)
     fused_kernels: bool = True
     overlap: bool | None = None  # None: on for CUDA, off for CPU
-    max_piecewise_tokens: int | None = None  # None: max_num_batched_tokens; 0: no piecewise graphs
+    max_piecewise_tokens: int | None = None  # None: min(max_num_batched_tokens, 2048); 0: none
 
     def __post_init__(self) -> None:
         checks = [
@@ -202,11 +202,12 @@ class EngineConfig:
 
     @property
     def piecewise_token_limit(self) -> int:
-        """The largest EXTEND step run from piecewise graphs (0: none): ``max_piecewise_tokens``, by
-        default the step token budget, so every prefill chunk fits."""
-        if self.max_piecewise_tokens is None:
-            return self.max_num_batched_tokens
-        return min(self.max_piecewise_tokens, self.max_num_batched_tokens)
+        """The largest EXTEND step run from piecewise graphs (0: none): ``max_piecewise_tokens``,
+        capped by the step token budget. The default, 2048, is where graphs stop paying on an H100
+        (docs/BENCHMARKS.md): above it a step is compute-bound and the pieces' buffer copies cost
+        more than the launches they save, so larger steps (full prefill chunks) run eagerly."""
+        limit = 2048 if self.max_piecewise_tokens is None else self.max_piecewise_tokens
+        return min(limit, self.max_num_batched_tokens)
 
     @property
     def graph_batch_limit(self) -> int:

@@ -114,7 +114,7 @@ class ModelRunner:
             self.max_model_len,
             model_cfg.vocab_size,
         )
-        self.piecewise = create_piecewise_graphs(cfg, self.model, self.attn_backend)
+        self.piecewise = create_piecewise_graphs(cfg, self.model, self.kv_pool, self.attn_backend)
 
     # -- the step ------------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, use_graphs: bool = True) -> ForwardBatch:

@@ -8,9 +8,10 @@ hit or an earlier chunk). In a DECODE batch every sequence brings exactly one to
 Backend contract (``AttentionBackend``):
 - ``prepare(batch)`` runs once per step, before the forward, and may attach backend-specific
   metadata to ``batch.attn_metadata`` (index tensors, split counts). It must not sync with the GPU.
-- ``forward(layer, q, k, v, batch)`` first stores the new tokens' K/V into the pool at
-  ``batch.out_cache_loc``, then attends each query over its sequence's whole KV (prefix + new),
-  causally, and returns ``[num_tokens, num_heads * head_dim]``.
+- ``forward(layer, q, k, v, batch)`` attends each query over its sequence's whole KV (prefix +
+  new), causally, and returns ``[num_tokens, num_heads * head_dim]``. The new tokens' K/V are
+  already in the pool at ``batch.out_cache_loc`` (the layer stores them as it applies rotary,
+  ``LayerOps.qk_norm_rope_store``) and are also passed in as ``k``, ``v``.
 - CUDA graphs (``engine.graphs``): a backend with ``supports_graphs`` implements
   ``prepare_graph(batch, max_seq_len)``, called once per captured DECODE batch size instead of
   ``prepare``. The batch's tensors are static buffers that later replays refill with other

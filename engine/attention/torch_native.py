@@ -27,7 +27,6 @@ class TorchNativeBackend(AttentionBackend):
     ) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         pool = batch.kv_pool
-        pool.store(layer.layer_id, batch.out_cache_loc, k, v)
         k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
         if batch.mode is ForwardMode.DECODE:
             out = self.decode(q, k_pages, v_pages, batch, layer.scaling)

@@ -70,7 +70,6 @@ class TritonBackend(TorchNativeBackend):
         if not isinstance(meta, ExtendMetadata):  # decode, or extend on the torch_native loop
             return super().forward(layer, q, k, v, batch)
         pool = batch.kv_pool
-        pool.store(layer.layer_id, batch.out_cache_loc, k, v)
         k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
         out = paged_extend_attention(q, k, v, k_pages, v_pages, meta, layer.scaling)
         return out.reshape(q.shape[0], -1)  # [num_tokens, num_heads * head_dim]

@@ -106,7 +106,13 @@ def paged_decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim]
+    *,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
+    """Launch knobs (``block_n`` keys per tile, warps, pipeline stages) default to the tuned values;
+    ``bench/decode_attn_sweep.py`` measures the alternatives."""
     bs, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     assert k_pages.stride() == v_pages.stride(), "K and V pages must share a layout"
@@ -122,7 +128,7 @@ def paged_decode_attention(
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         scale,
         PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages,
         # float32 models are the exactness reference: no TF32 rounding in their dots
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip

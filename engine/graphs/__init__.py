@@ -61,7 +61,7 @@ def create_decode_graphs(
 
 
 def create_piecewise_graphs(
-    cfg: EngineConfig, model: nn.Module, attn_backend: AttentionBackend
+    cfg: EngineConfig, model: nn.Module, kv_pool: KVPagePool, attn_backend: AttentionBackend
 ) -> PiecewiseGraphRunner | None:
     device = torch.device(cfg.device)
     if not cfg.cuda_graphs or device.type != "cuda" or cfg.piecewise_token_limit == 0:
@@ -69,7 +69,9 @@ def create_piecewise_graphs(
     if not isinstance(model, LlamaForCausalLM):  # the cut points are DecoderLayer's methods
         log.info("piecewise CUDA graphs: %s has no attention cut points; extend runs eagerly", type(model))
         return None
-    runner = PiecewiseGraphRunner(model, attn_backend, max_tokens=cfg.piecewise_token_limit, device=device)
+    runner = PiecewiseGraphRunner(
+        model, kv_pool, attn_backend, max_tokens=cfg.piecewise_token_limit, device=device
+    )
     runner.capture()
     return runner
 

@@ -9,15 +9,17 @@ bake in. So the forward is cut around attention (``DecoderLayer.pre_attention`` 
 - piece i (1 <= i < L): layer i-1 after attention (o_proj, norm, MLP) and layer i up to q/k/v;
 - piece L: layer L-1 after attention and the final norm.
 
-Between pieces the attention backend runs eagerly with the batch's metadata, on the live tokens
-only: it stores their K/V into the pool and attends (``AttentionBackend.forward``). The logits of
+Each piece that ends at q/k/v also stores the new K/V into the pool (``pre_attention``; padded rows
+write to slot 0, the never-allocated dummy page). Between pieces the attention backend runs eagerly
+with the batch's metadata, on the live tokens only (``AttentionBackend.forward``). The logits of
 each sequence's last token are taken eagerly after the last piece, as the eager forward does.
 
 Buffers. Pieces pass tensors through static buffers sized for the largest bucket: ``input_ids``,
-``positions`` (the batch's inputs), ``q``/``k``/``v`` and ``residual`` (a piece's outputs),
+``positions``, ``out_cache_loc`` (the batch's inputs), ``q``/``k``/``v`` and ``residual`` (a piece's outputs),
 ``attn_out`` (the next piece's input), ``hidden`` (the last piece's output). A batch of n tokens runs
 in the smallest bucket T >= n: rows n..T-1 compute on stale values that nothing reads, since every
-op inside a piece works row by row and attention sees only the n live rows.
+op inside a piece works row by row and attention sees only the n live rows; their KV slots are reset
+to 0 at staging, so their stores land on the dummy page.
 
 Capture. Buckets largest first, each bucket's pieces in order, all into one memory pool; what a
 piece allocates inside is released once it is captured, so the pool holds about one piece of the
@@ -41,6 +43,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.graphs.capture import capture_all
+from engine.kvcache.page_pool import KVPagePool
 from engine.models.llama import DecoderLayer, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,13 @@ class PiecewiseGraphRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
+        kv_pool: KVPagePool,
         attn_backend: AttentionBackend,
         *,
         max_tokens: int,
         device: torch.device,
     ) -> None:
-        self.model, self.attn_backend, self.device = model, attn_backend, device
+        self.model, self.kv_pool, self.attn_backend, self.device = model, kv_pool, attn_backend, device
         decoder = model.model
         self.embed, self.norm = decoder.embed_tokens, decoder.norm
         self.layers: list[DecoderLayer] = list(decoder.layers)  # type: ignore[arg-type]
@@ -86,13 +90,23 @@ class PiecewiseGraphRunner:
 
         self.input_ids = buffer(t, dtype=torch.int64)  # [T]
         self.positions = buffer(t, dtype=torch.int64)  # [T]
+        self.out_cache_loc = buffer(t, dtype=torch.int64)  # [T] KV slot per token; 0 (dummy) when padded
         self.q = buffer(t, cfg.num_heads, cfg.head_dim)  # [T, num_heads, head_dim]
         self.k = buffer(t, cfg.num_kv_heads, cfg.head_dim)  # [T, num_kv_heads, head_dim]
         self.v = buffer(t, cfg.num_kv_heads, cfg.head_dim)
         self.residual = buffer(t, cfg.hidden_size)  # [T, hidden]
         self.attn_out = buffer(t, cfg.num_heads * cfg.head_dim)  # [T, num_heads * head_dim]
         self.hidden = buffer(t, cfg.hidden_size)  # [T, hidden]
-        buffers = [self.input_ids, self.positions, self.q, self.k, self.v, self.residual, self.attn_out]
+        buffers = [
+            self.input_ids,
+            self.positions,
+            self.out_cache_loc,
+            self.q,
+            self.k,
+            self.v,
+            self.residual,
+            self.attn_out,
+        ]
         self.static_bytes = sum(b.nbytes for b in [*buffers, self.hidden])
         self._graphs: dict[int, list[Any]] = {}  # bucket -> one torch.cuda.CUDAGraph per piece
         self._staged: ForwardBatch | None = None
@@ -116,6 +130,8 @@ class PiecewiseGraphRunner:
         n = fb.num_tokens
         self.input_ids[:n].copy_(fb.input_ids)
         self.positions[:n].copy_(fb.positions)
+        self.out_cache_loc[:n].copy_(fb.out_cache_loc)
+        self.out_cache_loc[n : self.bucket(n)].zero_()
         self._staged = fb
 
     def is_staged(self, fb: ForwardBatch) -> bool:
@@ -142,7 +158,9 @@ class PiecewiseGraphRunner:
         if i == len(self.layers):
             self.hidden[:t].copy_(self.norm(x, residual)[0])
             return
-        q, k, v, residual = self.layers[i].pre_attention(self.positions[:t], x, residual)
+        q, k, v, residual = self.layers[i].pre_attention(
+            self.positions[:t], x, residual, self.kv_pool, self.out_cache_loc[:t]
+        )
         self.q[:t].copy_(q)
         self.k[:t].copy_(k)
         self.v[:t].copy_(v)

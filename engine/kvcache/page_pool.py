@@ -41,10 +41,17 @@ class KVPagePool:
     def v_pages(self, layer: int) -> torch.Tensor:
         return self.kv_gpu[layer, 1]  # [num_pages, page_size, num_kv_heads, head_dim]
 
+    def slot_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V pages indexed by slot: two ``[num_pages * page_size, num_kv_heads,
+        head_dim]`` views."""
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        return self.k_pages(layer).view(shape), self.v_pages(layer).view(shape)
+
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # slots [num_tokens]; k, v [num_tokens, num_kv_heads, head_dim]
-        self.k_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, k)
-        self.v_pages(layer).view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slots, v)
+        k_cache, v_cache = self.slot_views(layer)
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
 
     def read_pages(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
         """One layer's K and V of ``pages``: [2, num_pages, page_size, num_kv_heads, head_dim] (a copy)."""

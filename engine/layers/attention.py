@@ -1,7 +1,7 @@
-"""Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary
-(``qkv``), then the paged attention backend and the output projection, which the decoder layer
-calls around it (so piecewise CUDA graphs can stop at attention). The q/k norm and rotary run as
-one ``LayerOps`` call (one fused kernel on CUDA)."""
+"""Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary and
+the KV-cache store (``qkv``), then the paged attention backend and the output projection, which the
+decoder layer calls around it (so piecewise CUDA graphs can stop at attention). The q/k norm,
+rotary and store run as one ``LayerOps`` call (one fused kernel on CUDA)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.kvcache.page_pool import KVPagePool
 from engine.layers.kernels import LayerOps
 from engine.layers.linear import Linear, PackedLinear
 from engine.layers.norm import RMSNorm
@@ -51,17 +52,30 @@ class SelfAttention(nn.Module):
         self.rotary, self.ops = rotary, ops
 
     def qkv(
-        self, positions: torch.Tensor, x: torch.Tensor
+        self, positions: torch.Tensor, x: torch.Tensor, kv_pool: KVPagePool, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything before attention: x [T, hidden] -> q [T, num_heads, head_dim] and k, v
-        [T, num_kv_heads, head_dim], normalized and rotated."""
+        [T, num_kv_heads, head_dim], normalized and rotated; K and V are also stored into
+        ``kv_pool`` at ``slots`` [T] (this layer's pages), in the same kernel on CUDA."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q_weight = None if self.q_norm is None else self.q_norm.weight
         k_weight = None if self.k_norm is None else self.k_norm.weight
-        q, k = self.ops.qk_norm_rope(
-            positions, q, k, self.rotary.cos_cache, self.rotary.sin_cache, q_weight, k_weight, self.eps
+        k_cache, v_cache = kv_pool.slot_views(self.layer_id)
+        q, k = self.ops.qk_norm_rope_store(
+            positions,
+            q,
+            k,
+            v,
+            self.rotary.cos_cache,
+            self.rotary.sin_cache,
+            q_weight,
+            k_weight,
+            self.eps,
+            k_cache,
+            v_cache,
+            slots,
         )
         return q, k, v

@@ -4,7 +4,8 @@ and ``triton`` (fused kernels for CUDA), chosen once when the model is built.
 Why: eager torch spends ~50 small kernels per layer on RMSNorm (casts, pow, mean, rsqrt, muls),
 rotary (gather, casts, rotate-half, muls, adds), SiLU·up and residual adds; inside a decode CUDA
 graph those launches are free but each still costs a few µs of GPU time, which at batch 1 is more
-than the weights take to read. The ``triton`` ops do each group in one kernel: 4 per layer.
+than the weights take to read. The ``triton`` ops do each group in one kernel: 4 per layer, the
+KV-cache store included (``qk_norm_rope_store`` writes K and V into the pool as it rotates).
 
 Contract (``LayerOps``): every op takes and returns device tensors, reads nothing back to the host
 and sizes its launch from tensor shapes only, so it can run inside a CUDA graph. Results have the
@@ -70,6 +71,27 @@ class LayerOps:
         cos = cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
         sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def qk_norm_rope_store(
+        self,
+        positions: torch.Tensor,  # [T] int64
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+        k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]: one layer's K pages, flattened
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,  # [T] int64 pool slot of each new token
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``qk_norm_rope``, then the new tokens' K (as rotated) and V written into the page pool."""
+        q, k = self.qk_norm_rope(positions, q, k, cos_cache, sin_cache, q_weight, k_weight, eps)
+        k_cache.index_copy_(0, slots, k)
+        v_cache.index_copy_(0, slots, v)
+        return q, k
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

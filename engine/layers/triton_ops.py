@@ -69,10 +69,11 @@ def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexp
 
 @triton.jit
 def _norm_rope_head(
-    X, Out, W, cos1, cos2, sin1, sin2, d, mask, eps,
-    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr,
+    X, Out, Out2, W, cos1, cos2, sin1, sin2, d, mask, eps,
+    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OUT2: tl.constexpr,
 ):  # fmt: skip
-    """One head: x [HEAD_DIM] as halves x1, x2 (``d`` indexes a half). cos/sin already in dtype."""
+    """One head: x [HEAD_DIM] as halves x1, x2 (``d`` indexes a half). cos/sin already in dtype.
+    The result goes to ``Out`` and, with ``HAS_OUT2``, also to ``Out2`` (the KV-cache slot)."""
     dtype = Out.dtype.element_ty
     half = HEAD_DIM // 2
     x1 = tl.load(X + d, mask=mask, other=0.0).to(tl.float32)
@@ -89,16 +90,22 @@ def _norm_rope_head(
     out2 = _rnd(x2 * cos2, dtype) + _rnd(x1 * sin2, dtype)
     tl.store(Out + d, out1.to(dtype), mask=mask)
     tl.store(Out + half + d, out2.to(dtype), mask=mask)
+    if HAS_OUT2:
+        tl.store(Out2 + d, out1.to(dtype), mask=mask)
+        tl.store(Out2 + half + d, out2.to(dtype), mask=mask)
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    Q, K, QOut, KOut, QW, KW, Positions, Cos, Sin,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
+    Q, K, V, QOut, KOut, KCache, VCache, Slots, QW, KW, Positions, Cos, Sin,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
 ):  # fmt: skip
+    """Grid (tokens, q heads + kv heads [+ kv heads with STORE_KV]): one head of one token per
+    program; with STORE_KV the rotated K heads also go to the cache slot, and the last programs copy
+    V heads there. The caches are [num_slots, NUM_KV_HEADS, HEAD_DIM] contiguous."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     dtype = QOut.dtype.element_ty
@@ -112,11 +119,22 @@ def _qk_norm_rope_kernel(
     if h < NUM_Q_HEADS:
         x = Q + t * stride_qt + h * stride_qh
         out = QOut + (t * NUM_Q_HEADS + h) * HEAD_DIM
-        _norm_rope_head(x, out, QW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM)
-    else:
-        x = K + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
-        out = KOut + (t * NUM_KV_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
-        _norm_rope_head(x, out, KW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM)
+        _norm_rope_head(x, out, out, QW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM, False)
+    elif h < NUM_Q_HEADS + NUM_KV_HEADS:
+        hk = h - NUM_Q_HEADS
+        x = K + t * stride_kt + hk * stride_kh
+        out = KOut + (t * NUM_KV_HEADS + hk) * HEAD_DIM
+        cache = KCache
+        if STORE_KV:
+            cache = KCache + (tl.load(Slots + t).to(tl.int64) * NUM_KV_HEADS + hk) * HEAD_DIM
+        _norm_rope_head(x, out, cache, KW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM, STORE_KV)
+    else:  # STORE_KV: copy a V head into its slot
+        hv = h - NUM_Q_HEADS - NUM_KV_HEADS
+        slot = tl.load(Slots + t).to(tl.int64)
+        x = V + t * stride_vt + hv * stride_vh
+        cache = VCache + (slot * NUM_KV_HEADS + hv) * HEAD_DIM
+        tl.store(cache + d, tl.load(x + d, mask=mask), mask=mask)
+        tl.store(cache + HEAD_DIM // 2 + d, tl.load(x + HEAD_DIM // 2 + d, mask=mask), mask=mask)
 
 
 def _row_warps(block: int) -> int:
@@ -176,8 +194,12 @@ def qk_norm_rope(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns new contiguous q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim]."""
+    """Returns new contiguous q [T, num_heads, head_dim] and k [T, num_kv_heads, head_dim].
+    ``kv_store`` = (v [T, num_kv_heads, head_dim], k_cache, v_cache [num_slots, num_kv_heads,
+    head_dim] contiguous, slots [T]): the rotated k and v are also written into the caches at
+    ``slots``, in the same launch."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.dtype == q.dtype and k.shape[2] == head_dim and head_dim % 2 == 0, "q/k heads must match"
@@ -190,14 +212,20 @@ def qk_norm_rope(
     k_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out, k_out
-    grid = (num_tokens, num_heads + num_kv_heads)
+    v, k_cache, v_cache, slots = kv_store if kv_store is not None else (k, k_out, k_out, positions)
+    if kv_store is not None:
+        assert v.shape == k.shape and v.stride(2) == 1, "v must be shaped like k"
+        for cache in (k_cache, v_cache):
+            assert cache.is_contiguous() and cache.shape[1:] == k.shape[1:] and cache.dtype == k.dtype
+    grid = (num_tokens, num_heads + num_kv_heads * (2 if kv_store is not None else 1))
     _qk_norm_rope_kernel[grid](
-        q, k, q_out, k_out, q_weight if has_norm else q, k_weight if has_norm else k,
+        q, k, v, q_out, k_out, k_cache, v_cache, slots, q_weight if has_norm else q, k_weight if has_norm else k,
         positions, cos_cache, sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_cache.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
         eps,
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, num_warps=1, **_LAUNCH,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE_KV=kv_store is not None,
+        num_warps=1, **_LAUNCH,
     )  # fmt: skip
     return q_out, k_out
 
@@ -232,3 +260,22 @@ class TritonOps(LayerOps):
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return qk_norm_rope(positions, q, k, cos_cache, sin_cache, q_weight, k_weight, eps)
+
+    def qk_norm_rope_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_cache: torch.Tensor,
+        sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return qk_norm_rope(
+            positions, q, k, cos_cache, sin_cache, q_weight, k_weight, eps, (v, k_cache, v_cache, slots)
+        )

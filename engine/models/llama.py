@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
+from engine.kvcache.page_pool import KVPagePool
 from engine.layers.attention import AttentionOptions, SelfAttention
 from engine.layers.kernels import LayerOps
 from engine.layers.linear import Linear
@@ -47,21 +48,26 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embedding for the first layer, whose residual is
         None). Returns (this layer's MLP output, the residual stream before it), both [T, hidden]."""
-        q, k, v, residual = self.pre_attention(positions, x, residual)
+        q, k, v, residual = self.pre_attention(positions, x, residual, batch.kv_pool, batch.out_cache_loc)
         out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, num_heads * head_dim]
         return self.post_attention(out, residual)
 
     # The two halves around attention, for piecewise CUDA graphs (``engine.graphs.piecewise``).
     def pre_attention(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_pool: KVPagePool,
+        slots: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm (+ residual add) and q/k/v: returns q, k, v (``SelfAttention.qkv``) and the
-        residual stream [T, hidden]."""
+        """Input norm (+ residual add) and q/k/v, K/V stored at ``slots``: returns q, k, v
+        (``SelfAttention.qkv``) and the residual stream [T, hidden]."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.qkv(positions, h)
+        q, k, v = self.self_attn.qkv(positions, h, kv_pool, slots)
         return q, k, v, residual
 
     def post_attention(

@@ -124,6 +124,18 @@ def test_qk_norm_rope(dtype, qk_norm, tokens, num_heads, num_kv_heads, head_dim)
             assert torch.equal(a, b), (
                 f"rope {name} {dtype}: max diff {(a.double() - b.double()).abs().max():.2e}"
             )
+    # The same with the KV-cache store fused in: q and k unchanged, the rotated k and the raw v in
+    # their slots (shuffled, distinct), every other slot untouched (NaN-poisoned).
+    v = qkv[:, q_size + kv_size :].view(tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(3 * tokens, device=DEVICE, generator=g)[:tokens]
+    k_cache = torch.full((3 * tokens, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    got_q, got_k = fused.qk_norm_rope_store(*args[:3], v, *args[3:], k_cache, v_cache, slots)
+    assert torch.equal(got_q, got[0]) and torch.equal(got_k, got[1])
+    assert torch.equal(k_cache[slots], got_k) and torch.equal(v_cache[slots], v)
+    untouched = torch.ones(3 * tokens, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
 
 
 # -- the engine on the fused kernels -------------------------------------------------------------------

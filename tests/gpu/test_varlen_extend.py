@@ -117,6 +117,9 @@ def test_matches_torch_native_float64(dtype, bound, head_dim, num_heads, num_kv_
         pool64.kv_gpu.copy_(batch.kv_pool.kv_gpu)
         native = TorchNativeBackend(max_gather_tokens=budget)
         batch64 = dataclasses.replace(batch, kv_pool=pool64, attn_backend=native)
+        # the layer stores the new K/V before attention (LayerOps.qk_norm_rope_store)
+        batch.kv_pool.store(0, batch.out_cache_loc, k, v)
+        pool64.store(0, batch.out_cache_loc, k.double(), v.double())
         ref = native.forward(layer, q.double(), k.double(), v.double(), batch64).view(
             num_tokens, num_heads, head_dim
         )
@@ -158,5 +161,6 @@ def test_float32_falls_back_to_torch_native():
     assert batch.attn_metadata is None
     q = torch.randn(20, 4, 64, device="cuda")
     k, v = torch.randn(20, 2, 64, device="cuda"), torch.randn(20, 2, 64, device="cuda")
+    batch.kv_pool.store(0, batch.out_cache_loc, k, v)
     out = backend.forward(SimpleNamespace(layer_id=0, scaling=0.125), q, k, v, batch)
     assert out.shape == (20, 4 * 64) and not out.isnan().any()

@@ -146,7 +146,8 @@ def test_packing_matches_torch_native_extend(monkeypatch, budget, page_size, gqa
         attn_backend=native,
     )
     layer = SimpleNamespace(layer_id=0, scaling=0.3)
-    want = native.forward(layer, q, k, v, batch).view(num_tokens, num_heads, head_dim)  # stores k, v
+    pool.store(0, batch.out_cache_loc, k, v)  # what the layer does before attention
+    want = native.forward(layer, q, k, v, batch).view(num_tokens, num_heads, head_dim)
     meta = build_extend_metadata(seq_lens, ext, batch.page_table, page_size, budget)
     assert (len(meta.groups) > 1) == (budget < sum(seq_lens))
     got = paged_extend_attention(q, k, v, pool.k_pages(0), pool.v_pages(0), meta, 0.3)
