@@ -61,6 +61,18 @@ class IncrementalDetokenizer:
             return ""
         return self._advance(new_text)
 
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add several output tokens at once: the text ``push`` would have returned for them
+        together, from one decode of the window."""
+        if not token_ids:
+            return ""
+        self.output_ids += token_ids
+        self._ids += token_ids
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+            return ""
+        return self._advance(new_text)
+
     def flush(self) -> str:
         """Return the held-back text (a trailing partial character as U+FFFD), as when the request
         ends; the stream is then consistent with decode(output_ids)."""

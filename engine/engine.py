@@ -56,16 +56,24 @@ class Engine:
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, hold_kv: bool = False
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        hold_kv: bool = False,
+        stream_text: bool = True,
     ) -> None:
         """Queue a request. Raises ValueError (field name first) if it can never run here.
 
         ``hold_kv``: when the request finishes, its final output carries ``kv_pages`` with one
         reference held for the caller (a prefill instance ships them, then calls ``free_pages``).
+        ``stream_text=False``: outputs before the last carry no text and the last carries all of
+        it (without stop strings, the tokens are then detokenized once, at the end: offline use).
         """
         max_len = self.check_request(request_id, prompt_ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len, hold_kv=hold_kv)
+        seq.stream_text = stream_text
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 

@@ -61,7 +61,7 @@ class LLM:
         try:
             for ids, p in zip(token_lists, per_prompt, strict=True):
                 request_id = f"offline-{next(self._ids)}"
-                self.engine.add_request(request_id, ids, p)
+                self.engine.add_request(request_id, ids, p, stream_text=False)  # text read at the end
                 results[request_id] = CompletionOutput(prompt_token_ids=ids)
             with tqdm(total=len(token_lists), disable=not use_tqdm, desc="generate", unit="req") as bar:
                 while self.engine.has_unfinished():

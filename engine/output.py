@@ -51,16 +51,27 @@ class TextStream:
     """
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], skip_special_tokens: bool
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        stop: tuple[str, ...],
+        skip_special_tokens: bool,
+        incremental: bool = True,
     ) -> None:
+        """``incremental=False``: nobody reads the text before the end (offline generation), so
+        without stop strings the tokens are detokenized once, when the request ends."""
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
         self.stop = stop
         self.emitted = 0  # characters of detok.text already returned
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.end: int | None = None  # where the text is cut by a stop string
+        self.deferred: list[int] | None = None if incremental or stop else []  # tokens not decoded yet
 
     def push(self, token: int) -> bool:
         """Detokenize one token; True if that completed a stop string (the text ends before it)."""
+        if self.deferred is not None:
+            self.deferred.append(token)
+            return False
         new_text = self.detok.push(token)
         if self.stop:
             stop_at = find_stop(self.detok.text, self.stop, len(new_text))
@@ -72,6 +83,11 @@ class TextStream:
     def take(self, final: bool) -> str:
         """Text not returned yet. ``final``: the request ended, so nothing is held back (a trailing
         partial character is flushed unless a stop string cut the text)."""
+        if self.deferred is not None:
+            if not final:
+                return ""
+            self.detok.push_many(self.deferred)
+            self.deferred = []
         if final and self.end is None:
             self.detok.flush()
         text = self.detok.text if self.end is None else self.detok.text[: self.end]
@@ -109,7 +125,9 @@ class OutputProcessor:
         state = self._texts.get(seq.request_id)
         if state is None:
             params = seq.params
-            state = TextStream(self.tokenizer, seq.prompt_ids, params.stop, params.skip_special_tokens)
+            state = TextStream(
+                self.tokenizer, seq.prompt_ids, params.stop, params.skip_special_tokens, seq.stream_text
+            )
             self._texts[seq.request_id] = state
         return state
 

@@ -38,6 +38,20 @@ def test_random_token_streams_equal_one_shot_decode(tok, skip):
         assert not any(p.endswith("\ufffd") for p in parts[:-1])
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_deferred_text_equals_the_streamed_text(tok, skip):
+    """What offline generation does (all tokens decoded once at the end) gives the streamed text."""
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 40))]
+        if rng.random() < 0.3:
+            ids = tok.encode(MULTIBYTE)[: rng.randrange(1, 30)]  # may end mid-character
+        prompt = tok.encode("The lighthouse keeper said:") if rng.random() < 0.5 else []
+        once = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+        text = once.push_many(ids) + once.flush()
+        assert text == "".join(stream(tok, ids, prompt, skip)) and once.output_ids == ids, ids
+
+
 def test_multibyte_text_streams_whole_characters(tok):
     ids = tok.encode(MULTIBYTE)
     parts = stream(tok, ids)
