@@ -68,31 +68,34 @@ def _silu_mul_kernel(GateUp, Out, stride_g, stride_o, n_cols, BLOCK: tl.constexp
 
 
 @triton.jit
-def _norm_rope_head(
-    X, Out, Out2, W, cos1, cos2, sin1, sin2, d, mask, eps,
-    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, HAS_OUT2: tl.constexpr,
+def _norm_rope_heads(
+    X, stride_xh, Out, Cache, W, cos1, cos2, sin1, sin2, h, d, mask, eps,
+    HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
-    """One head: x [HEAD_DIM] as halves x1, x2 (``d`` indexes a half). cos/sin already in dtype.
-    The result goes to ``Out`` and, with ``HAS_OUT2``, also to ``Out2`` (the KV-cache slot)."""
+    """All heads of one token as a [heads, half] tile: ``X + h * stride_xh`` holds head h, as halves
+    x1, x2 (``d`` indexes a half). cos/sin [1, half] already in dtype. The result goes to ``Out``
+    (heads contiguous) and, with ``STORE``, to ``Cache`` (the token's KV-cache slot, same layout)."""
     dtype = Out.dtype.element_ty
     half = HEAD_DIM // 2
-    x1 = tl.load(X + d, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + half + d, mask=mask, other=0.0).to(tl.float32)
+    rows = X + h * stride_xh + d
+    x1 = tl.load(rows, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(rows + half, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) * (1.0 / HEAD_DIM)
-        rstd = tl.math.rsqrt(var + eps)
-        w1 = tl.load(W + d, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(W + half + d, mask=mask, other=0.0).to(tl.float32)
+        var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) * (1.0 / HEAD_DIM)  # [heads]
+        rstd = tl.math.rsqrt(var + eps)[:, None]
+        w1 = tl.load(W + d, mask=d < half, other=0.0).to(tl.float32)  # [1, half]
+        w2 = tl.load(W + half + d, mask=d < half, other=0.0).to(tl.float32)
         x1 = _rnd(w1 * _rnd(x1 * rstd, dtype), dtype)
         x2 = _rnd(w2 * _rnd(x2 * rstd, dtype), dtype)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); every product rounded like torch's
-    out1 = _rnd(x1 * cos1, dtype) + _rnd(-x2 * sin1, dtype)
-    out2 = _rnd(x2 * cos2, dtype) + _rnd(x1 * sin2, dtype)
-    tl.store(Out + d, out1.to(dtype), mask=mask)
-    tl.store(Out + half + d, out2.to(dtype), mask=mask)
-    if HAS_OUT2:
-        tl.store(Out2 + d, out1.to(dtype), mask=mask)
-        tl.store(Out2 + half + d, out2.to(dtype), mask=mask)
+    out1 = (_rnd(x1 * cos1, dtype) + _rnd(-x2 * sin1, dtype)).to(dtype)
+    out2 = (_rnd(x2 * cos2, dtype) + _rnd(x1 * sin2, dtype)).to(dtype)
+    dst = h * HEAD_DIM + d
+    tl.store(Out + dst, out1, mask=mask)
+    tl.store(Out + half + dst, out2, mask=mask)
+    if STORE:
+        tl.store(Cache + dst, out1, mask=mask)
+        tl.store(Cache + half + dst, out2, mask=mask)
 
 
 @triton.jit
@@ -101,40 +104,46 @@ def _qk_norm_rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     eps,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
 ):  # fmt: skip
-    """Grid (tokens, q heads + kv heads [+ kv heads with STORE_KV]): one head of one token per
-    program; with STORE_KV the rotated K heads also go to the cache slot, and the last programs copy
-    V heads there. The caches are [num_slots, NUM_KV_HEADS, HEAD_DIM] contiguous."""
+    """Grid (tokens, 2 [+ 1 with STORE_KV]): program (t, 0) rotates every q head of token t, (t, 1)
+    every k head (and with STORE_KV writes them to the token's cache slot), (t, 2) copies the v heads
+    into the slot. The caches are [num_slots, NUM_KV_HEADS, HEAD_DIM] contiguous."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    part = tl.program_id(1)
     dtype = QOut.dtype.element_ty
-    d = tl.arange(0, BLOCK_HALF)
-    mask = d < HEAD_DIM // 2
+    half = HEAD_DIM // 2
+    d = tl.arange(0, BLOCK_HALF)[None, :]  # [1, half]
+    in_half = d < half
     table = tl.load(Positions + t).to(tl.int64) * stride_cos
-    cos1 = _rnd(tl.load(Cos + table + d, mask=mask, other=0.0), dtype)  # cos_cache[pos].to(dtype)
-    cos2 = _rnd(tl.load(Cos + table + HEAD_DIM // 2 + d, mask=mask, other=0.0), dtype)
-    sin1 = _rnd(tl.load(Sin + table + d, mask=mask, other=0.0), dtype)
-    sin2 = _rnd(tl.load(Sin + table + HEAD_DIM // 2 + d, mask=mask, other=0.0), dtype)
-    if h < NUM_Q_HEADS:
-        x = Q + t * stride_qt + h * stride_qh
-        out = QOut + (t * NUM_Q_HEADS + h) * HEAD_DIM
-        _norm_rope_head(x, out, out, QW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM, False)
-    elif h < NUM_Q_HEADS + NUM_KV_HEADS:
-        hk = h - NUM_Q_HEADS
-        x = K + t * stride_kt + hk * stride_kh
-        out = KOut + (t * NUM_KV_HEADS + hk) * HEAD_DIM
-        cache = KCache
+    cos1 = _rnd(tl.load(Cos + table + d, mask=in_half, other=0.0), dtype)  # cos_cache[pos].to(dtype)
+    cos2 = _rnd(tl.load(Cos + table + half + d, mask=in_half, other=0.0), dtype)
+    sin1 = _rnd(tl.load(Sin + table + d, mask=in_half, other=0.0), dtype)
+    sin2 = _rnd(tl.load(Sin + table + half + d, mask=in_half, other=0.0), dtype)
+    # (Triton needs a name to keep one type across branches: each branch has its own names.)
+    if part == 2:  # STORE_KV only: the v heads, copied
+        hv = tl.arange(0, BLOCK_KV)[:, None]
+        v_mask = (hv < NUM_KV_HEADS) & in_half
+        v_dst = VCache + tl.load(Slots + t).to(tl.int64) * NUM_KV_HEADS * HEAD_DIM + hv * HEAD_DIM + d
+        v_src = V + t * stride_vt + hv * stride_vh + d
+        tl.store(v_dst, tl.load(v_src, mask=v_mask), mask=v_mask)
+        tl.store(v_dst + half, tl.load(v_src + half, mask=v_mask), mask=v_mask)
+    elif part == 0:
+        hq = tl.arange(0, BLOCK_Q)[:, None]
+        _norm_rope_heads(
+            Q + t * stride_qt, stride_qh, QOut + t * NUM_Q_HEADS * HEAD_DIM, QOut, QW,
+            cos1, cos2, sin1, sin2, hq, d, (hq < NUM_Q_HEADS) & in_half, eps, HEAD_DIM, HAS_NORM, False,
+        )  # fmt: skip
+    else:
+        hk = tl.arange(0, BLOCK_KV)[:, None]
+        k_cache = KCache
         if STORE_KV:
-            cache = KCache + (tl.load(Slots + t).to(tl.int64) * NUM_KV_HEADS + hk) * HEAD_DIM
-        _norm_rope_head(x, out, cache, KW, cos1, cos2, sin1, sin2, d, mask, eps, HEAD_DIM, HAS_NORM, STORE_KV)
-    else:  # STORE_KV: copy a V head into its slot
-        hv = h - NUM_Q_HEADS - NUM_KV_HEADS
-        slot = tl.load(Slots + t).to(tl.int64)
-        x = V + t * stride_vt + hv * stride_vh
-        cache = VCache + (slot * NUM_KV_HEADS + hv) * HEAD_DIM
-        tl.store(cache + d, tl.load(x + d, mask=mask), mask=mask)
-        tl.store(cache + HEAD_DIM // 2 + d, tl.load(x + HEAD_DIM // 2 + d, mask=mask), mask=mask)
+            k_cache = KCache + tl.load(Slots + t).to(tl.int64) * NUM_KV_HEADS * HEAD_DIM
+        _norm_rope_heads(
+            K + t * stride_kt, stride_kh, KOut + t * NUM_KV_HEADS * HEAD_DIM, k_cache, KW,
+            cos1, cos2, sin1, sin2, hk, d, (hk < NUM_KV_HEADS) & in_half, eps, HEAD_DIM, HAS_NORM, STORE_KV,
+        )  # fmt: skip
 
 
 def _row_warps(block: int) -> int:
@@ -217,15 +226,16 @@ def qk_norm_rope(
         assert v.shape == k.shape and v.stride(2) == 1, "v must be shaped like k"
         for cache in (k_cache, v_cache):
             assert cache.is_contiguous() and cache.shape[1:] == k.shape[1:] and cache.dtype == k.dtype
-    grid = (num_tokens, num_heads + num_kv_heads * (2 if kv_store is not None else 1))
+    grid = (num_tokens, 3 if kv_store is not None else 2)
     _qk_norm_rope_kernel[grid](
         q, k, v, q_out, k_out, k_cache, v_cache, slots, q_weight if has_norm else q, k_weight if has_norm else k,
         positions, cos_cache, sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
         eps,
         NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_Q=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE_KV=kv_store is not None,
-        num_warps=1, **_LAUNCH,
+        num_warps=4 if num_heads * head_dim >= 2048 else 2, **_LAUNCH,
     )  # fmt: skip
     return q_out, k_out
 
