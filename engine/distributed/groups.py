@@ -78,6 +78,8 @@ def init_tp(
 
 
 def destroy_tp() -> None:
-    """Leave the process group ``init_tp`` joined (at shutdown)."""
+    """Leave the process group ``init_tp`` joined (at shutdown). Collective: every rank calls it,
+    and none tears its connections down while another still uses them."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
