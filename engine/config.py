@@ -87,6 +87,29 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def tp_heads(self, tp_size: int) -> tuple[int, int]:
+        """(q heads, kv heads) each of ``tp_size`` tensor-parallel ranks holds (and its KV pool
+        stores). Q heads are split evenly; kv heads are split when there are at least as many as
+        ranks, else each rank holds one, shared by ``tp_size // num_kv_heads`` ranks (vLLM's rule).
+        Shapes that do not divide are a ValueError naming the field."""
+        if self.num_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads: {self.num_heads} heads cannot be split evenly over tp_size={tp_size}"
+            )
+        if self.num_kv_heads >= tp_size:
+            if self.num_kv_heads % tp_size:
+                raise ValueError(
+                    f"num_key_value_heads: {self.num_kv_heads} heads cannot be split evenly over "
+                    f"tp_size={tp_size}"
+                )
+            return self.num_heads // tp_size, self.num_kv_heads // tp_size
+        if tp_size % self.num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads: {self.num_kv_heads} heads cannot be replicated evenly over "
+                f"tp_size={tp_size} (it must be a multiple of them)"
+            )
+        return self.num_heads // tp_size, 1
+
     @classmethod
     def from_dir(cls, model_dir: str | Path, dtype: str = "auto") -> ModelConfig:
         path = Path(model_dir) / "config.json"

@@ -2,6 +2,11 @@
 
 Every failure is one ``ModelLoadError`` naming the file, the tensor and what was expected: an
 unknown architecture, a missing or unexpected tensor, a shape that does not fit.
+
+Tensor parallel (#7): every rank reads the whole checkpoint tensors and its parameters' loaders keep
+its slice (``engine.layers.linear``); shapes are checked against the whole tensor. Dummy weights are
+drawn whole from the same seeded generator on every rank and loaded the same way, so N ranks of
+dummy weights compute what one rank does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed import TPGroup
 from engine.layers.kernels import LayerOps
 from engine.layers.linear import ShapeMismatch, default_weight_loader
 from engine.models import model_class
@@ -34,15 +40,17 @@ def load_model(
     device: torch.device | str,
     dummy: bool = False,
     ops: LayerOps | None = None,
+    tp: TPGroup | None = None,
 ) -> nn.Module:
     """``dummy``: fill parameters with seeded random values instead of reading the checkpoint.
-    ``ops``: the layers' elementwise implementation (``engine.layers.kernels``); None: torch."""
+    ``ops``: the layers' elementwise implementation (``engine.layers.kernels``); None: torch.
+    ``tp``: this rank's tensor-parallel group (its slice of every weight is loaded); None: one rank."""
     try:
         cls = model_class(cfg.architecture)
     except ValueError as e:
         raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     with _default_dtype(cfg.torch_dtype), torch.device(device):
-        model = cls(cfg, ops)
+        model = cls(cfg, ops, tp=tp)  # type: ignore[call-arg]
     if dummy:
         init_dummy_weights(model)
     else:
@@ -52,7 +60,9 @@ def load_model(
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of realistic scale (std 0.02; norms 1) for benchmarks: numbers, not words."""
+    """Random weights of realistic scale (std 0.02; norms 1) for benchmarks: numbers, not words.
+    A matrix is drawn whole (its checkpoint shape; a packed one as its parts stacked) and goes
+    through the parameter's loader, so every tensor-parallel rank keeps its slice of one tensor."""
     for i, (name, p) in enumerate(model.named_parameters()):
         g = torch.Generator(device=p.device).manual_seed(seed + i)
         if name.endswith("norm.weight"):
@@ -60,7 +70,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         elif p.ndim == 1:
             p.zero_()
         else:
-            p.normal_(0.0, 0.02, generator=g)
+            shapes: dict[str | None, tuple[int, ...]]
+            shapes = getattr(p, "checkpoint_shapes", {None: tuple(p.shape)})
+            rows = [shape[0] for shape in shapes.values()]
+            trailing = next(iter(shapes.values()))[1:]  # the same for every part
+            whole = torch.empty(sum(rows), *trailing, dtype=p.dtype, device=p.device)
+            whole.normal_(0.0, 0.02, generator=g)
+            loader = getattr(p, "weight_loader", default_weight_loader)
+            for part, rows_of_part in zip(shapes, whole.split(rows), strict=True):
+                loader(p, rows_of_part, part)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed import TPGroup
 from engine.graphs import (
     DecodeGraphRunner,
     PiecewiseGraphRunner,
@@ -74,8 +75,11 @@ class PendingTokens:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig) -> None:
+    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, tp: TPGroup | None = None) -> None:
+        """``tp``: this rank's tensor-parallel group (its shard of the weights and of the KV heads);
+        None: one rank."""
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.num_kv_heads = model_cfg.tp_heads(1 if tp is None else tp.world_size)[1]  # in this rank's pool
         self.device = torch.device(cfg.device)
         self.max_model_len = self._max_model_len()
         # The latest step's sampled tokens, by row, on the device; and two host buffers they are
@@ -89,7 +93,7 @@ class ModelRunner:
         self._readback_turn = 0
         self.layer_ops = create_layer_ops(layer_ops_name(cfg))
         self.model = load_model(
-            model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy", ops=self.layer_ops
+            model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy", ops=self.layer_ops, tp=tp
         )
         log.info("layer ops: %s (fused_kernels=%s, %s)", self.layer_ops.name, cfg.fused_kernels, self.device)
         self.attn_backend = create_backend(cfg)
@@ -216,7 +220,7 @@ class ModelRunner:
     def _bytes_per_page(self) -> int:
         m = self.model_cfg
         return KVPagePool.bytes_per_page(
-            m.num_layers, self.cfg.page_size, m.num_kv_heads, m.head_dim, m.torch_dtype
+            m.num_layers, self.cfg.page_size, self.num_kv_heads, m.head_dim, m.torch_dtype
         )
 
     def _make_pool(self, num_pages: int) -> KVPagePool:
@@ -225,7 +229,7 @@ class ModelRunner:
             m.num_layers,
             num_pages,
             self.cfg.page_size,
-            m.num_kv_heads,
+            self.num_kv_heads,
             m.head_dim,
             m.torch_dtype,
             self.device,

@@ -91,11 +91,12 @@ class PiecewiseGraphRunner:
         self.input_ids = buffer(t, dtype=torch.int64)  # [T]
         self.positions = buffer(t, dtype=torch.int64)  # [T]
         self.out_cache_loc = buffer(t, dtype=torch.int64)  # [T] KV slot per token; 0 (dummy) when padded
-        self.q = buffer(t, cfg.num_heads, cfg.head_dim)  # [T, num_heads, head_dim]
-        self.k = buffer(t, cfg.num_kv_heads, cfg.head_dim)  # [T, num_kv_heads, head_dim]
-        self.v = buffer(t, cfg.num_kv_heads, cfg.head_dim)
+        attn = self.layers[0].self_attn  # this rank's head counts (tensor parallel: a share)
+        self.q = buffer(t, attn.num_heads, cfg.head_dim)  # [T, num_heads, head_dim]
+        self.k = buffer(t, attn.num_kv_heads, cfg.head_dim)  # [T, num_kv_heads, head_dim]
+        self.v = buffer(t, attn.num_kv_heads, cfg.head_dim)
         self.residual = buffer(t, cfg.hidden_size)  # [T, hidden]
-        self.attn_out = buffer(t, cfg.num_heads * cfg.head_dim)  # [T, num_heads * head_dim]
+        self.attn_out = buffer(t, attn.num_heads * cfg.head_dim)  # [T, num_heads * head_dim]
         self.hidden = buffer(t, cfg.hidden_size)  # [T, hidden]
         buffers = [
             self.input_ids,

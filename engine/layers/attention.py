@@ -1,7 +1,13 @@
 """Self-attention block: packed qkv projection, optional per-head q/k RMSNorm (Qwen3), rotary and
 the KV-cache store (``qkv``), then the paged attention backend and the output projection, which the
 decoder layer calls around it (so piecewise CUDA graphs can stop at attention). The q/k norm,
-rotary and store run as one ``LayerOps`` call (one fused kernel on CUDA)."""
+rotary and store run as one ``LayerOps`` call (one fused kernel on CUDA).
+
+Tensor parallel (#7): each rank holds its share of the heads (``ModelConfig.tp_heads``): q heads
+split evenly, kv heads split too, or replicated when there are fewer than ranks (rank r then holds
+kv head ``r // (tp_size // num_kv_heads)``, the one its q heads attend to). Attention itself is
+per head and needs no communication; ``o_proj`` is row-parallel and sums the ranks' outputs. The
+q/k norm weights are per ``head_dim`` and whole on every rank."""
 
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.distributed import TPGroup
 from engine.kvcache.page_pool import KVPagePool
 from engine.layers.kernels import LayerOps
-from engine.layers.linear import Linear, PackedLinear
+from engine.layers.linear import PackedLinear, Part, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 
@@ -35,16 +42,24 @@ class SelfAttention(nn.Module):
         rotary: RotaryEmbedding,
         opts: AttentionOptions,
         ops: LayerOps,
+        tp: TPGroup | None = None,
     ) -> None:
         super().__init__()
+        tp = TPGroup() if tp is None else tp
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # This rank's heads; num_kv_shards distinct kv slices (fewer than ranks: replicated).
+        self.num_heads, self.num_kv_heads = cfg.tp_heads(tp.world_size)
+        num_kv_shards = cfg.num_kv_heads // self.num_kv_heads
+        self.head_dim = cfg.head_dim
         self.scaling = cfg.head_dim**-0.5
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.qkv_proj = PackedLinear(
-            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)], bias=opts.qkv_bias
-        )
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias)
+        self.q_size, self.kv_size = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        parts = [
+            Part("q", cfg.q_size),
+            Part("k", cfg.kv_size, num_kv_shards),
+            Part("v", cfg.kv_size, num_kv_shards),
+        ]
+        self.qkv_proj = PackedLinear(cfg.hidden_size, parts, bias=opts.qkv_bias, tp=tp)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias, tp=tp)
         # Weight holders for the checkpoint's q_norm / k_norm; applied inside ops.qk_norm_rope.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
@@ -55,8 +70,8 @@ class SelfAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv_pool: KVPagePool, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything before attention: x [T, hidden] -> q [T, num_heads, head_dim] and k, v
-        [T, num_kv_heads, head_dim], normalized and rotated; K and V are also stored into
-        ``kv_pool`` at ``slots`` [T] (this layer's pages), in the same kernel on CUDA."""
+        [T, num_kv_heads, head_dim] (this rank's heads), normalized and rotated; K and V are also
+        stored into ``kv_pool`` at ``slots`` [T] (this layer's pages), in the same kernel on CUDA."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]

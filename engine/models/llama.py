@@ -8,6 +8,11 @@ The block runs in residual-stream form: a layer returns its MLP output and the r
 separately, and the next layer's input norm adds them (``RMSNorm(x, residual)``), so every residual
 add shares a kernel with the norm that follows it. The sums are the ones ``x = x + sublayer(norm(x))``
 computes, rounded to the model dtype at the same points.
+
+Tensor parallel (#7): ``tp`` (an ``engine.distributed.TPGroup``; None: one rank) shards every
+projection, the embedding and the LM head over the ranks (``engine.layers.linear``,
+``engine.layers.embedding``); each rank's ``forward`` still returns the whole ``[batch, vocab]``
+logits. Norms and rotary are replicated.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from torch import nn
 
 from engine.attention.base import ForwardBatch
 from engine.config import ModelConfig
+from engine.distributed import TPGroup
 from engine.kvcache.page_pool import KVPagePool
 from engine.layers.attention import AttentionOptions, SelfAttention
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.kernels import LayerOps
-from engine.layers.linear import Linear
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
@@ -36,10 +42,11 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         opts: AttentionOptions,
         ops: LayerOps,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(cfg, layer_id, rotary, opts, ops)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.self_attn = SelfAttention(cfg, layer_id, rotary, opts, ops, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -49,7 +56,7 @@ class DecoderLayer(nn.Module):
         """x: the previous layer's MLP output (the embedding for the first layer, whose residual is
         None). Returns (this layer's MLP output, the residual stream before it), both [T, hidden]."""
         q, k, v, residual = self.pre_attention(positions, x, residual, batch.kv_pool, batch.out_cache_loc)
-        out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, num_heads * head_dim]
+        out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, local heads * head_dim]
         return self.post_attention(out, residual)
 
     # The two halves around attention, for piecewise CUDA graphs (``engine.graphs.piecewise``).
@@ -73,17 +80,19 @@ class DecoderLayer(nn.Module):
     def post_attention(
         self, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """attn_out [T, num_heads * head_dim] -> (MLP output, residual stream), both [T, hidden]."""
+        """attn_out [T, local heads * head_dim] -> (MLP output, residual stream), both [T, hidden]."""
         h, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
         return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, opts: AttentionOptions, ops: LayerOps) -> None:
+    def __init__(self, cfg: ModelConfig, opts: AttentionOptions, ops: LayerOps, tp: TPGroup) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, opts, ops) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rotary, opts, ops, tp) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -109,18 +118,22 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, cfg: ModelConfig, ops: LayerOps | None = None) -> None:
-        """``ops``: the layers' elementwise implementation; None is the torch one (CPU, reference)."""
+    def __init__(self, cfg: ModelConfig, ops: LayerOps | None = None, tp: TPGroup | None = None) -> None:
+        """``ops``: the layers' elementwise implementation; None is the torch one (CPU, reference).
+        ``tp``: this rank's tensor-parallel group; None is one rank. A shape that cannot be split
+        over ``tp.world_size`` ranks is a ValueError naming the config field."""
         super().__init__()
         self.config = cfg
         ops = LayerOps() if ops is None else ops
+        self.tp = TPGroup() if tp is None else tp
+        cfg.tp_heads(self.tp.world_size)  # a head split that does not divide fails before any allocation
         opts = AttentionOptions(
             qk_norm=self.qk_norm,
             qkv_bias=cfg.attention_bias if self.qkv_bias is None else self.qkv_bias,
             o_bias=cfg.attention_bias if self.o_bias is None else self.o_bias,
         )
-        self.model = DecoderModel(cfg, opts, ops)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.model = DecoderModel(cfg, opts, ops, self.tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, self.tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 

@@ -1,0 +1,12 @@
+"""Multi-rank plumbing: process groups and the collectives the model layers use.
+
+``groups.py``: ``TPGroup`` (one rank's view of its tensor-parallel group, passed to the model
+constructor; ``None`` there means a single rank) and ``init_tp`` (gloo on the CPU, NCCL on CUDA).
+Symmetric memory and context parallelism (``DESIGN.md``) join this package later.
+"""
+
+from __future__ import annotations
+
+from engine.distributed.groups import TPGroup, destroy_tp, init_tp
+
+__all__ = ["TPGroup", "destroy_tp", "init_tp"]

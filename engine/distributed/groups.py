@@ -1,0 +1,85 @@
+"""Tensor-parallel groups: which rank this process is, how many there are, and the two collectives
+the parallel layers need (``engine.layers.linear``).
+
+There is no module-level state of our own: ``init_tp`` returns a ``TPGroup`` that the caller hands
+to the model constructor (``LlamaForCausalLM(cfg, ops, tp=...)``); every layer keeps it. A world of
+one rank needs no process group at all: ``TPGroup()`` (what ``tp=None`` means) makes every
+collective a no-op, so the single-rank model runs exactly the ops it ran before TP existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """One rank's view of its tensor-parallel group. ``group`` None with ``world_size > 1`` means
+    torch's default (world) group."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"tp_size: must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"tp_rank: must be in [0, {self.world_size}), got {self.rank}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place; returns ``x``."""
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's ``x`` concatenated along ``dim`` in rank order (a new tensor; ``x`` itself
+        when there is one rank)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+def init_tp(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    backend: str | None = None,
+    device: torch.device | str = "cpu",
+    timeout_s: float = 300.0,
+) -> TPGroup:
+    """Join a ``world_size``-rank group as ``rank``; every rank calls this with the same
+    ``init_method`` (``tcp://host:port`` or ``file:///path``). ``backend`` None: gloo for a CPU
+    ``device``, NCCL for CUDA, where each rank names its own GPU (e.g. ``cuda:{rank}`` on one host)
+    and this makes it the current device. A collective that waits longer than ``timeout_s`` fails
+    instead of hanging."""
+    device = torch.device(device)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+        # NCCL: bind the communicator to this rank's GPU now, so a bad setup fails here.
+        device_id=device if backend == "nccl" else None,
+    )
+    return TPGroup(rank, world_size, dist.group.WORLD)
+
+
+def destroy_tp() -> None:
+    """Leave the process group ``init_tp`` joined (at shutdown). Collective: every rank calls it,
+    and none tears its connections down while another still uses them."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,134 @@
+"""Tensor-parallel ranks as real processes for the CPU tests (#7).
+
+``run_ranks`` spawns ``world_size`` processes joined by gloo; each builds its own ``ModelRunner``
+(its shard of the weights, a KV pool of its share of the kv heads) and runs ``greedy_run``: the
+same packed steps the single-process runner runs, each rank sampling greedily from the full logits
+it gets back. Results travel through files; every wait is bounded and a rank that fails or hangs
+fails the run with its traceback.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import time
+import traceback
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from engine.config import EngineConfig, ModelConfig
+from engine.distributed import TPGroup, destroy_tp, init_tp
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+PAGE_SIZE = 4
+# Two prompts: A is prefilled in two chunks (the second over a cached prefix, packed with B's first
+# decode token), then both decode. Each entry: (new tokens of A, of B), DECODE when all are 1.
+PROMPT_LENS = (12, 6)
+SCHEDULE = [(7, 6), (5, 1)] + [(1, 1)] * 4
+
+
+def greedy_run(model_dir: str, tp: TPGroup | None = None, dummy: bool = False) -> dict[str, Any]:
+    """Runs ``SCHEDULE``; returns each step's last-token logits [steps, 2, vocab] (float32), the
+    greedy tokens sampled at each step (None where a sequence is mid-prompt) and the number of kv
+    heads in this rank's KV pool."""
+    cfg = EngineConfig(
+        model=model_dir,
+        page_size=PAGE_SIZE,
+        max_num_batched_tokens=64,
+        kv_cache_bytes=1 << 20,
+        load_format="dummy" if dummy else "safetensors",
+    )
+    runner = ModelRunner(cfg, ModelConfig.from_dir(model_dir), tp=tp)
+    g = torch.Generator().manual_seed(0)
+    seqs = [
+        Sequence(name, torch.randint(3, 1000, (n,), generator=g).tolist(), SamplingParams(), 0, 64)
+        for name, n in zip("AB", PROMPT_LENS, strict=True)
+    ]
+    next_page = 1
+    logits_per_step, tokens_per_step = [], []
+    for extend_lens in SCHEDULE:
+        for seq, n in zip(seqs, extend_lens, strict=True):
+            while len(seq.pages) * PAGE_SIZE < seq.num_computed + n:
+                seq.pages.append(next_page)
+                next_page += 1
+        batch = ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
+        logits = runner.forward(runner.prepare(batch)).clone()  # [2, vocab]
+        tokens: list[int | None] = []
+        for seq, n, token in zip(seqs, extend_lens, logits.argmax(-1).tolist(), strict=True):
+            seq.num_computed += n
+            done = seq.num_computed == seq.num_tokens
+            if done:
+                seq.token_ids.append(token)
+            tokens.append(token if done else None)
+        logits_per_step.append(logits)
+        tokens_per_step.append(tokens)
+    return {
+        "logits": torch.stack(logits_per_step),
+        "tokens": tokens_per_step,
+        "kv_heads": runner.kv_pool.num_kv_heads,
+    }
+
+
+def _rank_main(
+    rank: int, world_size: int, init_method: str, cases: dict[str, tuple[str, bool]], out_dir: str
+) -> None:
+    torch.set_num_threads(1)  # ranks share the CPU cores
+    out = Path(out_dir)
+    fault = (out / f"rank{rank}.fault").open("w")
+    faulthandler.enable(fault)  # a native abort still leaves a stack behind
+    try:
+        tp = init_tp(rank, world_size, init_method, timeout_s=60)
+        results = {name: greedy_run(path, tp, dummy) for name, (path, dummy) in cases.items()}
+        torch.save(results, out / f"rank{rank}.pt")
+    except BaseException:
+        # No destroy_tp: it waits for every rank, and the others are about to be killed.
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    # Drop every reference to the process group so that it is torn down here, by destroy_tp,
+    # rather than during interpreter shutdown.
+    del tp
+    gc.collect()
+    destroy_tp()
+
+
+def run_ranks(
+    world_size: int, cases: dict[str, tuple[str, bool]], out_dir: Path, timeout_s: float = 120.0
+) -> list[dict[str, dict[str, Any]]]:
+    """``cases``: name -> (model dir, dummy weights). Returns each rank's ``greedy_run`` results."""
+    ctx = mp.get_context("spawn")
+    init_method = f"file://{out_dir / 'rendezvous'}"
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    pending = {p.sentinel: p for p in procs}
+    failed = False  # once one rank failed, the others would only wait for it
+    try:
+        while pending and not failed and (left := deadline - time.monotonic()) > 0:
+            for sentinel in wait(list(pending), timeout=left):
+                p = pending.pop(sentinel)
+                p.join()
+                failed = failed or p.exitcode != 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+    codes = [p.exitcode for p in procs]
+    errors = [f.read_text() for f in sorted(out_dir.glob("rank*.err")) + sorted(out_dir.glob("rank*.fault"))]
+    errors = [e for e in errors if e]
+    assert codes == [0] * world_size, (
+        f"TP ranks' exit codes {codes} (negative: killed, at the {timeout_s:.0f} s timeout or after "
+        f"another rank failed); tracebacks: {errors}"
+    )
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
