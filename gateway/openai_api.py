@@ -10,7 +10,7 @@ other than it asked for. vLLM-style extensions: ``top_k``, ``ignore_eos``, ``sto
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,6 +19,8 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.errors import APIError
 from gateway.generation import Usage
+
+_INT32_MAX, _UINT32_MAX = 2**31 - 1, 2**32 - 1
 
 
 class StreamOptions(BaseModel):
@@ -41,9 +43,11 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
     user: str | None = None
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: int = Field(default=-1, ge=-1, le=_INT32_MAX)  # the internal protos carry int32
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=_UINT32_MAX)]] = Field(
+        default_factory=list, max_length=64
+    )
     skip_special_tokens: bool = True
 
     @field_validator("stop")

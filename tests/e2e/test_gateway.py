@@ -174,6 +174,9 @@ BAD_INPUTS = [
     ({"model": MODEL, "prompt": "x", "logprobs": 50}, "logprobs", None),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     ({"model": MODEL, "prompt": ["a", "b"]}, "prompt", None),
+    ({"model": MODEL, "prompt": "x", "top_k": 2**32}, "top_k", None),  # beyond what the protos carry
+    ({"model": MODEL, "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids.0", None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_k": 2738634775}, "top_k", "chat"),
     ({"model": MODEL, "messages": []}, "messages", "chat"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "chat"),
     (
