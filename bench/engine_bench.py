@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, ModelConfig, RopeConfig
+from engine.distributed import TPGroup
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -134,11 +135,15 @@ def make_runner(
     cuda_graphs: bool,
     max_bs: int,
     fused_kernels: bool = True,
+    device: str = "cuda",
+    tp: TPGroup | None = None,
+    kv_cache_bytes: int | None = None,
 ) -> ModelRunner:
     with tempfile.TemporaryDirectory() as d:
         ecfg = EngineConfig(
             model=d,
-            device="cuda",
+            device=device,
+            kv_cache_bytes=kv_cache_bytes,
             dtype="bfloat16",
             load_format="dummy",
             max_num_seqs=max(256, max_bs),
@@ -150,7 +155,7 @@ def make_runner(
             fused_kernels=fused_kernels,
             max_graph_batch_size=max(256, max_bs),
         )
-        runner = ModelRunner(ecfg, cfg)
+        runner = ModelRunner(ecfg, cfg, tp=tp)
     runner.kv_pool.kv_gpu.normal_()  # never time on zeros
     return runner
 
