@@ -102,9 +102,10 @@ def _generate(args: argparse.Namespace, env: Env) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    start = time.perf_counter()
-    out = llm.generate([prompt], params)[0]
-    elapsed = time.perf_counter() - start
+    with llm:
+        start = time.perf_counter()
+        out = llm.generate([prompt], params)[0]
+        elapsed = time.perf_counter() - start
     print(out.text)
     print(
         f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, {elapsed:.2f}s]",
