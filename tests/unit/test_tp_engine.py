@@ -104,3 +104,15 @@ def test_cli_generate_tp2_prints_what_tp1_prints(tiny_model, tmp_path):
     two = pdserve_generate(tiny_model, 2, marker)
     assert two == one and one.strip()
     assert processes_with(marker) == []
+
+
+def test_tp_config_is_checked_where_it_cannot_run(tiny_model):
+    from decode_svc.server import DecodeConfig
+    from engine.config import EngineConfig
+    from prefill_svc.server import PrefillConfig
+
+    with pytest.raises(ValueError, match="tp: must be >= 1"):
+        EngineConfig(model=str(tiny_model), tp=0)
+    for service in (PrefillConfig, DecodeConfig):
+        with pytest.raises(ValueError, match="tp: this service runs one rank"):
+            service(EngineConfig(model=str(tiny_model), tp=2))
