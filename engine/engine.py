@@ -177,6 +177,8 @@ class Engine:
             return self._postprocess(launched) if launched is not None else []
         except BaseException:
             self._inflight = None  # its requests end with the error (the caller aborts them)
+            if self.workers is not None:
+                self.workers.close(graceful=False)  # ranks may be mid-step: they cannot go on in step
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:

@@ -145,6 +145,8 @@ class TPWorkers:
 
     def send(self, batch: ScheduledBatch) -> None:
         """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
+        if self._closed:
+            raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
         self.check_alive()
         data = pickle.dumps(StepPlan.of(batch))
         for rank, conn in enumerate(self.conns, start=1):

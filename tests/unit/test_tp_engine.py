@@ -71,8 +71,18 @@ def test_dead_worker_is_an_error_not_a_hang(tiny_model):
     proc.join(TIMEOUT_S)
     with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9"):
         llm.generate(["hello"], GREEDY)
+    with pytest.raises(RuntimeError, match="the ranks were stopped"):
+        llm.generate(["hello"], GREEDY)  # the failed step stopped the ranks: no mismatched collectives
     llm.close()
     assert_gone([proc.pid])
+
+
+def test_a_failed_start_leaves_no_rank(tiny_model):
+    with pytest.raises(
+        ValueError, match="num_attention_heads: 4 heads cannot be split evenly over tp_size=3"
+    ):
+        LLM(str(tiny_model), tp=3, **OPTS)
+    assert multiprocessing.active_children() == []
 
 
 def pdserve_generate(model: Path, tp: int, marker: str) -> str:
