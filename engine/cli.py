@@ -80,6 +80,7 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         cuda_graphs=not args.no_cuda_graphs,
         fused_kernels=not args.no_fused_kernels,
         overlap=False if args.no_overlap else None,
+        tp=args.tp,
     )
 
 
@@ -101,9 +102,10 @@ def _generate(args: argparse.Namespace, env: Env) -> int:
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    start = time.perf_counter()
-    out = llm.generate([prompt], params)[0]
-    elapsed = time.perf_counter() - start
+    with llm:
+        start = time.perf_counter()
+        out = llm.generate([prompt], params)[0]
+        elapsed = time.perf_counter() - start
     print(out.text)
     print(
         f"[{len(out.token_ids)} tokens, finish_reason={out.finish_reason}, {elapsed:.2f}s]",
@@ -166,6 +168,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--attention-backend", default="torch_native")
+    p.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel ranks (processes; on CUDA one GPU each)"
+    )
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(
         "--no-cuda-graphs", action="store_true",

@@ -102,6 +102,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 
     if args.num_prefill < 1 or args.num_decode < 1:
         raise ValueError("--num-prefill/--num-decode: at least 1 each")
+    if args.tp != 1:
+        raise ValueError(f"--tp: the prefill and decode services run one rank for now, got {args.tp}")
     engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,

@@ -178,6 +178,10 @@ class EngineConfig:
     postprocesses step N-1 while the device runs step N. None (the default) turns it on for CUDA;
     on the CPU there is nothing to overlap with, so it only delays outputs by a step (tests turn it
     on to prove the bookkeeping).
+
+    ``tp``: tensor-parallel ranks (#7). With more than one, the engine's process is rank 0 and
+    starts ranks 1..tp-1 as worker processes (``engine.distributed.workers``); on CUDA rank r uses
+    the r-th GPU counted from ``device``.
     """
 
     model: str
@@ -198,11 +202,13 @@ class EngineConfig:
     fused_kernels: bool = True
     overlap: bool | None = None  # None: on for CUDA, off for CPU
     max_piecewise_tokens: int | None = None  # None: min(max_num_batched_tokens, 2048); 0: none
+    tp: int = 1
 
     def __post_init__(self) -> None:
         checks = [
             (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
             (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
+            (self.tp >= 1, "tp", ">= 1"),
             (self.max_num_batched_tokens >= self.page_size, "max_num_batched_tokens", ">= page_size"),
             (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0 or None (auto)"),
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),

@@ -10,6 +10,10 @@ detokenizing and stop checks hide under GPU time. Step N is scheduled before N-1
 reads it on the device (``engine.sequence``). A request that stops on a token of step N-1 was
 already scheduled into step N; that row's result is dropped (one wasted row, never a wrong token).
 Outputs come one ``step`` call later than without overlap, never later in time.
+
+Tensor parallelism (``EngineConfig.tp`` > 1): this process is rank 0 and starts the other ranks
+(``engine.distributed.workers``). ``_launch`` sends them the batch before preparing it, i.e. after
+``schedule`` and before ``commit``, so they build the inputs this rank builds. ``close`` stops them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import random
 from dataclasses import dataclass
 
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.workers import TPWorkers
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
 from engine.model_runner import ModelRunner, PendingTokens
@@ -41,7 +46,13 @@ class Engine:
         self.cfg = cfg
         self.model_config = ModelConfig.from_dir(cfg.model, cfg.dtype)
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.runner = ModelRunner(cfg, self.model_config)
+        self.workers = TPWorkers(cfg) if cfg.tp > 1 else None
+        try:
+            self.runner = ModelRunner(cfg, self.model_config, tp=self.workers.tp if self.workers else None)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close(graceful=False)
+            raise
         self.max_model_len = self.runner.max_model_len
         self.allocator = PageAllocator(self.runner.num_pages)
         self.prefix_cache = RadixCache(self.allocator, cfg.page_size) if cfg.enable_prefix_cache else None
@@ -54,6 +65,18 @@ class Engine:
         self._seed_rng = random.Random(cfg.seed)
         self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
+        if self.workers is not None:
+            self._inflight = None
+            self.workers.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def add_request(
         self,
@@ -154,9 +177,13 @@ class Engine:
             return self._postprocess(launched) if launched is not None else []
         except BaseException:
             self._inflight = None  # its requests end with the error (the caller aborts them)
+            if self.workers is not None:
+                self.workers.close(graceful=False)  # ranks may be mid-step: they cannot go on in step
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:
+        if self.workers is not None:
+            self.workers.send(batch)
         forward_batch = self.runner.prepare(batch)
         logits = self.runner.forward(forward_batch)
         pending = self.runner.sample_async(logits, batch)

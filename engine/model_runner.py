@@ -79,6 +79,7 @@ class ModelRunner:
         """``tp``: this rank's tensor-parallel group (its shard of the weights and of the KV heads);
         None: one rank."""
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.tp = tp if tp is not None else TPGroup()
         self.num_kv_heads = model_cfg.tp_heads(1 if tp is None else tp.world_size)[1]  # in this rank's pool
         self.device = torch.device(cfg.device)
         self.max_model_len = self._max_model_len()
@@ -244,7 +245,8 @@ class ModelRunner:
             peak_activation = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(free - total * (1 - self.cfg.gpu_memory_utilization) - peak_activation)
-        num_pages = budget // self._bytes_per_page()
+        # Every rank's pool must hold the same pages (rank 0 allocates them for all): the smallest.
+        num_pages = self.tp.min_int(budget // self._bytes_per_page(), self.device)
         if num_pages < 2:
             raise ValueError(
                 f"KV cache: budget {budget} bytes holds {num_pages} pages of {self._bytes_per_page()} bytes; "

@@ -34,6 +34,9 @@ class PrefillConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.engine.tp != 1:
+            # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
+            raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
 
 
 async def serve(cfg: PrefillConfig) -> None:

@@ -46,6 +46,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def min_int(self, value: int, device: torch.device) -> int:
+        """The smallest ``value`` over the ranks (every rank calls it; ``device``: this rank's)."""
+        if self.world_size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return int(x.item())
+
 
 def init_tp(
     rank: int,

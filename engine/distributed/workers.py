@@ -1,0 +1,210 @@
+"""Tensor-parallel ranks 1..N-1 as worker processes that rank 0 drives (#7, phase 2).
+
+Rank 0 owns the engine (scheduler, allocator, prefix cache, outputs) and its own ``ModelRunner``
+shard; a worker holds only a shard. When rank 0 launches a step it first sends every worker the
+step's ``StepPlan`` (what ``prepare`` and ``sample_async`` read of each sequence); each worker
+rebuilds the batch and runs the same prepare → forward → sample_async. So every rank takes part in
+the model's collectives in the same order, samples the same tokens from the same all-gathered
+logits, and holds the same ``last_tokens`` that the next step's in-flight inputs are read from
+(overlap scheduling). Workers never read tokens back.
+
+Plans travel over one pipe per worker rather than a collective: an idle engine (a server with no
+requests) may send nothing for hours, where a gloo wait would time out; and a worker whose driver
+is gone sees its pipe close and exits. The model's collectives are bounded by the group timeout,
+and rank 0 checks its workers are alive before each send, so a dead worker is an error naming its
+rank and exit code, not a hang. The model group is torch's default group: one TP engine per
+process at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.config import EngineConfig, ModelConfig
+from engine.distributed.groups import TPGroup, destroy_tp, init_tp
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this in a collective fails
+JOIN_TIMEOUT_S = 30.0  # a worker told to stop that is still running after this is killed
+_STOP = pickle.dumps(None)
+
+
+@dataclass(frozen=True)
+class SeqPlan:
+    """What a step reads of one sequence: ``known_ids`` are the host-known input tokens
+    (``token_ids[num_computed:num_computed + n]``; the last is missing when it is in flight)."""
+
+    request_id: str
+    num_prompt: int
+    num_tokens: int
+    num_computed: int
+    known_ids: list[int]
+    pages: list[int]
+    num_inflight: int
+    inflight_row: int
+    params: SamplingParams
+    seed: int
+
+    @classmethod
+    def of(cls, seq: Sequence, n: int) -> SeqPlan:
+        start = seq.num_computed
+        return cls(
+            seq.request_id,
+            seq.num_prompt,
+            seq.num_tokens,
+            start,
+            seq.token_ids[start : start + n],
+            list(seq.pages),
+            seq.num_inflight,
+            seq.inflight_row,
+            seq.params,
+            seq.seed,
+        )
+
+    def to_sequence(self) -> Sequence:
+        """A sequence equal to rank 0's in everything the step reads (lengths, counts, pages, the
+        window's tokens); tokens outside the window are zeros."""
+        seq = Sequence(self.request_id, [0] * self.num_prompt, self.params, self.seed, max_len=0)
+        token_ids = [0] * self.num_computed + self.known_ids
+        seq.token_ids = token_ids + [0] * (self.num_tokens - len(token_ids))
+        assert len(seq.token_ids) == self.num_tokens, "the window reaches past the known tokens"
+        seq.num_computed, seq.pages = self.num_computed, self.pages
+        seq.num_inflight, seq.inflight_row = self.num_inflight, self.inflight_row
+        return seq
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One launched step, as a worker needs it to build the inputs rank 0 builds."""
+
+    seqs: list[SeqPlan]
+    extend_lens: list[int]
+    is_decode: bool
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch) -> StepPlan:
+        seqs = [SeqPlan.of(seq, n) for seq, n in zip(batch.seqs, batch.extend_lens, strict=True)]
+        return cls(seqs, list(batch.extend_lens), batch.is_decode)
+
+    def to_batch(self) -> ScheduledBatch:
+        return ScheduledBatch([s.to_sequence() for s in self.seqs], self.extend_lens, self.is_decode)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank ``rank``'s device: the CPU for every rank, or the ``rank``-th GPU from ``device``'s."""
+    kind, _, index = device.partition(":")
+    return device if kind == "cpu" else f"cuda:{int(index or 0) + rank}"
+
+
+class TPWorkers:
+    """Rank 0's handle on ranks 1..N-1: starts them and joins the group (``tp``), sends each step's
+    plan (``send``), stops them (``close``)."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        assert cfg.tp > 1, "one rank needs no workers"
+        if dist.is_initialized():
+            raise RuntimeError(
+                "tp: this process already belongs to a process group (one TP engine per process)"
+            )
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        self._closed = False
+        for rank in range(1, cfg.tp):
+            conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(rank, cfg, init_method, child_conn),
+                name=f"pdserve-tp{rank}",
+                daemon=True,
+            )
+            proc.start()
+            child_conn.close()
+            self.procs.append(proc)
+            self.conns.append(conn)
+        try:
+            self.tp = init_tp(0, cfg.tp, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def send(self, batch: ScheduledBatch) -> None:
+        """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
+        if self._closed:
+            raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
+        self.check_alive()
+        data = pickle.dumps(StepPlan.of(batch))
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send_bytes(data)
+            except OSError as e:
+                raise RuntimeError(f"tp: worker rank {rank} is gone ({e})") from e
+
+    def check_alive(self) -> None:
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                raise RuntimeError(f"tp: worker rank {rank} exited with code {proc.exitcode}")
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers and leave the group. ``graceful``: every worker is alive and idle, so all
+        ranks tear the group down together (``destroy_tp``); else the workers are killed."""
+        if self._closed:
+            return
+        self._closed = True
+        graceful = graceful and all(p.is_alive() for p in self.procs)
+        if graceful:
+            for conn in self.conns:
+                conn.send_bytes(_STOP)
+            gc.collect()  # model layers of a dropped runner still referencing the group go first
+            destroy_tp()
+        elif dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: a rank is gone or stuck
+        for proc in self.procs:
+            proc.join(JOIN_TIMEOUT_S if graceful else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(JOIN_TIMEOUT_S)
+        for conn in self.conns:
+            conn.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connection) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp))  # the ranks share the cores
+    cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
+    tp: TPGroup | None = init_tp(rank, cfg.tp, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S)
+    runner: ModelRunner | None = ModelRunner(cfg, ModelConfig.from_dir(cfg.model, cfg.dtype), tp=tp)
+    assert runner is not None
+    while True:
+        try:
+            plan: StepPlan | None = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return  # rank 0 is gone without stopping us: nobody to tear the group down with
+        if plan is None:
+            break
+        batch = plan.to_batch()
+        runner.sample_async(runner.forward(runner.prepare(batch)), batch)
+    # Drop every reference to the group so that destroy_tp tears it down, not interpreter exit.
+    runner = tp = None
+    gc.collect()
+    destroy_tp()

@@ -1,0 +1,128 @@
+"""Tensor parallelism (#7, phase 2): ``LLM(model, tp=2)`` generates what one process generates.
+
+Rank 0 runs the engine in the test process and starts rank 1 as a real process (gloo over
+loopback). The oracle is the single-process engine on the same checkpoint and requests: chunked
+prefills (a small step budget), prompts of mixed lengths, a prefix-cache hit (a prompt repeated in
+a second ``generate``), a seeded random-sampling request; token for token, with and without overlap
+scheduling, and through ``pdserve generate --tp 2``. After ``close`` no rank process remains.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 120
+OPTS = dict(page_size=4, max_num_batched_tokens=16, kv_cache_bytes=4 << 20)
+LONG = "the keeper of the lighthouse counted every ship that passed in the night " * 2
+FIRST = [LONG, "hello", "a short one about the sea and the wind", "red green blue " * 3]
+SECOND = [LONG, "the wind"]  # LONG again: served from the prefix cache
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.9, seed=7)
+
+
+def run(llm: LLM) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every request of two ``generate`` calls, and the cached-token counts."""
+    first = llm.generate(FIRST, [GREEDY, GREEDY, SEEDED, GREEDY])
+    second = llm.generate(SECOND, [GREEDY, SEEDED])
+    outs = first + second
+    return [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+
+def assert_gone(pids: list[int]) -> None:
+    """Neither running nor a zombie (a zombie keeps its /proc entry until reaped)."""
+    assert multiprocessing.active_children() == []
+    assert [pid for pid in pids if Path(f"/proc/{pid}").exists()] == []
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> tuple[list[list[int]], list[int]]:
+    tokens, cached = run(LLM(str(tiny_model), **OPTS))
+    assert cached[len(FIRST)] > 0, "the repeated prompt should hit the prefix cache"
+    assert all(len(t) == GREEDY.max_tokens for t in tokens)
+    return tokens, cached
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["no-overlap", "overlap"])
+def test_tp2_generates_what_one_rank_generates(tiny_model, reference, overlap):
+    with LLM(str(tiny_model), tp=2, overlap=overlap, **OPTS) as llm:
+        assert llm.engine.workers is not None
+        pids = [p.pid for p in llm.engine.workers.procs]
+        assert llm.engine.runner.kv_pool.num_kv_heads == 1  # this rank's half of the 2 kv heads
+        tokens, cached = run(llm)
+    assert_gone(pids)
+    assert tokens == reference[0]
+    assert cached == reference[1]
+
+
+def test_dead_worker_is_an_error_not_a_hang(tiny_model):
+    llm = LLM(str(tiny_model), tp=2, **OPTS)
+    assert llm.engine.workers is not None
+    proc = llm.engine.workers.procs[0]
+    proc.kill()
+    proc.join(TIMEOUT_S)
+    with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9"):
+        llm.generate(["hello"], GREEDY)
+    with pytest.raises(RuntimeError, match="the ranks were stopped"):
+        llm.generate(["hello"], GREEDY)  # the failed step stopped the ranks: no mismatched collectives
+    llm.close()
+    assert_gone([proc.pid])
+
+
+def test_a_failed_start_leaves_no_rank(tiny_model):
+    with pytest.raises(
+        ValueError, match="num_attention_heads: 4 heads cannot be split evenly over tp_size=3"
+    ):
+        LLM(str(tiny_model), tp=3, **OPTS)
+    assert multiprocessing.active_children() == []
+
+
+def pdserve_generate(model: Path, tp: int, marker: str) -> str:
+    env = os.environ | {"PYTHONIOENCODING": "utf-8", "PDSERVE_TEST_MARKER": marker}
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "generate", "--model", str(model), "--tp", str(tp),
+         "--prompt", LONG, "--max-tokens", "12", "--ignore-eos", "--max-num-batched-tokens", "16"],
+        cwd=REPO, env=env, capture_output=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode("utf-8")
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose environment carries ``marker`` (the CLI's ranks inherit it)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PDSERVE_TEST_MARKER={marker}".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+    return found
+
+
+def test_cli_generate_tp2_prints_what_tp1_prints(tiny_model, tmp_path):
+    marker = str(tmp_path)
+    one = pdserve_generate(tiny_model, 1, marker)
+    two = pdserve_generate(tiny_model, 2, marker)
+    assert two == one and one.strip()
+    assert processes_with(marker) == []
+
+
+def test_tp_config_is_checked_where_it_cannot_run(tiny_model):
+    from decode_svc.server import DecodeConfig
+    from engine.config import EngineConfig
+    from prefill_svc.server import PrefillConfig
+
+    with pytest.raises(ValueError, match="tp: must be >= 1"):
+        EngineConfig(model=str(tiny_model), tp=0)
+    for service in (PrefillConfig, DecodeConfig):
+        with pytest.raises(ValueError, match="tp: this service runs one rank"):
+            service(EngineConfig(model=str(tiny_model), tp=2))
