@@ -18,6 +18,7 @@ Tensor parallelism (``EngineConfig.tp`` > 1): this process is rank 0 and starts 
 
 from __future__ import annotations
 
+import gc
 import random
 from dataclasses import dataclass
 
@@ -70,6 +71,11 @@ class Engine:
         """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
         if self.workers is not None:
             self._inflight = None
+            # The runner's CUDA graphs hold the NCCL communicator's collectives: free them first,
+            # as the workers do, or tearing the group down waits for them forever.
+            if hasattr(self, "runner"):
+                del self.runner
+            gc.collect()
             self.workers.close()
 
     def __enter__(self) -> Engine:

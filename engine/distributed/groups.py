@@ -69,6 +69,8 @@ def init_tp(
     and this makes it the current device. A collective that waits longer than ``timeout_s`` fails
     instead of hanging."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # NCCL binds to one GPU: name it
+        device = torch.device("cuda", torch.cuda.current_device())
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -89,5 +91,7 @@ def destroy_tp() -> None:
     """Leave the process group ``init_tp`` joined (at shutdown). Collective: every rank calls it,
     and none tears its connections down while another still uses them."""
     if dist.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # no collective of ours still queued on the GPU
         dist.barrier()
         dist.destroy_process_group()

@@ -138,7 +138,8 @@ class TPWorkers:
             self.procs.append(proc)
             self.conns.append(conn)
         try:
-            self.tp = init_tp(0, cfg.tp, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S)
+            device = rank_device(cfg.device, 0)
+            self.tp = init_tp(0, cfg.tp, init_method, device=device, timeout_s=COLLECTIVE_TIMEOUT_S)
         except BaseException:
             self.close(graceful=False)
             raise
