@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from bench.engine_bench import cuda_time_ms
 from engine.attention.triton_decode import BLOCK_N, num_splits_for, paged_decode_attention
 
 SHAPES = {"qwen3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # q heads, kv heads, head_dim
@@ -26,19 +26,8 @@ PAGE = 16
 
 
 def timed_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 10)
-    return statistics.median(samples)
+    """Per launch: 10 launches per sample (one is too short to time alone)."""
+    return cuda_time_ms(lambda: [fn() for _ in range(10)], warmup=1, reps=reps) / 10
 
 
 def sweep_one(model: str, bs: int, ctx: int, reps: int, num_sms: int) -> dict:

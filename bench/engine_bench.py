@@ -106,14 +106,15 @@ def measure_ceilings() -> tuple[float, float]:
     """(copy bandwidth bytes/s counting read+write, bf16 GEMM FLOP/s), on random data."""
     x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     y = torch.empty_like(x)
-    bw_ms = _time(lambda: y.copy_(x), warmup=3, reps=20)
+    bw_ms = cuda_time_ms(lambda: y.copy_(x), warmup=3, reps=20)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = _time(lambda: a @ b, warmup=3, reps=20)
+    mm_ms = cuda_time_ms(lambda: a @ b, warmup=3, reps=20)
     return 2 * (1 << 30) / (bw_ms / 1e3), 2 * 8192**3 / (mm_ms / 1e3)
 
 
-def _time(fn, warmup: int, reps: int) -> float:
+def cuda_time_ms(fn, warmup: int, reps: int) -> float:
+    """Median over ``reps`` of ``fn``'s time between two CUDA events, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -164,7 +165,7 @@ def step_ms(
     runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, graphs: bool = False
 ) -> float:
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    return _time(
+    return cuda_time_ms(
         lambda: runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch),
         warmup=3,
         reps=reps,
@@ -199,7 +200,7 @@ def gpu_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
     batch = ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
     runner.forward(runner.prepare(batch))
     graph = graphs._graphs[graphs.padded_size(len(seqs))]
-    return _time(lambda: [graph.replay() for _ in range(10)], warmup=2, reps=reps) / 10
+    return cuda_time_ms(lambda: [graph.replay() for _ in range(10)], warmup=2, reps=reps) / 10
 
 
 def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list[Sequence]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from bench.engine_bench import cuda_time_ms
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.attention.torch_native import TorchNativeBackend
 from engine.kvcache.page_pool import KVPagePool
@@ -99,21 +99,6 @@ def make_batch(prefix, ext, page_size, num_kv_heads, head_dim, backend: Attentio
     )
 
 
-def time_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def bench_case(model: str, case: str, args: argparse.Namespace) -> Row:
     from engine.attention.triton_backend import TritonBackend
@@ -145,13 +130,13 @@ def bench_case(model: str, case: str, args: argparse.Namespace) -> Row:
                 "varlen_attn unavailable: this would time torch_native twice"
             )
             groups = len(meta.groups)
-            ms["prepare"] = time_ms(lambda b=backend, fb=batch: b.prepare(fb), args.warmup, args.reps)
+            ms["prepare"] = cuda_time_ms(lambda b=backend, fb=batch: b.prepare(fb), args.warmup, args.reps)
 
         def step(b=backend, fb=batch):  # what a layer does: store the new K/V, then attend
             fb.kv_pool.store(0, fb.out_cache_loc, k, v)
             return b.forward(layer, q, k, v, fb)
 
-        ms[name] = time_ms(step, args.warmup, args.reps)
+        ms[name] = cuda_time_ms(step, args.warmup, args.reps)
         del batch
     return Row(
         model,

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.engine_bench import _time, make_runner, model_config, overlap_step_ms, sequences
+from bench.engine_bench import cuda_time_ms, make_runner, model_config, overlap_step_ms, sequences
 from engine.distributed import destroy_tp, init_tp
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -96,7 +96,7 @@ def rank_main(rank: int, args: argparse.Namespace, init_method: str, out: str) -
             fits = ref is not None and bs * -(-args.ctx // ref.cfg.page_size) < ref.num_pages
             ms_one = overlap_step_ms(ref, seqs, reps=40) if ref is not None and fits else None
             x = torch.randn(bs, cfg.hidden_size, dtype=torch.bfloat16, device=device)
-            ar_us = _time(lambda x=x, g=tp: g.all_reduce(x), warmup=5, reps=50) * 1e3
+            ar_us = cuda_time_ms(lambda x=x, g=tp: g.all_reduce(x), warmup=5, reps=50) * 1e3
             rows.append({"batch": bs, "ctx": args.ctx, f"tp{args.tp}_ms": ms_tp, "tp1_ms": ms_one,
                          "all_reduce_us": ar_us})  # fmt: skip
             if rank == 0:
