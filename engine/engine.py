@@ -71,12 +71,15 @@ class Engine:
         """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
         if self.workers is not None:
             self._inflight = None
-            # The runner's CUDA graphs hold the NCCL communicator's collectives: free them first,
-            # as the workers do, or tearing the group down waits for them forever.
-            if hasattr(self, "runner"):
-                del self.runner
-            gc.collect()
+            self._drop_runner()
             self.workers.close()
+
+    def _drop_runner(self) -> None:
+        """Free this rank's runner before its group goes: its CUDA graphs hold the NCCL
+        communicator's collectives, and tearing the group down under them waits forever."""
+        if hasattr(self, "runner"):
+            del self.runner
+        gc.collect()
 
     def __enter__(self) -> Engine:
         return self
@@ -183,8 +186,9 @@ class Engine:
             return self._postprocess(launched) if launched is not None else []
         except BaseException:
             self._inflight = None  # its requests end with the error (the caller aborts them)
-            if self.workers is not None:
-                self.workers.close(graceful=False)  # ranks may be mid-step: they cannot go on in step
+            if self.workers is not None:  # ranks may be mid-step: they cannot go on in step
+                self._drop_runner()
+                self.workers.close(graceful=False)
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:

@@ -169,12 +169,16 @@ class TPWorkers:
         self._closed = True
         graceful = graceful and all(p.is_alive() for p in self.procs)
         if graceful:
-            for conn in self.conns:
-                conn.send_bytes(_STOP)
+            try:
+                for conn in self.conns:
+                    conn.send_bytes(_STOP)
+            except OSError:  # a worker died after the check: nobody to tear the group down with
+                graceful = False
+        if graceful:
             gc.collect()  # model layers of a dropped runner still referencing the group go first
             destroy_tp()
         elif dist.is_initialized():
-            dist.destroy_process_group()  # no barrier: a rank is gone or stuck
+            _abandon_group()
         for proc in self.procs:
             proc.join(JOIN_TIMEOUT_S if graceful else 0)
             if proc.is_alive():
@@ -182,6 +186,16 @@ class TPWorkers:
                 proc.join(JOIN_TIMEOUT_S)
         for conn in self.conns:
             conn.close()
+
+
+def _abandon_group() -> None:
+    """Leave the group without the other ranks (one is gone or stuck). NCCL is aborted: a rank
+    waiting in a collective its peer never joins cannot be destroyed, only aborted."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if dist.get_backend() == "nccl" and abort is not None:
+        abort()
+    else:
+        dist.destroy_process_group()  # no barrier
 
 
 def _free_port() -> int:
