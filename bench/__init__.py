@@ -1,1 +1,2 @@
-"""Benchmarks: engine step times (engine_bench.py) and the serving load test (load_test.py)."""
+"""Benchmarks: engine step times (engine_bench.py, on the shared helpers of runner_timing.py), extend
+attention, TP, offline throughput, and the serving load test (load_test.py)."""

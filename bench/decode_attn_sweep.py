@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-from pathlib import Path
 
 import torch
 
-from bench.engine_bench import cuda_time_ms
+from bench.runner_timing import cuda_time_ms, write_results
 from engine.attention.triton_decode import BLOCK_N, num_splits_for, paged_decode_attention
 
 SHAPES = {"qwen3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # q heads, kv heads, head_dim
@@ -102,10 +100,7 @@ def main() -> None:
         )
         print(lines[-1], flush=True)
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_attn_sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "decode_attn_sweep.json").write_text(json.dumps(rows, indent=1))
+    write_results(args.out, "decode_attn_sweep", lines, rows)
 
 
 if __name__ == "__main__":

@@ -27,45 +27,25 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import statistics
-import tempfile
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig, RopeConfig
-from engine.distributed import TPGroup
+from bench.runner_timing import (
+    VOCAB,
+    gpu_step_ms,
+    make_runner,
+    measure_ceilings,
+    model_config,
+    overlap_step_ms,
+    sequences,
+    step_ms,
+    write_results,
+)
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-
-SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-8b": dict(
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_layers=36,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        tie_word_embeddings=False,
-    ),
-}
-VOCAB = 151936
 
 
 @dataclass
@@ -87,134 +67,6 @@ class Row:
     @property
     def graph_ratio(self) -> float | None:
         return None if self.graph_ms is None else self.graph_ms / self.floor_ms
-
-
-def model_config(name: str, max_len: int) -> ModelConfig:
-    return ModelConfig(
-        architecture="Qwen3ForCausalLM",
-        vocab_size=VOCAB,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=max_len,
-        attention_bias=False,
-        rope=RopeConfig(theta=1e6),
-        dtype="bfloat16",
-        **SHAPES[name],
-    )
-
-
-def measure_ceilings() -> tuple[float, float]:
-    """(copy bandwidth bytes/s counting read+write, bf16 GEMM FLOP/s), on random data."""
-    x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    y = torch.empty_like(x)
-    bw_ms = cuda_time_ms(lambda: y.copy_(x), warmup=3, reps=20)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = cuda_time_ms(lambda: a @ b, warmup=3, reps=20)
-    return 2 * (1 << 30) / (bw_ms / 1e3), 2 * 8192**3 / (mm_ms / 1e3)
-
-
-def cuda_time_ms(fn, warmup: int, reps: int) -> float:
-    """Median over ``reps`` of ``fn``'s time between two CUDA events, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def make_runner(
-    cfg: ModelConfig,
-    max_tokens: int,
-    attention_backend: str,
-    cuda_graphs: bool,
-    max_bs: int,
-    fused_kernels: bool = True,
-    device: str = "cuda",
-    tp: TPGroup | None = None,
-    kv_cache_bytes: int | None = None,
-) -> ModelRunner:
-    with tempfile.TemporaryDirectory() as d:
-        ecfg = EngineConfig(
-            model=d,
-            device=device,
-            kv_cache_bytes=kv_cache_bytes,
-            dtype="bfloat16",
-            load_format="dummy",
-            max_num_seqs=max(256, max_bs),
-            max_num_batched_tokens=max_tokens,
-            max_piecewise_tokens=max_tokens,  # every prefill row timed both ways (the default stops at 2048)
-            gpu_memory_utilization=0.9,
-            attention_backend=attention_backend,
-            cuda_graphs=cuda_graphs,
-            fused_kernels=fused_kernels,
-            max_graph_batch_size=max(256, max_bs),
-        )
-        runner = ModelRunner(ecfg, cfg, tp=tp)
-    runner.kv_pool.kv_gpu.normal_()  # never time on zeros
-    return runner
-
-
-def step_ms(
-    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, graphs: bool = False
-) -> float:
-    batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    return cuda_time_ms(
-        lambda: runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch),
-        warmup=3,
-        reps=reps,
-    )
-
-
-def overlap_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
-    """Graph decode steps as the overlapped engine runs them: step N+1 is prepared and launched before
-    step N's tokens are waited for. Wall time per step over ``reps`` steps."""
-    batch = ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
-
-    def steps(n: int) -> None:
-        previous = None
-        for _ in range(n):
-            pending = runner.sample_async(runner.forward(runner.prepare(batch)), batch)
-            if previous is not None:
-                previous.wait()
-            previous = pending
-        assert previous is not None
-        previous.wait()
-
-    steps(3)
-    start = time.perf_counter()
-    steps(reps)
-    return (time.perf_counter() - start) * 1e3 / reps
-
-
-def gpu_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
-    """The decode graph of this batch replayed back to back: device time per step, no host work."""
-    graphs = runner.graphs
-    assert graphs is not None
-    batch = ScheduledBatch(seqs, [1] * len(seqs), is_decode=True)
-    runner.forward(runner.prepare(batch))
-    graph = graphs._graphs[graphs.padded_size(len(seqs))]
-    return cuda_time_ms(lambda: [graph.replay() for _ in range(10)], warmup=2, reps=reps) / 10
-
-
-def sequences(runner: ModelRunner, num: int, length: int, computed: int) -> list[Sequence]:
-    ps, seqs, next_page = runner.cfg.page_size, [], 1
-    g = torch.Generator().manual_seed(0)
-    for i in range(num):
-        toks = torch.randint(0, VOCAB, (length,), generator=g).tolist()
-        seq = Sequence(f"b{i}", toks, SamplingParams(temperature=0), seed=0, max_len=length + 1)
-        n = -(-length // ps)
-        assert next_page + n <= runner.num_pages, "KV pool too small for this shape"
-        seq.pages, next_page = list(range(next_page, next_page + n)), next_page + n
-        seq.num_computed = computed
-        seqs.append(seq)
-    return seqs
 
 
 def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
@@ -384,20 +236,17 @@ def main() -> None:
         *table(rows, args.cuda_graphs),
     ]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_bench.md").write_text("\n".join(lines) + "\n")
-    (out / "engine_bench.json").write_text(
-        json.dumps(
-            {
-                "gpu": gpu,
-                "copy_bytes_per_s": bw,
-                "gemm_flops": flops,
-                "fused_kernels": not args.no_fused_kernels,
-                "rows": [asdict(r) | {"x_floor": r.ratio, "graph_x_floor": r.graph_ratio} for r in rows],
-            },
-            indent=1,
-        )
+    write_results(
+        args.out,
+        "engine_bench",
+        lines,
+        {
+            "gpu": gpu,
+            "copy_bytes_per_s": bw,
+            "gemm_flops": flops,
+            "fused_kernels": not args.no_fused_kernels,
+            "rows": [asdict(r) | {"x_floor": r.ratio, "graph_x_floor": r.graph_ratio} for r in rows],
+        },
     )
 
 

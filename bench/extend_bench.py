@@ -16,15 +16,13 @@ through SDPA's dense causal kernel (cuDNN on Hopper), everything else through FA
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from bench.engine_bench import cuda_time_ms
+from bench.runner_timing import cuda_time_ms, write_results
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.attention.torch_native import TorchNativeBackend
 from engine.kvcache.page_pool import KVPagePool
@@ -193,22 +191,18 @@ def main() -> None:
         *table(rows),
     ]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "extend_bench.md").write_text("\n".join(lines) + "\n")
-    (out / "extend_bench.json").write_text(
-        json.dumps(
-            {
-                "gpu": gpu,
-                "torch": torch.__version__,
-                "page_size": args.page_size,
-                "rows": [
-                    asdict(r) | {"varlen_tflops": r.varlen_tflops, "native_tflops": r.native_tflops}
-                    for r in rows
-                ],
-            },
-            indent=1,
-        )
+    write_results(
+        args.out,
+        "extend_bench",
+        lines,
+        {
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "page_size": args.page_size,
+            "rows": [
+                asdict(r) | {"varlen_tflops": r.varlen_tflops, "native_tflops": r.native_tflops} for r in rows
+            ],
+        },
     )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from bench.engine_bench import cuda_time_ms, make_runner, model_config, overlap_step_ms, sequences
+from bench.runner_timing import cuda_time_ms, make_runner, model_config, overlap_step_ms, sequences
 from engine.distributed import destroy_tp, init_tp
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
