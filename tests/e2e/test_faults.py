@@ -65,7 +65,9 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 
 def complete(gw: Service, prompt, max_tokens: int = 4, **extra) -> httpx.Response:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, **extra}
+    """Greedy and EOS-blind, so a successful request always returns exactly `max_tokens` tokens."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body.update(extra)
     return httpx.post(f"{gw.http_url}/v1/completions", json=body, timeout=60)
 
 

@@ -100,7 +100,7 @@ def test_everything_binds_loopback_by_default(secured):
 
 def test_rest_requires_the_api_key_but_probes_stay_open(secured):
     url = secured["gateway"].http_url
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 3}
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
     for headers in ({}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": API_KEY}):
         r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
