@@ -93,9 +93,11 @@ def make_runner(
     device: str = "cuda",
     tp: TPGroup | None = None,
     kv_cache_bytes: int | None = None,
+    **options: Any,
 ) -> ModelRunner:
+    """``options``: further ``EngineConfig`` fields, overriding the ones set here."""
     with tempfile.TemporaryDirectory() as d:
-        ecfg = EngineConfig(
+        fields: dict[str, Any] = dict(
             model=d,
             device=device,
             kv_cache_bytes=kv_cache_bytes,
@@ -109,8 +111,9 @@ def make_runner(
             cuda_graphs=cuda_graphs,
             fused_kernels=fused_kernels,
             max_graph_batch_size=max(256, max_bs),
+            tp=1 if tp is None else tp.world_size,
         )
-        runner = ModelRunner(ecfg, cfg, tp=tp)
+        runner = ModelRunner(EngineConfig(**(fields | options)), cfg, tp=tp)
     runner.kv_pool.kv_gpu.normal_()  # never time on zeros
     return runner
 

@@ -81,6 +81,8 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         fused_kernels=not args.no_fused_kernels,
         overlap=False if args.no_overlap else None,
         tp=args.tp,
+        symmetric_memory=not args.no_symmetric_memory,
+        tbo_min_batch=args.tbo_min_batch,
     )
 
 
@@ -171,6 +173,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks (processes; on CUDA one GPU each)"
     )
+    p.add_argument(
+        "--no-symmetric-memory", action="store_true",
+        help="with --tp on CUDA, all-reduce through NCCL only (default: symmetric memory inside graphs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tbo-min-batch", type=int, default=None,
+        help="with --tp on CUDA, run decode batches of at least this many rows as two overlapped "
+        "micro-batches (0: never; default 128)",
+    )  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(
         "--no-cuda-graphs", action="store_true",

@@ -182,6 +182,14 @@ class EngineConfig:
     ``tp``: tensor-parallel ranks (#7). With more than one, the engine's process is rank 0 and
     starts ranks 1..tp-1 as worker processes (``engine.distributed.workers``); on CUDA rank r uses
     the r-th GPU counted from ``device``.
+
+    ``symmetric_memory``: with tp > 1 on CUDA, all-reduce through symmetric-memory buffers
+    (``engine.distributed.symmetric``) wherever a message fits them (every all-reduce inside the
+    decode and piecewise graphs); off: NCCL for everything.
+
+    ``tbo_min_batch``: two-batch overlap (``engine.graphs.two_batch``) for captured decode batches
+    of at least this many rows, with tp > 1 on CUDA; 0 turns it off; None: the measured default
+    (``tbo_threshold``).
     """
 
     model: str
@@ -203,6 +211,8 @@ class EngineConfig:
     overlap: bool | None = None  # None: on for CUDA, off for CPU
     max_piecewise_tokens: int | None = None  # None: min(max_num_batched_tokens, 2048); 0: none
     tp: int = 1
+    symmetric_memory: bool = True
+    tbo_min_batch: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -219,6 +229,7 @@ class EngineConfig:
                 "max_piecewise_tokens",
                 ">= 0 or None (auto)",
             ),
+            (self.tbo_min_batch is None or self.tbo_min_batch >= 0, "tbo_min_batch", ">= 0 or None (auto)"),
             (
                 self.max_graph_batch_size is None or self.max_graph_batch_size >= 1,
                 "max_graph_batch_size",
@@ -244,3 +255,11 @@ class EngineConfig:
         ``min(max_num_seqs, max_num_batched_tokens)`` (the scheduler's admission limit)."""
         limit = min(self.max_num_seqs, self.max_num_batched_tokens)
         return min(limit, self.max_graph_batch_size or 256)
+
+    @property
+    def tbo_threshold(self) -> int:
+        """The smallest decode graph run as two micro-batches (0: never): only with tp > 1, where
+        there is communication to hide. Default 128 rows (docs/BENCHMARKS.md)."""
+        if self.tp == 1:
+            return 0
+        return 128 if self.tbo_min_batch is None else self.tbo_min_batch

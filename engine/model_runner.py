@@ -79,9 +79,14 @@ class ModelRunner:
         """``tp``: this rank's tensor-parallel group (its shard of the weights and of the KV heads);
         None: one rank."""
         self.cfg, self.model_cfg = cfg, model_cfg
+        self.device = torch.device(cfg.device)
+        if tp is not None and cfg.symmetric_memory and cfg.cuda_graphs and self.device.type == "cuda":
+            # Every all-reduce inside a graph fits: the largest decode batch or piecewise step.
+            rows = max(cfg.graph_batch_limit, cfg.piecewise_token_limit)
+            dtype = model_cfg.torch_dtype
+            tp = tp.with_symmetric_memory(rows * model_cfg.hidden_size * dtype.itemsize, dtype, self.device)
         self.tp = tp if tp is not None else TPGroup()
         self.num_kv_heads = model_cfg.tp_heads(1 if tp is None else tp.world_size)[1]  # in this rank's pool
-        self.device = torch.device(cfg.device)
         self.max_model_len = self._max_model_len()
         # The latest step's sampled tokens, by row, on the device; and two host buffers they are
         # copied into, used in turn (a step's buffer is read before the step after next is launched).

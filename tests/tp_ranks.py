@@ -10,6 +10,7 @@ fails the run with its traceback.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import gc
 import time
 import traceback
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import TPGroup, destroy_tp, init_tp
+from engine.graphs.two_batch import run_overlapped, split_batch, tbo_split
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -34,10 +36,13 @@ PROMPT_LENS = (12, 6)
 SCHEDULE = [(7, 6), (5, 1)] + [(1, 1)] * 4
 
 
-def greedy_run(model_dir: str, tp: TPGroup | None = None, dummy: bool = False) -> dict[str, Any]:
+def greedy_run(
+    model_dir: str, tp: TPGroup | None = None, dummy: bool = False, tbo: bool = False
+) -> dict[str, Any]:
     """Runs ``SCHEDULE``; returns each step's last-token logits [steps, 2, vocab] (float32), the
     greedy tokens sampled at each step (None where a sequence is mid-prompt) and the number of kv
-    heads in this rank's KV pool."""
+    heads in this rank's KV pool. ``tbo``: DECODE steps run as two micro-batches whose stages and
+    all-reduces interleave (``engine.graphs.two_batch``, here without streams)."""
     cfg = EngineConfig(
         model=model_dir,
         page_size=PAGE_SIZE,
@@ -59,7 +64,16 @@ def greedy_run(model_dir: str, tp: TPGroup | None = None, dummy: bool = False) -
                 seq.pages.append(next_page)
                 next_page += 1
         batch = ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
-        logits = runner.forward(runner.prepare(batch)).clone()  # [2, vocab]
+        fb = runner.prepare(batch)
+        if tbo and batch.is_decode:
+            halves = split_batch(fb, tbo_split(fb.batch_size))
+            for half in halves:
+                runner.attn_backend.prepare(half)
+            run = functools.partial(run_overlapped, reduce=runner.tp.all_reduce, side_stream=None)
+            with torch.inference_mode():
+                logits = runner.model.forward_two_batch(fb, halves, run).clone()  # [2, vocab]
+        else:
+            logits = runner.forward(fb).clone()  # [2, vocab]
         tokens: list[int | None] = []
         for seq, n, token in zip(seqs, extend_lens, logits.argmax(-1).tolist(), strict=True):
             seq.num_computed += n
@@ -76,16 +90,14 @@ def greedy_run(model_dir: str, tp: TPGroup | None = None, dummy: bool = False) -
     }
 
 
-def _rank_main(
-    rank: int, world_size: int, init_method: str, cases: dict[str, tuple[str, bool]], out_dir: str
-) -> None:
+def _rank_main(rank: int, world_size: int, init_method: str, cases: dict[str, tuple], out_dir: str) -> None:
     torch.set_num_threads(1)  # ranks share the CPU cores
     out = Path(out_dir)
     fault = (out / f"rank{rank}.fault").open("w")
     faulthandler.enable(fault)  # a native abort still leaves a stack behind
     try:
         tp = init_tp(rank, world_size, init_method, timeout_s=60)
-        results = {name: greedy_run(path, tp, dummy) for name, (path, dummy) in cases.items()}
+        results = {name: greedy_run(case[0], tp, *case[1:]) for name, case in cases.items()}
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         # No destroy_tp: it waits for every rank, and the others are about to be killed.
@@ -99,9 +111,10 @@ def _rank_main(
 
 
 def run_ranks(
-    world_size: int, cases: dict[str, tuple[str, bool]], out_dir: Path, timeout_s: float = 120.0
+    world_size: int, cases: dict[str, tuple], out_dir: Path, timeout_s: float = 120.0
 ) -> list[dict[str, dict[str, Any]]]:
-    """``cases``: name -> (model dir, dummy weights). Returns each rank's ``greedy_run`` results."""
+    """``cases``: name -> ``greedy_run``'s arguments but ``tp`` (model dir, dummy weights[, tbo]).
+    Returns each rank's ``greedy_run`` results."""
     ctx = mp.get_context("spawn")
     init_method = f"file://{out_dir / 'rendezvous'}"
     procs = [

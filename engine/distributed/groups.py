@@ -9,11 +9,14 @@ collective a no-op, so the single-rank model runs exactly the ops it ran before 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from engine.distributed.symmetric import SymmetricAllReduce
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None
+    # Pre-registered buffers for all-reduces inside CUDA graphs (``with_symmetric_memory``).
+    symmetric: SymmetricAllReduce | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -31,11 +36,26 @@ class TPGroup:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"tp_rank: must be in [0, {self.world_size}), got {self.rank}")
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns ``x``."""
-        if self.world_size > 1:
-            dist.all_reduce(x, group=self.group)
+    def all_reduce(self, x: torch.Tensor, channel: int = 0) -> torch.Tensor:
+        """Sum ``x`` over the ranks, in place; returns ``x``. Through symmetric memory when ``x``
+        fits its buffers, else NCCL/gloo. ``channel``: which symmetric buffer, so that two
+        micro-batches reducing concurrently (two-batch overlap) do not share one."""
+        if self.world_size == 1:
+            return x
+        if self.symmetric is not None and self.symmetric.fits(x):
+            return self.symmetric.all_reduce(x, channel)
+        dist.all_reduce(x, group=self.group)
         return x
+
+    def with_symmetric_memory(self, max_bytes: int, dtype: torch.dtype, device: torch.device) -> TPGroup:
+        """This group with symmetric-memory all-reduce buffers of ``max_bytes`` for ``dtype``, or
+        itself where that cannot work (one rank, CPU, no ops; logged). Collective: every rank calls
+        it with the same arguments, before any graph capture."""
+        group = self.group if self.group is not None else dist.group.WORLD
+        if self.world_size == 1 or group is None:
+            return self
+        symmetric = SymmetricAllReduce.create(group, self.world_size, max_bytes, dtype, device)
+        return self if symmetric is None else dataclasses.replace(self, symmetric=symmetric)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``x`` concatenated along ``dim`` in rank order (a new tensor; ``x`` itself

@@ -55,6 +55,7 @@ def create_decode_graphs(
         max_model_len=max_model_len,
         vocab_size=vocab_size,
         device=device,
+        tbo_min_batch=cfg.tbo_threshold,
     )
     runner.capture()
     return runner

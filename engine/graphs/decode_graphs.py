@@ -29,10 +29,11 @@ shared buffer, valid until the next replay.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.graphs.capture import capture_all
+from engine.graphs.two_batch import run_overlapped, split_batch, tbo_split
 from engine.kvcache.page_pool import KVPagePool
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -121,8 +123,13 @@ class DecodeGraphRunner:
         max_model_len: int,
         vocab_size: int,
         device: torch.device,
+        tbo_min_batch: int = 0,
     ) -> None:
+        """``tbo_min_batch``: sizes from this one up run as two overlapped micro-batches
+        (``engine.graphs.two_batch``; 0: none)."""
         self.model, self.kv_pool, self.attn_backend = model, kv_pool, attn_backend
+        self.tbo_min_batch = tbo_min_batch
+        self._side_stream = torch.cuda.Stream(device) if tbo_min_batch and device.type == "cuda" else None
         self.last_tokens = last_tokens  # [>= max_bs] int64, the latest step's sampled tokens
         self.device, self.max_model_len, self.page_size = device, max_model_len, kv_pool.page_size
         self.batch_sizes = graph_batch_sizes(max_batch_size)
@@ -197,11 +204,13 @@ class DecodeGraphRunner:
                 self._graphs[bs] = self._capture(bs, pool)
 
         self.capture_seconds, self.graph_memory_bytes = capture_all(self.device, capture)
+        tbo = [bs for bs in self.batch_sizes if self.uses_tbo(bs)]
         log.info(
-            "decode CUDA graphs: %d batch sizes (1..%d) captured in %.2f s; graph pool %.1f MiB, "
+            "decode CUDA graphs: %d batch sizes (1..%d%s) captured in %.2f s; graph pool %.1f MiB, "
             "static buffers %.1f MiB",
             len(self.batch_sizes),
             self.max_batch_size,
+            f"; two-batch overlap from {tbo[0]}" if tbo else "",
             self.capture_seconds,
             self.graph_memory_bytes / 2**20,
             self.static_bytes / 2**20,
@@ -220,8 +229,20 @@ class DecodeGraphRunner:
         copied into the shared static output. Reads the static buffers as they are now."""
         fb = self._static_batch(bs, [1] * bs)  # host lengths are capture-time placeholders
         fb.input_ids = resolve_input_ids(fb.input_ids, self.input_rows_gpu[:bs], self.last_tokens)
-        self.attn_backend.prepare_graph(fb, self.max_model_len)
-        self.logits_gpu[:bs].copy_(self.model(fb))  # [bs, vocab] float32
+        if self.uses_tbo(bs):
+            halves = split_batch(fb, tbo_split(bs))
+            for half in halves:
+                self.attn_backend.prepare_graph(half, self.max_model_len)
+            model = cast(Any, self.model)  # a decoder with forward_two_batch (engine.models.llama)
+            run = functools.partial(run_overlapped, reduce=model.tp.all_reduce, side_stream=self._side_stream)
+            logits = model.forward_two_batch(fb, halves, run)
+        else:
+            self.attn_backend.prepare_graph(fb, self.max_model_len)
+            logits = self.model(fb)
+        self.logits_gpu[:bs].copy_(logits)  # [bs, vocab] float32
+
+    def uses_tbo(self, bs: int) -> bool:
+        return self.tbo_min_batch > 0 and bs >= max(2, self.tbo_min_batch)
 
     def _static_batch(self, n: int, seq_lens_cpu: list[int]) -> ForwardBatch:
         return ForwardBatch(

@@ -119,10 +119,12 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self.load_weight  # type: ignore[attr-defined]
         self.weight.checkpoint_shapes = {None: (out_features, in_features)}  # type: ignore[attr-defined]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [T, in / tp] -> [T, out]
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x [T, in / tp] -> [T, out]; ``reduce=False`` returns this rank's partial product, for a
+        caller that schedules the all-reduce itself (two-batch overlap)."""
         bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+        out = F.linear(x, self.weight, bias)
+        return self.tp.all_reduce(out) if reduce else out
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         assert shard is None, f"row-parallel weight is not packed but got shard {shard!r}"

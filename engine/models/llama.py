@@ -17,7 +17,8 @@ logits. Norms and rotary are replicated.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from engine.layers.kernels import LayerOps
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
+from engine.layers.stages import Stages, run_stages
 
 
 class DecoderLayer(nn.Module):
@@ -49,15 +51,23 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.tp = tp
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embedding for the first layer, whose residual is
         None). Returns (this layer's MLP output, the residual stream before it), both [T, hidden]."""
+        return run_stages(self.stages(positions, x, residual, batch), self.tp.all_reduce)
+
+    def stages(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> Stages[tuple[torch.Tensor, torch.Tensor]]:
+        """``forward`` as stages (``engine.layers.stages``): yields the two partial sums to
+        all-reduce (attention output, MLP output) and returns what ``forward`` returns."""
         q, k, v, residual = self.pre_attention(positions, x, residual, batch.kv_pool, batch.out_cache_loc)
         out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, local heads * head_dim]
-        return self.post_attention(out, residual)
+        return (yield from self.post_attention_stages(out, residual))
 
     # The two halves around attention, for piecewise CUDA graphs (``engine.graphs.piecewise``).
     def pre_attention(
@@ -81,8 +91,15 @@ class DecoderLayer(nn.Module):
         self, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """attn_out [T, local heads * head_dim] -> (MLP output, residual stream), both [T, hidden]."""
-        h, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn_out), residual)
-        return self.mlp(h), residual
+        return run_stages(self.post_attention_stages(attn_out, residual), self.tp.all_reduce)
+
+    def post_attention_stages(
+        self, attn_out: torch.Tensor, residual: torch.Tensor
+    ) -> Stages[tuple[torch.Tensor, torch.Tensor]]:
+        attn_sum = yield self.self_attn.o_proj(attn_out, reduce=False)  # [T, hidden]
+        h, residual = self.post_attention_layernorm(attn_sum, residual)
+        mlp_sum = yield self.mlp(h, reduce=False)  # [T, hidden]
+        return mlp_sum, residual
 
 
 class DecoderModel(nn.Module):
@@ -94,14 +111,20 @@ class DecoderModel(nn.Module):
             DecoderLayer(cfg, i, rotary, opts, ops, tp) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.tp = tp
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden]
+        return run_stages(self.layer_stages(x, batch), self.tp.all_reduce)  # [num_tokens, hidden]
+
+    def layer_stages(self, x: torch.Tensor, batch: ForwardBatch) -> Stages[torch.Tensor]:
+        """Every layer and the final norm as stages over the embedded ``x`` [T, hidden] of
+        ``batch`` (a micro-batch, in two-batch overlap); returns the normed hidden states."""
         residual: torch.Tensor | None = None
         for layer in self.layers:
-            x, residual = layer(batch.positions, x, residual, batch)
+            x, residual = yield from cast(DecoderLayer, layer).stages(batch.positions, x, residual, batch)
         assert residual is not None, "a model has at least one layer"
-        return self.norm(x, residual)[0]  # [num_tokens, hidden]
+        return self.norm(x, residual)[0]  # [T, hidden]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -140,4 +163,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Returns float32 logits of each sequence's last new token: [batch, vocab]."""
         hidden = self.model(batch)
+        return self.lm_head(hidden[batch.logits_indices]).float()
+
+    def forward_two_batch(
+        self,
+        batch: ForwardBatch,
+        halves: tuple[ForwardBatch, ForwardBatch],
+        run: Callable[[tuple[Stages[torch.Tensor], Stages[torch.Tensor]]], list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """``forward`` with the layers run as two micro-batches (``halves``: rows ``[0, n0)`` and
+        ``[n0, n)`` of a decode ``batch``) whose stages ``run`` interleaves
+        (``engine.graphs.two_batch``); embedding and LM head see the whole batch."""
+        x = self.model.embed_tokens(batch.input_ids)  # [bs, hidden]
+        parts = x.split([h.num_tokens for h in halves])
+        stages = (self.model.layer_stages(parts[0], halves[0]), self.model.layer_stages(parts[1], halves[1]))
+        hidden = torch.cat(run(stages))  # [bs, hidden]
         return self.lm_head(hidden[batch.logits_indices]).float()

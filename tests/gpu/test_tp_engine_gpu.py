@@ -24,7 +24,12 @@ SHAPE = dict(arch="qwen3", num_layers=3, hidden_size=256, intermediate_size=512,
 OPTS = dict(device="cuda", attention_backend="triton", kv_cache_bytes=256 << 20, max_num_batched_tokens=256)
 
 
-def test_tp2_on_two_gpus_generates_what_one_gpu_generates(tmp_path):
+# Symmetric-memory all-reduce (the default), plain NCCL, and two-batch overlap from 4 rows up.
+VARIANTS = {"symmetric": {}, "nccl": {"symmetric_memory": False}, "tbo": {"tbo_min_batch": 4}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tp2_on_two_gpus_generates_what_one_gpu_generates(tmp_path, variant):
     path = str(make_model(tmp_path / "qwen3", seed=21, **SHAPE))
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 300, 40, 700, 90)]
@@ -34,9 +39,11 @@ def test_tp2_on_two_gpus_generates_what_one_gpu_generates(tmp_path):
     ]
     one = LLM(path, **OPTS)
     want = one.generate(prompts[:5], params[:5]) + one.generate(prompts[5:], params[5:])
-    with LLM(path, tp=2, **OPTS) as llm:
+    with LLM(path, tp=2, **OPTS, **VARIANTS[variant]) as llm:
         runner = llm.engine.runner
         assert runner.graphs is not None and runner.piecewise is not None, "graphs with collectives inside"
+        assert (runner.tp.symmetric is None) == (variant == "nccl")
+        assert runner.graphs.uses_tbo(8) == (variant == "tbo")
         assert llm.engine.overlap and runner.kv_pool.num_kv_heads == 1
         got = llm.generate(prompts[:5], params[:5]) + llm.generate(prompts[5:], params[5:])
     assert [o.token_ids for o in got] == [o.token_ids for o in want]

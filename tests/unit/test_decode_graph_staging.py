@@ -53,24 +53,36 @@ class StaticDecodeBackend(TorchNativeBackend):
         return out.squeeze(2)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    llm = LLM(str(tiny_model), page_size=4, max_num_seqs=16, max_model_len=512)
-    runner = llm.engine.runner
-    assert runner.graphs is None, "cuda_graphs is ignored on the CPU"
+def with_stand_in_graphs(engine, tbo_min_batch: int = 0):
+    runner = engine.runner
     graphs = DecodeGraphRunner(
         runner.model,
         runner.kv_pool,
         StaticDecodeBackend(max_gather_tokens=4096),
         runner.last_tokens,
-        max_batch_size=llm.engine.cfg.graph_batch_limit,
+        max_batch_size=engine.cfg.graph_batch_limit,
         max_model_len=runner.max_model_len,
-        vocab_size=llm.engine.model_config.vocab_size,
+        vocab_size=engine.model_config.vocab_size,
         device=torch.device("cpu"),
+        tbo_min_batch=tbo_min_batch,
     )
     graphs._graphs = {bs: StandInGraph(functools.partial(graphs.run_static, bs)) for bs in graphs.batch_sizes}
     runner.graphs = graphs
-    return llm.engine
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    llm = LLM(str(tiny_model), page_size=4, max_num_seqs=16, max_model_len=512)
+    assert llm.engine.runner.graphs is None, "cuda_graphs is ignored on the CPU"
+    return with_stand_in_graphs(llm.engine)
+
+
+@pytest.fixture(scope="module")
+def tbo_engine(tiny_model):
+    """Graphs of 4 rows and more run as two micro-batches (two-batch overlap, one rank)."""
+    llm = LLM(str(tiny_model), page_size=4, max_num_seqs=16, max_model_len=512)
+    return with_stand_in_graphs(llm.engine, tbo_min_batch=4)
 
 
 def test_captured_sizes():
@@ -120,6 +132,26 @@ def test_replayed_logits_equal_eager(engine, bs):
 
 def test_padded_rows_keep_live_kv(engine):
     check_padding_keeps_live_kv(engine, tol=1e-5)
+
+
+@pytest.mark.parametrize("bs", [3, 8, 13, 16])  # padded to 4, 8, 16, 16: split in halves
+def test_two_micro_batches_equal_eager(tbo_engine, bs):
+    assert tbo_engine.runner.graphs.uses_tbo(tbo_engine.runner.graphs.padded_size(bs))
+    tbo_engine.runner.kv_pool.kv_gpu.normal_()
+    assert graph_vs_eager(tbo_engine, mixed_lens(bs, 4, seed=bs, longest=400), seed=bs) < 1e-5
+
+
+def test_two_micro_batches_keep_live_kv(tbo_engine):
+    check_padding_keeps_live_kv(tbo_engine, tol=1e-5)
+
+
+def test_tbo_threshold_config():
+    assert EngineConfig(model="m").tbo_threshold == 0, "one rank: nothing to overlap"
+    assert EngineConfig(model="m", tp=2).tbo_threshold == 128
+    assert EngineConfig(model="m", tp=2, tbo_min_batch=0).tbo_threshold == 0
+    assert EngineConfig(model="m", tp=2, tbo_min_batch=64).tbo_threshold == 64
+    with pytest.raises(ValueError, match="tbo_min_batch"):
+        EngineConfig(model="m", tbo_min_batch=-1)
 
 
 def test_larger_batches_and_extend_stay_eager(engine):

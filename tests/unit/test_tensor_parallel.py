@@ -17,7 +17,7 @@ import pytest
 import torch
 from decode_batches import row_rel_err
 from safetensors.torch import load_file, save_file
-from tp_ranks import greedy_run, run_ranks
+from tp_ranks import SCHEDULE, greedy_run, run_ranks
 
 from engine.config import ModelConfig
 from engine.distributed import TPGroup
@@ -25,6 +25,7 @@ from engine.make_model import make_model
 from engine.models.llama import LlamaForCausalLM
 
 TOL = 1e-5
+SCHEDULE_IS_DECODE = [all(n == 1 for n in step) for step in SCHEDULE]
 # One kv head (replicated on every rank), a vocabulary no rank count divides (padded rows) and, added
 # by add_attention_biases, biases on q/k/v (sliced per part) and on o (row-parallel: counted once).
 MQA_SPEC = dict(arch="llama", num_layers=2, num_heads=4, num_kv_heads=1, vocab_size=1029, seed=11)
@@ -51,12 +52,13 @@ def cases(
     return found | {
         "mqa-bias-padded-vocab": (str(mqa), False),
         "qwen3-dummy": (str(model_dirs["qwen3"]), True),
+        "qwen3-tbo": (str(model_dirs["qwen3"]), False, True),
     }
 
 
 @pytest.fixture(scope="module")
 def tp1(cases) -> dict[str, dict]:
-    return {name: greedy_run(path, None, dummy) for name, (path, dummy) in cases.items()}
+    return {name: greedy_run(case[0], None, *case[1:]) for name, case in cases.items()}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,18 @@ def check_ranks_match(ranks: list[dict], want: dict, kv_heads: int) -> None:
         assert got["tokens"] == want["tokens"], f"rank {rank}: greedy tokens differ from one process"
         assert got["kv_heads"] == kv_heads, f"rank {rank}: KV pool holds {got['kv_heads']} kv heads"
         assert torch.equal(got["logits"], ranks[0]["logits"]), f"rank {rank} disagrees with rank 0"
+
+
+def test_two_batch_overlap_equals_one_batch(cases, tp1, tp2):
+    """Decode as two micro-batches whose all-reduces interleave (two-batch overlap): one process
+    and both TP ranks equal the plain one-process forward."""
+    plain, tbo = tp1["qwen3"], tp1["qwen3-tbo"]
+    assert any(SCHEDULE_IS_DECODE), "the schedule has decode steps to split"
+    for step, (g, w) in enumerate(zip(tbo["logits"], plain["logits"], strict=True)):
+        assert row_rel_err(g, w) < TOL, f"step {step}: two micro-batches vs one, one process"
+    assert tbo["tokens"] == plain["tokens"]
+    kv_heads = ModelConfig.from_dir(cases["qwen3-tbo"][0]).tp_heads(2)[1]
+    check_ranks_match([rank["qwen3-tbo"] for rank in tp2], plain, kv_heads)
 
 
 @pytest.mark.parametrize("case", ["qwen3", "qwen2", "llama", "mqa-bias-padded-vocab", "qwen3-dummy"])
