@@ -1,6 +1,8 @@
 """One decode request: validate → reserve the prompt's KV pages (RESOURCE_EXHAUSTED if they are not
 there, so the caller can go elsewhere) → expect them from the KV receiver → ask the named prefill
 instance to fill them → hand the request and its pages to the engine's continuous batch → stream.
+A request naming no prefill instance is *colocated*: this engine runs its prompt too, as a
+non-disaggregated server would (the gateway's mode when it has no prefill instances).
 
 Whatever ends the request — finish, the client cancelling, the deadline, a failed prefill or
 transfer — the pages go back exactly once: to the engine before the hand-over is done, by the
@@ -88,6 +90,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         deadline = deadline_ns(request.deadline_unix_ns, self.request_timeout_s)
         prompt = list(request.prompt_token_ids)
         params = await self._validate(request, context)
+        if not request.prefill_address:  # colocated: no prefill instance, the prompt runs here
+            async for msg in self._stream(await self._generate_here(request_id, prompt, params, deadline, context),
+                                          None, timing, context):  # fmt: skip
+                yield msg
+            return
         if params.seed is None:  # decided here: prefill samples the first token with the same seed
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
         num_pages = -(-len(prompt) // self.page_size)
@@ -127,6 +134,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         )
         async for msg in self._stream(stream, num_cached, timing, context):
             yield msg
+
+    async def _generate_here(
+        self, request_id: str, prompt: list[int], params: Any, deadline: int, context: Any
+    ) -> RequestStream:
+        """A colocated request: this engine prefills the prompt too (prefix cache, chunked prefill,
+        admission: the engine's own queue), like a non-disaggregated server."""
+        try:
+            return await self.engine.generate(request_id, prompt, params, deadline)
+        except ValueError as e:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            if "already running" in str(e):
+                code = grpc.StatusCode.ALREADY_EXISTS
+            await context.abort(code, str(e))
+            raise AssertionError("context.abort raised") from e
 
     def _unreserve(self, request_id: str, pages: list[int] | None, free: bool) -> None:
         """End an admission: drop the counts; with ``free``, give the pages back (else the engine has them)."""
@@ -204,8 +225,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 self.receiver.abort(request_id, "decode gave the request up")
 
     async def _stream(
-        self, stream: RequestStream, num_cached: int, timing: common_pb2.TimingMarks, context: Any
+        self, stream: RequestStream, num_cached: int | None, timing: common_pb2.TimingMarks, context: Any
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        """``num_cached``: prompt tokens prefill found cached; None for a colocated request, whose
+        outputs carry this engine's count, and whose first token also marks ``prefill_done_ns`` and
+        ``transfer_done_ns`` (nothing is transferred)."""
         first = True
         try:
             async for out in stream:
@@ -213,11 +237,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     await context.abort(
                         EARLY_END_STATUS[out.finish_reason], f"request {out.request_id}: {out.finish_reason}"
                     )
+                if first and num_cached is None:
+                    timing.prefill_done_ns = timing.transfer_done_ns = time.time_ns()
                 if out.num_output_tokens == 2 and out.new_token_ids:
                     timing.first_decode_token_ns = time.time_ns()
                 if out.finished:
                     timing.finished_ns = time.time_ns()
-                yield self._response(out, num_cached, timing if first or out.finished else None)
+                cached = out.num_cached_tokens if num_cached is None else num_cached
+                yield self._response(out, cached, timing if first or out.finished else None)
                 first = False
         finally:
             stream.close()
@@ -242,8 +269,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             params = sampling_from_proto(request.sampling)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}")
-        if not request.prefill_address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefill_address: required")
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids: must not be empty")
         return params

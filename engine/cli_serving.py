@@ -43,14 +43,20 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     gw = sub.add_parser("gateway", help="run the gateway: OpenAI-compatible REST + public gRPC")
     gw.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
     add_gateway_args(gw)
-    gw.add_argument("--prefill", action="append", required=True, help="prefill host:port (repeatable)")
+    gw.add_argument(
+        "--prefill", action="append", default=[],
+        help="prefill host:port (repeatable); none: colocated, each decode instance prefills its own requests",
+    )  # fmt: skip
     gw.add_argument("--decode", action="append", required=True, help="decode host:port (repeatable)")
     add_tls_args(gw)
     gw.set_defaults(func=_gateway)
 
     upp = sub.add_parser("up", help="run prefill, decode and gateway here, on loopback (Ctrl-C stops all)")
     add_engine_args(upp)
-    upp.add_argument("--num-prefill", type=int, default=1)
+    upp.add_argument(
+        "--num-prefill", type=int, default=1,
+        help="0: colocated, no disaggregation (each decode instance prefills its own requests)",
+    )  # fmt: skip
     upp.add_argument("--num-decode", type=int, default=1)
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
@@ -100,8 +106,8 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
 def _up(args: argparse.Namespace, env: Env) -> int:
     from gateway.up import up
 
-    if args.num_prefill < 1 or args.num_decode < 1:
-        raise ValueError("--num-prefill/--num-decode: at least 1 each")
+    if args.num_prefill < 0 or args.num_decode < 1:
+        raise ValueError("--num-prefill/--num-decode: at least 0 prefill and 1 decode instance")
     if args.tp != 1:
         raise ValueError(f"--tp: the prefill and decode services run one rank for now, got {args.tp}")
     engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),

@@ -32,8 +32,8 @@ class GatewayConfig:
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
 
     def __post_init__(self) -> None:
-        if not self.prefill or not self.decode:
-            raise ValueError("prefill/decode: at least one instance of each is required")
+        if not self.decode:
+            raise ValueError("decode: at least one instance is required")
         if self.prefill_policy not in POLICIES:
             raise ValueError(f"prefill_policy: {self.prefill_policy!r} is not one of {sorted(POLICIES)}")
         if self.decode_policy not in DECODE_POLICIES:

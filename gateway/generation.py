@@ -1,5 +1,6 @@
 """The pipeline both APIs share: check and tokenize → pick a (prefill, decode) pair → stream from
-decode → detokenize, observe metrics.
+decode → detokenize, observe metrics. With no prefill instances the gateway is *colocated*: it
+picks a decode instance only, which runs the prompt itself (the non-disaggregated baseline).
 
 Retries: an instance that refuses *before any work began* — decode answering RESOURCE_EXHAUSTED
 (no pages / slots), or UNAVAILABLE for a decode or prefill that cannot be reached (decode tells
@@ -198,18 +199,20 @@ class Generator:
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
         tried: dict[str, set[str]] = {"prefill": set(), "decode": set()}
         refused: APIError | None = None
+        colocated = not self.prefill.instances  # each decode instance runs its prompts itself
         while True:
             decode = self.decode.pick(prompt_ids, tried["decode"])
-            prefill = self.prefill.pick(prompt_ids, tried["prefill"])
-            if decode is None or prefill is None:
+            prefill = None if colocated else self.prefill.pick(prompt_ids, tried["prefill"])
+            if decode is None or (prefill is None and not colocated):
                 role = "decode" if decode is None else "prefill"
                 raise refused or APIError(
                     503, f"no healthy {role} instance to serve the request", type="service_unavailable"
                 )
-            request.prefill_address = prefill.address
+            request.prefill_address = "" if prefill is None else prefill.address
             started = False
             decode.in_flight += 1
-            prefill.in_flight += 1
+            if prefill is not None:
+                prefill.in_flight += 1
             call = decode.decode_stub.Generate(
                 request, timeout=max(0.0, (deadline_ns - time.time_ns()) / 1e9)
             )
@@ -217,7 +220,8 @@ class Generator:
                 async for msg in call:
                     if not started:
                         started = True
-                        prefill.in_flight -= 1
+                        if prefill is not None:
+                            prefill.in_flight -= 1
                     yield msg
                 return
             except grpc.aio.AioRpcError as e:
@@ -228,24 +232,28 @@ class Generator:
                     raise APIError.from_grpc(e.code(), e.details() or "") from None
             finally:
                 decode.in_flight -= 1
-                if not started:
+                if not started and prefill is not None:
                     prefill.in_flight -= 1
                 call.cancel()
 
     def _refusal(
-        self, e: grpc.aio.AioRpcError, decode: Instance, prefill: Instance, tried: dict[str, set[str]]
+        self, e: grpc.aio.AioRpcError, decode: Instance, prefill: Instance | None, tried: dict[str, set[str]]
     ) -> APIError | None:
         """If ``e`` means "go elsewhere", note where not to go and return the error to report should
         every instance refuse; else None (the error is final)."""
         code = e.code()
         fault = dict(e.trailing_metadata() or ()).get(FAULT_METADATA_KEY)
+        if prefill is None:  # colocated: every fault is the decode instance's
+            fault = None
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and fault == "prefill":
+            assert prefill is not None
             tried["prefill"].add(prefill.address)
             self.metrics.retries.labels("prefill", "full").inc()
         elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             tried["decode"].add(decode.address)
             self.metrics.retries.labels("decode", "full").inc()
         elif code is grpc.StatusCode.UNAVAILABLE and fault == "prefill":
+            assert prefill is not None
             tried["prefill"].add(prefill.address)
             self.prefill.mark_unreachable(prefill, e.details() or "unreachable")
             self.metrics.retries.labels("prefill", "unavailable").inc()

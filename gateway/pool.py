@@ -66,8 +66,6 @@ class Pool:
         eject_after: int = 2,
         tls: TLSConfig | None = None,
     ) -> None:
-        if not addresses:
-            raise ValueError(f"{role}: at least one instance address is required")
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"{role}: duplicate addresses in {list(addresses)}")
         self.role, self.policy = role, policy

@@ -1,8 +1,9 @@
 """Everything one gateway holds: pools, metrics, the generation pipeline, and readiness.
 
 Ready means: a canary request has completed a real prefill → KV transfer → decode round trip at
-least once, and a healthy instance of each role is in the pools now. Until the canary succeeds it
-is retried (each attempt bounded); REST /health answers 503 and gRPC health NOT_SERVING meanwhile.
+least once, and a healthy instance of each role is in the pools now (colocated, with no prefill
+instances: a decode instance's own prefill + decode). Until the canary succeeds it is retried (each
+attempt bounded); REST /health answers 503 and gRPC health NOT_SERVING meanwhile.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ class GatewayState:
         self._canary: asyncio.Task | None = None
 
     @property
+    def colocated(self) -> bool:
+        return not self.prefill.instances
+
+    @property
     def ready(self) -> bool:
-        return self.canary_done and bool(self.prefill.healthy()) and bool(self.decode.healthy())
+        return self.canary_done and self._instances_up()
+
+    def _instances_up(self) -> bool:
+        return bool(self.decode.healthy()) and (self.colocated or bool(self.prefill.healthy()))
 
     def health(self) -> dict[str, Any]:
         status = "ready" if self.ready else ("unavailable" if self.canary_done else "starting")
@@ -52,6 +60,7 @@ class GatewayState:
             "ready": self.ready,
             "status": status,
             "canary": "passed" if self.canary_done else (self.canary_error or "pending"),
+            "mode": "colocated" if self.colocated else "disaggregated",
             "prefill": {i.address: i.healthy for i in self.prefill.instances},
             "decode": {i.address: i.healthy for i in self.decode.instances},
         }
@@ -84,14 +93,15 @@ class GatewayState:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         prompt = self.generator.tokenize("pdserve canary")
         while not self.canary_done:
-            if self.prefill.healthy() and self.decode.healthy():
+            if self._instances_up():
                 try:
                     async for _ in self.generator.generate(
                         prompt, params, "canary", timeout_s=self.cfg.canary_timeout_s
                     ):
                         pass
                     self.canary_done = True
-                    log.info("canary passed: prefill → KV transfer → decode works; ready")
+                    path = "decode (colocated)" if self.colocated else "prefill → KV transfer → decode"
+                    log.info("canary passed: %s works; ready", path)
                     return
                 except APIError as e:
                     self.canary_error = e.message
