@@ -15,7 +15,7 @@ working set of pages small.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class PageAllocator:
@@ -37,6 +37,9 @@ class PageAllocator:
         self._refcounts = [0] * num_pages
         # A stack with the lowest id on top, so a fresh allocator hands out ascending ids.
         self._free = list(range(num_pages - 1, num_reserved - 1, -1))
+        # Watched pages report when they become shared (a 2nd owner) or sole again (see ``watch``).
+        self._watched = bytearray(num_pages)
+        self._on_share_change: Callable[[int, bool], None] | None = None
 
     @property
     def num_total(self) -> int:
@@ -65,8 +68,11 @@ class PageAllocator:
         """Add one reference to each page; every page must currently be allocated."""
         for page in pages:
             self._check_id(page)
-            assert self._refcounts[page] > 0, f"incref of page {page}, which is not allocated"
-            self._refcounts[page] += 1
+            count = self._refcounts[page]
+            assert count > 0, f"incref of page {page}, which is not allocated"
+            self._refcounts[page] = count + 1
+            if count == 1 and self._watched[page]:
+                self._on_share_change(page, True)  # type: ignore[misc]
 
     def free(self, pages: Iterable[int]) -> None:
         """Drop one reference from each page; a page whose count reaches 0 becomes free."""
@@ -76,7 +82,23 @@ class PageAllocator:
             assert count > 0, f"double free of page {page}"
             self._refcounts[page] = count - 1
             if count == 1:
+                assert not self._watched[page], f"page {page} freed while watched"
                 self._free.append(page)
+            elif count == 2 and self._watched[page]:
+                self._on_share_change(page, False)  # type: ignore[misc]
+
+    def set_share_observer(self, on_change: Callable[[int, bool], None]) -> None:
+        """``on_change(page, shared)`` runs whenever a watched page gains a second owner (True) or
+        drops back to one (False): how the prefix cache keeps its evictable count without scanning.
+        One observer per allocator."""
+        assert self._on_share_change is None, "the allocator already has a share observer"
+        self._on_share_change = on_change
+
+    def watch(self, pages: Iterable[int], watched: bool = True) -> None:
+        """Start (or stop) reporting ``pages``' share changes to the observer."""
+        assert self._on_share_change is not None, "watch needs set_share_observer first"
+        for page in pages:
+            self._watched[page] = watched
 
     def refcount(self, page: int) -> int:
         """Current number of owners of ``page`` (always 0 for reserved pages)."""
