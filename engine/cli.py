@@ -81,6 +81,8 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         fused_kernels=not args.no_fused_kernels,
         overlap=False if args.no_overlap else None,
         tp=args.tp,
+        cp=args.cp,
+        cp_min_tokens=args.cp_min_tokens,
     )
 
 
@@ -171,6 +173,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks (processes; on CUDA one GPU each)"
     )
+    p.add_argument(
+        "--cp", type=int, default=1,
+        help="context-parallel ranks: long prefills split over processes (on CUDA one GPU each)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cp-min-tokens", type=int, default=128,
+        help="with --cp: a prefill step is split when each rank gets at least this many tokens",
+    )  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(
         "--no-cuda-graphs", action="store_true",

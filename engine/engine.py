@@ -21,6 +21,7 @@ prefix cache hold the whole KV as with one rank (``engine.distributed.context_pa
 from __future__ import annotations
 
 import gc
+import logging
 import random
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +77,10 @@ class Engine:
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
         if self.workers is not None:
+            if self.cfg.cp > 1 and hasattr(self, "runner"):
+                log.info(
+                    "context parallel: %d steps split over %d ranks", self.runner.num_split_steps, self.cfg.cp
+                )
             self._inflight = None
             self._drop_runner()
             self.workers.close()

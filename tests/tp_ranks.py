@@ -13,6 +13,7 @@ import faulthandler
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,19 @@ def _rank_main(
 
 
 def run_ranks(
-    world_size: int, cases: dict[str, tuple[str, bool]], out_dir: Path, timeout_s: float = 120.0
+    world_size: int,
+    cases: dict[str, tuple[str, bool]],
+    out_dir: Path,
+    timeout_s: float = 120.0,
+    target: Callable[..., None] | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
-    """``cases``: name -> (model dir, dummy weights). Returns each rank's ``greedy_run`` results."""
+    """``cases``: name -> (model dir, dummy weights). Returns each rank's ``greedy_run`` results;
+    ``target``: another rank body with ``_rank_main``'s arguments and output files (``cp_ranks``)."""
     ctx = mp.get_context("spawn")
     init_method = f"file://{out_dir / 'rendezvous'}"
+    main = _rank_main if target is None else target
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
+        ctx.Process(target=main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
