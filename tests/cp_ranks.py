@@ -10,16 +10,19 @@ the others receive its tokens). Results travel through files, as in ``tp_ranks``
 from __future__ import annotations
 
 import faulthandler
+import functools
 import gc
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+from decode_batches import StandInGraph
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import destroy_tp, init_tp
 from engine.distributed.context_parallel import CPGroup
+from engine.graphs import PiecewiseGraphRunner
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -35,10 +38,12 @@ SCHEDULE = [(13, 9), (7, 1), (2, 1)] + [(1, 1)] * 3
 SPLIT = [True, True, False] + [False] * 3
 
 
-def cp_run(model_dir: str, cp: CPGroup | None) -> dict[str, Any]:
+def cp_run(model_dir: str, cp: CPGroup | None, piecewise: bool = False) -> dict[str, Any]:
     """Runs ``SCHEDULE``; returns each step's last-token logits (rank 0; other ranks compute none),
     the tokens ``sample`` returns at each step (every row: mid-prompt rows sample too), which steps
-    were split, and the KV pool's pages in use."""
+    were split, which ran piecewise, and the KV pool's pages in use. ``piecewise``: EXTEND steps go
+    through the piecewise runner with stand-in graphs (``test_piecewise_staging``), which on a
+    split step stages this rank's tokens only and attends through the CP attention wrapper."""
     cfg = EngineConfig(
         model=model_dir,
         page_size=PAGE_SIZE,
@@ -48,13 +53,22 @@ def cp_run(model_dir: str, cp: CPGroup | None) -> dict[str, Any]:
         cp_min_tokens=MIN_TOKENS,
     )
     runner = ModelRunner(cfg, ModelConfig.from_dir(model_dir), cp=cp)
+    if piecewise:
+        pw = PiecewiseGraphRunner(
+            runner.model, runner.kv_pool, runner.attn_backend, max_tokens=64, device=torch.device("cpu")
+        )
+        pw._graphs = {
+            t: [StandInGraph(functools.partial(pw.run_piece, i, t)) for i in range(pw.num_pieces)]
+            for t in pw.buckets
+        }
+        runner.piecewise = pw
     g = torch.Generator().manual_seed(0)
     seqs = [
         Sequence(name, torch.randint(3, 1000, (n,), generator=g).tolist(), SamplingParams(), 0, 64)
         for name, n in zip("AB", PROMPT_LENS, strict=True)
     ]
     next_page = 1
-    logits_per_step, tokens_per_step, split = [], [], []
+    logits_per_step, tokens_per_step, split, staged = [], [], [], []
     for extend_lens in SCHEDULE:
         for seq, n in zip(seqs, extend_lens, strict=True):
             while len(seq.pages) * PAGE_SIZE < seq.num_computed + n:
@@ -62,7 +76,9 @@ def cp_run(model_dir: str, cp: CPGroup | None) -> dict[str, Any]:
                 next_page += 1
         batch = ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
         before = runner.num_split_steps
-        logits = runner.forward(runner.prepare(batch)).clone()  # [2, vocab] on rank 0
+        fb = runner.prepare(batch)
+        staged.append(runner.piecewise is not None and runner.piecewise.is_staged(fb))
+        logits = runner.forward(fb).clone()  # [2, vocab] on rank 0
         tokens = runner.sample(logits, batch).token_ids
         split.append(runner.num_split_steps > before)
         for seq, n, token in zip(seqs, extend_lens, tokens, strict=True):
@@ -75,6 +91,7 @@ def cp_run(model_dir: str, cp: CPGroup | None) -> dict[str, Any]:
         "logits": logits_per_step,
         "tokens": tokens_per_step,
         "split": split,
+        "piecewise": staged,
         "kv": runner.kv_pool.kv_gpu[:, :, 1:next_page].clone(),  # [layers, 2, used pages, ...]
     }
 
@@ -91,6 +108,9 @@ def cp_rank_main(
         group = init_tp(rank, world_size, init_method, timeout_s=60)
         cp = CPGroup.of(group)
         results = {name: cp_run(path, cp) for name, (path, _) in cases.items()}
+        results |= {
+            f"{name}-piecewise": cp_run(path, cp, piecewise=True) for name, (path, _) in cases.items()
+        }
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())

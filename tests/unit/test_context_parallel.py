@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cp_ranks import SPLIT, cp_rank_main, cp_run
+from cp_ranks import SCHEDULE, SPLIT, cp_rank_main, cp_run
 from tp_ranks import run_ranks
 
 TOL = 1e-5
@@ -34,11 +34,15 @@ def cp2(cases, tmp_path_factory) -> list[dict[str, dict]]:
     return run_ranks(2, cases, tmp_path_factory.mktemp("cp2"), target=cp_rank_main)
 
 
+@pytest.mark.parametrize("piecewise", [False, True], ids=["eager", "piecewise"])
 @pytest.mark.parametrize("case", CASES)
-def test_cp2_equals_one_process(case, cp1, cp2):
+def test_cp2_equals_one_process(case, piecewise, cp1, cp2):
+    """``piecewise``: the ranks run EXTEND steps through piecewise graphs (stand-ins on the CPU)."""
     want = cp1[case]
-    rank0, rank1 = (rank[case] for rank in cp2)
+    rank0, rank1 = (rank[f"{case}-piecewise" if piecewise else case] for rank in cp2)
     assert rank0["split"] == SPLIT and want["split"] == [False] * len(SPLIT)
+    extend = [not all(n == 1 for n in lens) for lens in SCHEDULE]
+    assert rank0["piecewise"] == rank1["piecewise"] == (extend if piecewise else [False] * len(SPLIT))
     for step, (got, ref) in enumerate(zip(rank0["logits"], want["logits"], strict=True)):
         torch.testing.assert_close(got, ref, rtol=TOL, atol=TOL, msg=lambda m, s=step: f"step {s}: {m}")
     assert all(logits.shape[0] == 0 for logits, split in zip(rank1["logits"], SPLIT, strict=True) if split), (
