@@ -75,7 +75,8 @@ class Engine:
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
+        """Stop the other tensor- or context-parallel ranks, if any (idempotent). The engine is unusable
+        after."""
         if self.workers is not None:
             if self.cfg.cp > 1 and hasattr(self, "runner"):
                 log.info(
