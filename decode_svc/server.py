@@ -36,6 +36,11 @@ class DecodeConfig:
         if self.engine.tp != 1:
             # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
             raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
+        if self.engine.cp != 1:
+            raise ValueError(
+                f"cp: decode runs one rank (context parallelism splits prefills: give --cp to the "
+                f"prefill service), got {self.engine.cp}"
+            )
 
 
 async def serve(cfg: DecodeConfig) -> None:

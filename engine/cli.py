@@ -83,6 +83,8 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         tp=args.tp,
         symmetric_memory=not args.no_symmetric_memory,
         tbo_min_batch=args.tbo_min_batch,
+        cp=args.cp,
+        cp_min_tokens=args.cp_min_tokens,
     )
 
 
@@ -181,6 +183,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--tbo-min-batch", type=int, default=None,
         help="with --tp on CUDA, run decode batches of at least this many rows as two overlapped "
         "micro-batches (0: never; default 128)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cp", type=int, default=1,
+        help="context-parallel ranks: long prefills split over processes (on CUDA one GPU each)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cp-min-tokens", type=int, default=128,
+        help="with --cp: a prefill step is split when each rank gets at least this many tokens",
     )  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(

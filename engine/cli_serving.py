@@ -110,6 +110,10 @@ def _up(args: argparse.Namespace, env: Env) -> int:
         raise ValueError("--num-prefill/--num-decode: at least 0 prefill and 1 decode instance")
     if args.tp != 1:
         raise ValueError(f"--tp: the prefill and decode services run one rank for now, got {args.tp}")
+    if args.cp != 1:
+        raise ValueError(
+            f"--cp: `up` starts one-rank instances; run `pdserve prefill --cp N` yourself, got {args.cp}"
+        )
     engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,

@@ -190,6 +190,11 @@ class EngineConfig:
     ``tbo_min_batch``: two-batch overlap (``engine.graphs.two_batch``) for captured decode batches
     of at least this many rows, with tp > 1 on CUDA; 0 turns it off; None: the measured default
     (``tbo_threshold``).
+
+    ``cp``: context-parallel ranks (#8): every rank holds the whole model; an EXTEND step of at least
+    ``cp * cp_min_tokens`` new tokens is split zigzag over the ranks (each computes its share of the
+    tokens, K/V are all-gathered per layer), smaller steps and decode run whole on every rank
+    (``engine.distributed.context_parallel``). Ranks as for ``tp``; not combined with ``tp`` yet.
     """
 
     model: str
@@ -213,12 +218,16 @@ class EngineConfig:
     tp: int = 1
     symmetric_memory: bool = True
     tbo_min_batch: int | None = None
+    cp: int = 1
+    cp_min_tokens: int = 128  # a step is split over the cp ranks when each gets at least this many
 
     def __post_init__(self) -> None:
         checks = [
             (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
             (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
             (self.tp >= 1, "tp", ">= 1"),
+            (self.cp >= 1, "cp", ">= 1"),
+            (self.cp_min_tokens >= 1, "cp_min_tokens", ">= 1"),
             (self.max_num_batched_tokens >= self.page_size, "max_num_batched_tokens", ">= page_size"),
             (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0 or None (auto)"),
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
@@ -239,6 +248,16 @@ class EngineConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"{name}: must be {want}, got {getattr(self, name)!r}")
+        if self.cp > 1 and self.tp > 1:
+            raise ValueError(
+                f"cp: context parallelism does not combine with tensor parallelism yet (tp={self.tp}, "
+                f"cp={self.cp}); set one of them to 1"
+            )
+
+    @property
+    def num_ranks(self) -> int:
+        """Processes the engine runs on: ``tp`` or ``cp`` (they do not combine yet)."""
+        return self.tp * self.cp
 
     @property
     def piecewise_token_limit(self) -> int:

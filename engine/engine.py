@@ -14,11 +14,14 @@ Outputs come one ``step`` call later than without overlap, never later in time.
 Tensor parallelism (``EngineConfig.tp`` > 1): this process is rank 0 and starts the other ranks
 (``engine.distributed.workers``). ``_launch`` sends them the batch before preparing it, i.e. after
 ``schedule`` and before ``commit``, so they build the inputs this rank builds. ``close`` stops them.
+Context parallelism (``EngineConfig.cp`` > 1) uses the same workers; rank 0's pool, allocator and
+prefix cache hold the whole KV as with one rank (``engine.distributed.context_parallel``).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import random
 from dataclasses import dataclass
 
@@ -32,6 +35,8 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,9 +52,11 @@ class Engine:
         self.cfg = cfg
         self.model_config = ModelConfig.from_dir(cfg.model, cfg.dtype)
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.workers = TPWorkers(cfg) if cfg.tp > 1 else None
+        self.workers = TPWorkers(cfg) if cfg.num_ranks > 1 else None
         try:
-            self.runner = ModelRunner(cfg, self.model_config, tp=self.workers.tp if self.workers else None)
+            self.runner = ModelRunner.of_rank(
+                cfg, self.model_config, self.workers.tp if self.workers else None
+            )
         except BaseException:
             if self.workers is not None:
                 self.workers.close(graceful=False)
@@ -68,8 +75,13 @@ class Engine:
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
+        """Stop the other tensor- or context-parallel ranks, if any (idempotent). The engine is unusable
+        after."""
         if self.workers is not None:
+            if self.cfg.cp > 1 and hasattr(self, "runner"):
+                log.info(
+                    "context parallel: %d steps split over %d ranks", self.runner.num_split_steps, self.cfg.cp
+                )
             self._inflight = None
             self._drop_runner()
             self.workers.close()

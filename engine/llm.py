@@ -44,7 +44,7 @@ class LLM:
         self._ids = itertools.count()
 
     def close(self) -> None:
-        """Stop the engine's other tensor-parallel ranks (``tp`` > 1); nothing to do for one rank."""
+        """Stop the engine's other ranks (``tp`` or ``cp`` > 1); nothing to do for one rank."""
         self.engine.close()
 
     def __enter__(self) -> LLM:

@@ -11,6 +11,10 @@ up to ``EngineConfig.graph_batch_limit`` sequences are staged into static buffer
 replayed by ``forward``; EXTEND batches of up to ``EngineConfig.piecewise_token_limit`` tokens are
 staged likewise and run as piecewise graphs with eager attention in between. Everything else (and
 everything on the CPU) runs eagerly.
+
+Context parallelism (``cp``, ``engine.distributed.context_parallel``): ``prepare`` keeps this rank's
+share of a step that splits, the attention backend is wrapped to gather the ranks' K/V, and only
+rank 0 samples (the others take its tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch
 from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import TPGroup
+from engine.distributed.context_parallel import ContextParallelAttention, CPGroup, split_forward_batch
+from engine.distributed.zigzag import ZigzagPlan, should_split
 from engine.graphs import (
     DecodeGraphRunner,
     PiecewiseGraphRunner,
@@ -75,9 +81,12 @@ class PendingTokens:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, tp: TPGroup | None = None) -> None:
+    def __init__(
+        self, cfg: EngineConfig, model_cfg: ModelConfig, tp: TPGroup | None = None, cp: CPGroup | None = None
+    ) -> None:
         """``tp``: this rank's tensor-parallel group (its shard of the weights and of the KV heads);
-        None: one rank."""
+        ``cp``: its context-parallel group (the whole model; long prefills split). None: one rank."""
+        assert tp is None or cp is None, "tp and cp do not combine yet"
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
         if tp is not None and cfg.symmetric_memory and cfg.cuda_graphs and self.device.type == "cuda":
@@ -86,6 +95,8 @@ class ModelRunner:
             dtype = model_cfg.torch_dtype
             tp = tp.with_symmetric_memory(rows * model_cfg.hidden_size * dtype.itemsize, dtype, self.device)
         self.tp = tp if tp is not None else TPGroup()
+        self.cp = cp if cp is not None else CPGroup()
+        self.num_split_steps = 0  # steps split over the CP ranks (tests, logs)
         self.num_kv_heads = model_cfg.tp_heads(1 if tp is None else tp.world_size)[1]  # in this rank's pool
         self.max_model_len = self._max_model_len()
         # The latest step's sampled tokens, by row, on the device; and two host buffers they are
@@ -103,6 +114,15 @@ class ModelRunner:
         )
         log.info("layer ops: %s (fused_kernels=%s, %s)", self.layer_ops.name, cfg.fused_kernels, self.device)
         self.attn_backend = create_backend(cfg)
+        if self.cp.world_size > 1:
+            # A rank's share of a step: at most sum(2 * ceil(n / 2cp)) <= tokens / cp + 2 * sequences.
+            max_rows = min(
+                cfg.max_num_batched_tokens, cfg.max_num_batched_tokens // self.cp.world_size + 2 * rows
+            )
+            self.cp.reserve(
+                max_rows, self.num_kv_heads, model_cfg.head_dim, model_cfg.torch_dtype, self.device
+            )
+            self.attn_backend = ContextParallelAttention(self.attn_backend, self.cp)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists
         self.piecewise: PiecewiseGraphRunner | None = None
@@ -125,6 +145,14 @@ class ModelRunner:
             model_cfg.vocab_size,
         )
         self.piecewise = create_piecewise_graphs(cfg, self.model, self.kv_pool, self.attn_backend)
+
+    @classmethod
+    def of_rank(cls, cfg: EngineConfig, model_cfg: ModelConfig, ranks: TPGroup | None) -> ModelRunner:
+        """This process's runner among the engine's ``cfg.num_ranks`` ranks (``ranks``: the group
+        they joined; None: one rank): a tensor-parallel shard, or with ``cp`` > 1 a CP rank."""
+        if ranks is not None and cfg.cp > 1:
+            return cls(cfg, model_cfg, cp=CPGroup.of(ranks))
+        return cls(cfg, model_cfg, tp=ranks)
 
     # -- the step ------------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, use_graphs: bool = True) -> ForwardBatch:
@@ -165,6 +193,11 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
         )
+        cp = self.cp.world_size
+        if cp > 1 and should_split(batch.extend_lens, batch.is_decode, cp, self.cfg.cp_min_tokens):
+            plan = ZigzagPlan.build([seq.num_computed for seq in batch.seqs], batch.extend_lens, cp)
+            fb = split_forward_batch(fb, plan, self.cp.rank)  # this rank's tokens; piecewise sees them
+            self.num_split_steps += 1
         piecewise = self.piecewise if use_graphs else None
         if piecewise is not None and not batch.is_decode and fb.num_tokens <= piecewise.max_tokens:
             piecewise.stage(fb)
@@ -187,22 +220,27 @@ class ModelRunner:
     @torch.inference_mode()
     def sample_async(self, logits: torch.Tensor, batch: ScheduledBatch) -> PendingTokens:
         """Sample ``batch``'s rows from ``logits`` [batch, vocab]; nothing waits for the GPU. Each
-        sequence's step index counts its tokens still in flight (a seeded draw depends on it)."""
-        tensors = SamplingTensors.build(
-            [seq.params for seq in batch.seqs],
-            seeds=[seq.seed for seq in batch.seqs],
-            steps=[seq.num_output + seq.num_inflight for seq in batch.seqs],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-        )
-        out = self.sampler(logits, tensors)
+        sequence's step index counts its tokens still in flight (a seeded draw depends on it).
+        Context parallel: rank 0 samples (it holds every last token) and the others receive its
+        tokens (their ``logits`` are not read; no logprobs there)."""
         n = len(batch.seqs)
-        self.last_tokens[:n].copy_(out.token_ids)
+        out = None
+        if self.cp.rank == 0:
+            tensors = SamplingTensors.build(
+                [seq.params for seq in batch.seqs],
+                seeds=[seq.seed for seq in batch.seqs],
+                steps=[seq.num_output + seq.num_inflight for seq in batch.seqs],
+                vocab_size=logits.shape[-1],
+                device=self.device,
+            )
+            out = self.sampler(logits, tensors)
+            self.last_tokens[:n].copy_(out.token_ids)
+        self.cp.broadcast_tokens(self.last_tokens[:n])  # no-op for one rank
         turn, self._readback_turn = self._readback_turn, self._readback_turn ^ 1
         token_ids = self._readback[turn][:n]  # [n]
-        token_ids.copy_(out.token_ids, non_blocking=True)
+        token_ids.copy_(self.last_tokens[:n], non_blocking=True)
         pending = PendingTokens(token_ids, None, None, None, self._readback_ready[turn])
-        if out.logprobs is not None:
+        if out is not None and out.logprobs is not None:
             pending.logprobs = out.logprobs.to("cpu", non_blocking=True)
             if out.top_token_ids is not None and out.top_logprobs is not None:
                 pending.top_token_ids = out.top_token_ids.to("cpu", non_blocking=True)
@@ -252,6 +290,7 @@ class ModelRunner:
             budget = int(free - total * (1 - self.cfg.gpu_memory_utilization) - peak_activation)
         # Every rank's pool must hold the same pages (rank 0 allocates them for all): the smallest.
         num_pages = self.tp.min_int(budget // self._bytes_per_page(), self.device)
+        num_pages = self.cp.min_int(num_pages, self.device)
         if num_pages < 2:
             raise ValueError(
                 f"KV cache: budget {budget} bytes holds {num_pages} pages of {self._bytes_per_page()} bytes; "

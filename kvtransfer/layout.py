@@ -31,7 +31,8 @@ class KVLayout:
 
     @classmethod
     def of_engine(cls, engine: Engine) -> KVLayout:
-        """The layout of ``engine``'s KV pool (single device: tp = cp = 1)."""
+        """The layout of ``engine``'s KV pool (single device, tp = 1). A context-parallel engine's
+        rank 0 holds the whole KV in one pool, so its layout is one device's too."""
         m = engine.model_config
         return cls(
             model_fingerprint=model_fingerprint(engine.cfg.model),

@@ -37,6 +37,8 @@ class PrefillConfig:
         if self.engine.tp != 1:
             # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
             raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
+        # cp > 1 is fine: every CP rank writes the whole KV into its pool, so rank 0's pool (the
+        # one the sender reads) is laid out as with one rank and the transfer is unchanged.
 
 
 async def serve(cfg: PrefillConfig) -> None:
@@ -55,7 +57,12 @@ async def serve(cfg: PrefillConfig) -> None:
         "prefill serving on %s:%d (model %s, layout %s, kv backend %s)",
         cfg.host, port, cfg.engine.model, layout.digest, cfg.kv_backend,
     )  # fmt: skip
-    await server.serve_engine(async_engine, "prefill", cfg.host, sender.close)
+
+    async def close() -> None:
+        await sender.close()
+        engine.close()  # context-parallel ranks stop with the instance (no-op for one rank)
+
+    await server.serve_engine(async_engine, "prefill", cfg.host, close)
 
 
 def run(cfg: PrefillConfig) -> int:

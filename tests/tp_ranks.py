@@ -14,6 +14,7 @@ import functools
 import gc
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -111,14 +112,20 @@ def _rank_main(rank: int, world_size: int, init_method: str, cases: dict[str, tu
 
 
 def run_ranks(
-    world_size: int, cases: dict[str, tuple], out_dir: Path, timeout_s: float = 120.0
+    world_size: int,
+    cases: dict[str, tuple],
+    out_dir: Path,
+    timeout_s: float = 120.0,
+    target: Callable[..., None] | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
     """``cases``: name -> ``greedy_run``'s arguments but ``tp`` (model dir, dummy weights[, tbo]).
-    Returns each rank's ``greedy_run`` results."""
+    Returns each rank's ``greedy_run`` results; ``target``: another rank body with ``_rank_main``'s
+    arguments and output files (``cp_ranks``)."""
     ctx = mp.get_context("spawn")
     init_method = f"file://{out_dir / 'rendezvous'}"
+    main = _rank_main if target is None else target
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
+        ctx.Process(target=main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -19,6 +19,11 @@ Backend contract (``AttentionBackend``):
   with ``seq_lens <= max_seq_len``, depend on the batch size and on device tensors only (never on
   ``*_cpu`` fields), and allocate nothing a replay would have to refresh. Rows past the live batch
   are padding (``seq_len`` 1 on page 0) and must stay harmless.
+- Context parallelism (``engine.distributed.context_parallel``): a split step's batch is one rank's
+  share. Its queries are chunks of sequences, each described to the backend as a sequence of its
+  own (``seq_lens``: the chunk's end position, ``extend_lens``: its size, the sequence's page-table
+  row), so "causal over the prefix" is causal by absolute position; ``cp`` says how the ranks' K/V
+  are gathered into the pool before the backend attends.
 Backends are registered by name in ``engine.attention`` and chosen once at startup.
 """
 
@@ -26,11 +31,21 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from engine.kvcache.page_pool import KVPagePool
+
+
+@dataclass(frozen=True)
+class CPExchange:
+    """A context-parallel split step's K/V exchange: each rank sends ``rows_per_rank`` rows (its
+    own, padded), and row j of the gathered ``[cp * rows_per_rank, ...]`` K/V belongs in pool slot
+    ``gather_slots[j]`` (padding: slot 0, the dummy page)."""
+
+    rows_per_rank: int
+    gather_slots: torch.Tensor  # [cp * rows_per_rank] int64
 
 
 class ForwardMode(enum.Enum):
@@ -52,6 +67,7 @@ class ForwardBatch:
     kv_pool: KVPagePool
     attn_backend: AttentionBackend
     attn_metadata: Any = None
+    cp: CPExchange | None = None  # set on a context-parallel split step only
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +81,7 @@ class ForwardBatch:
 class AttentionBackend:
     """Base class; see the module docstring for the contract."""
 
-    supports_graphs: ClassVar[bool] = False
+    supports_graphs: bool = False  # a class constant, but a wrapper may take its inner backend's
 
     def prepare(self, batch: ForwardBatch) -> None:
         pass

@@ -14,6 +14,10 @@ is gone sees its pipe close and exits. The model's collectives are bounded by th
 and rank 0 checks its workers are alive before each send, so a dead worker is an error naming its
 rank and exit code, not a hang. The model group is torch's default group: one TP engine per
 process at a time.
+
+Context-parallel ranks (``EngineConfig.cp``, ``engine.distributed.context_parallel``) are driven
+the same way: the group holds ``cfg.num_ranks`` processes and each builds its runner with
+``ModelRunner.of_rank``; errors name the kind (``tp`` / ``cp``).
 """
 
 from __future__ import annotations
@@ -112,25 +116,27 @@ def rank_device(device: str, rank: int) -> str:
 
 class TPWorkers:
     """Rank 0's handle on ranks 1..N-1: starts them and joins the group (``tp``), sends each step's
-    plan (``send``), stops them (``close``)."""
+    plan (``send``), stops them (``close``). Tensor- or context-parallel (``kind``)."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        assert cfg.tp > 1, "one rank needs no workers"
+        assert cfg.num_ranks > 1, "one rank needs no workers"
+        self.kind = "cp" if cfg.cp > 1 else "tp"
         if dist.is_initialized():
             raise RuntimeError(
-                "tp: this process already belongs to a process group (one TP engine per process)"
+                f"{self.kind}: this process already belongs to a process group (one multi-rank engine "
+                "per process)"
             )
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
-        for rank in range(1, cfg.tp):
+        for rank in range(1, cfg.num_ranks):
             conn, child_conn = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
                 args=(rank, cfg, init_method, child_conn),
-                name=f"pdserve-tp{rank}",
+                name=f"pdserve-{self.kind}{rank}",
                 daemon=True,
             )
             proc.start()
@@ -139,7 +145,7 @@ class TPWorkers:
             self.conns.append(conn)
         try:
             device = rank_device(cfg.device, 0)
-            self.tp = init_tp(0, cfg.tp, init_method, device=device, timeout_s=COLLECTIVE_TIMEOUT_S)
+            self.tp = init_tp(0, cfg.num_ranks, init_method, device=device, timeout_s=COLLECTIVE_TIMEOUT_S)
         except BaseException:
             self.close(graceful=False)
             raise
@@ -147,19 +153,21 @@ class TPWorkers:
     def send(self, batch: ScheduledBatch) -> None:
         """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
         if self._closed:
-            raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
+            raise RuntimeError(
+                f"{self.kind}: the ranks were stopped (closed, or a step failed); make a new engine"
+            )
         self.check_alive()
         data = pickle.dumps(StepPlan.of(batch))
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(data)
             except OSError as e:
-                raise RuntimeError(f"tp: worker rank {rank} is gone ({e})") from e
+                raise RuntimeError(f"{self.kind}: worker rank {rank} is gone ({e})") from e
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
-                raise RuntimeError(f"tp: worker rank {rank} exited with code {proc.exitcode}")
+                raise RuntimeError(f"{self.kind}: worker rank {rank} exited with code {proc.exitcode}")
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers and leave the group. ``graceful``: every worker is alive and idle, so all
@@ -205,10 +213,12 @@ def _free_port() -> int:
 
 
 def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connection) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp))  # the ranks share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_ranks))  # the ranks share the cores
     cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
-    tp: TPGroup | None = init_tp(rank, cfg.tp, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S)
-    runner: ModelRunner | None = ModelRunner(cfg, ModelConfig.from_dir(cfg.model, cfg.dtype), tp=tp)
+    tp: TPGroup | None = init_tp(
+        rank, cfg.num_ranks, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S
+    )
+    runner: ModelRunner | None = ModelRunner.of_rank(cfg, ModelConfig.from_dir(cfg.model, cfg.dtype), tp)
     assert runner is not None
     while True:
         try:
