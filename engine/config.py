@@ -185,7 +185,8 @@ class EngineConfig:
 
     ``symmetric_memory``: with tp > 1 on CUDA, all-reduce through symmetric-memory buffers
     (``engine.distributed.symmetric``) wherever a message fits them (every all-reduce inside the
-    decode and piecewise graphs); off: NCCL for everything.
+    decode and piecewise graphs); with cp > 1 on CUDA, the per-layer K/V all-gather writes into the
+    peers' symmetric receive buffers. Off: NCCL for everything.
 
     ``tbo_min_batch``: two-batch overlap (``engine.graphs.two_batch``) for captured decode batches
     of at least this many rows, with tp > 1 on CUDA; 0 turns it off; None: the measured default

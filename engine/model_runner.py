@@ -120,8 +120,9 @@ class ModelRunner:
                 cfg.max_num_batched_tokens, cfg.max_num_batched_tokens // self.cp.world_size + 2 * rows
             )
             self.cp.reserve(
-                max_rows, self.num_kv_heads, model_cfg.head_dim, model_cfg.torch_dtype, self.device
-            )
+                max_rows, self.num_kv_heads, model_cfg.head_dim, model_cfg.torch_dtype, self.device,
+                symmetric=cfg.symmetric_memory,
+            )  # fmt: skip
             self.attn_backend = ContextParallelAttention(self.attn_backend, self.cp)
         self.sampler = Sampler()
         self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists

@@ -26,6 +26,7 @@ the pools stay the same on every rank and rank 0's allocator and prefix cache st
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ import torch.distributed as dist
 from engine.attention.base import AttentionBackend, CPExchange, ForwardBatch, ForwardMode
 from engine.distributed.groups import TPGroup
 from engine.distributed.zigzag import ZigzagPlan
+
+log = logging.getLogger(__name__)
 
 # torch >= 2.13 renames all_gather_into_tensor (and deprecates the old name); the GPU image has 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -53,6 +56,8 @@ class CPGroup:
         self.max_rows = 0
         self._send: torch.Tensor | None = None  # [max_rows, 2, num_kv_heads, head_dim]
         self._recv: torch.Tensor | None = None  # [world_size * max_rows, 2, num_kv_heads, head_dim]
+        self._symm: Any = None  # the receive buffer's symmetric-memory handle (CUDA), else None
+        self._peers: list[torch.Tensor] = []  # every rank's receive buffer, mapped here (symmetric)
 
     @classmethod
     def of(cls, ranks: TPGroup) -> CPGroup:
@@ -60,19 +65,40 @@ class CPGroup:
         return cls(ranks.rank, ranks.world_size, ranks.group)
 
     def reserve(
-        self, max_rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
+        self,
+        max_rows: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        symmetric: bool = False,
     ) -> None:
         """Allocate the all-gather buffers for up to ``max_rows`` rows a rank, once at start-up (a
-        split step never allocates, so the gather can sit next to captured graphs). The place where
-        symmetric memory plugs in: ``_recv`` allocated with ``torch.distributed._symmetric_memory``
-        (``empty`` + ``rendezvous`` on the group) instead of ``torch.empty``."""
+        split step never allocates, so the gather can sit next to captured graphs). ``symmetric``
+        (CUDA): the receive buffer is symmetric memory (``torch.distributed._symmetric_memory``
+        ``empty`` + ``rendezvous``, collective), so each rank writes its rows straight into every
+        peer's buffer over NVLink instead of going through NCCL; falls back to NCCL (logged) where
+        the build has no symmetric memory."""
         if self.world_size == 1:
             return
         self.max_rows = max_rows
+        shape = (self.world_size * max_rows, 2, num_kv_heads, head_dim)
         self._send = torch.empty(max_rows, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
-        self._recv = torch.empty(
-            self.world_size * max_rows, 2, num_kv_heads, head_dim, dtype=dtype, device=device
-        )
+        self._recv = None
+        if symmetric and device.type == "cuda":
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+            except ImportError:
+                log.info("cp: no symmetric memory in this torch build; K/V all-gather through NCCL")
+            else:
+                group = self.group if self.group is not None else dist.group.WORLD
+                assert group is not None, "the default process group exists"
+                self._recv = symm_mem.empty(shape, dtype=dtype, device=device)
+                self._symm = symm_mem.rendezvous(self._recv, group)
+                self._peers = [self._symm.get_buffer(r, shape, dtype) for r in range(self.world_size)]
+                log.info("cp: K/V all-gather through symmetric memory (%.1f MiB)", self._recv.nbytes / 2**20)
+        if self._recv is None:
+            self._recv = torch.empty(shape, dtype=dtype, device=device)
 
     def all_gather_kv(self, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
         """Every rank's new K and V (``k``, ``v``: ``[n, num_kv_heads, head_dim]``, ``n <= rows``),
@@ -82,10 +108,21 @@ class CPGroup:
         assert self._send is not None and self._recv is not None, "reserve() the buffers first"
         n = k.shape[0]
         assert n <= rows <= self.max_rows, f"{n} rows of {rows} (buffers hold {self.max_rows})"
+        out = self._recv[: self.world_size * rows]  # [world_size * rows, 2, num_kv_heads, head_dim]
+        if self._symm is not None:
+            # Barrier 1: every peer is done reading its buffer (the previous layer's gather), so it
+            # may be overwritten; then this rank's rows go into its slot of every peer's buffer;
+            # barrier 2: every rank's rows have landed everywhere.
+            self._symm.barrier(channel=0)
+            for peer in self._peers:
+                slot = peer[self.rank * rows : self.rank * rows + n]  # [n, 2, kv_heads, head_dim]
+                slot[:, 0].copy_(k)
+                slot[:, 1].copy_(v)
+            self._symm.barrier(channel=1)
+            return out
         send = self._send[:rows]  # [rows, 2, num_kv_heads, head_dim]
         send[:n, 0].copy_(k)
         send[:n, 1].copy_(v)
-        out = self._recv[: self.world_size * rows]  # [world_size * rows, 2, num_kv_heads, head_dim]
         _all_gather_single(out, send, group=self.group)
         return out
 
