@@ -14,6 +14,8 @@ Outputs come one ``step`` call later than without overlap, never later in time.
 Tensor parallelism (``EngineConfig.tp`` > 1): this process is rank 0 and starts the other ranks
 (``engine.distributed.workers``). ``_launch`` sends them the batch before preparing it, i.e. after
 ``schedule`` and before ``commit``, so they build the inputs this rank builds. ``close`` stops them.
+``read_kv`` / ``write_kv`` move a request's KV pages out of / into every rank's pool as whole heads
+(``engine.distributed.kv_shards``); call them between steps, like ``step``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import gc
 import random
 from dataclasses import dataclass
 
+import torch
+
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.distributed.workers import TPWorkers
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
@@ -186,9 +191,49 @@ class Engine:
             return self._postprocess(launched) if launched is not None else []
         except BaseException:
             self._inflight = None  # its requests end with the error (the caller aborts them)
-            if self.workers is not None:  # ranks may be mid-step: they cannot go on in step
-                self._drop_runner()
-                self.workers.close(graceful=False)
+            self._stop_ranks()
+            raise
+
+    def _stop_ranks(self) -> None:
+        """After a failed step or KV move: ranks may be mid-collective, and pairing the next plan's
+        collectives with a half-done one would be silent garbage, so they stop for good."""
+        if self.workers is not None:
+            self._drop_runner()
+            self.workers.close(graceful=False)
+
+    def check_ranks(self) -> None:
+        """Raise RuntimeError (naming the rank) if a tensor-parallel rank died or the ranks were
+        stopped by a failure; the engine cannot serve again then."""
+        if self.workers is not None:
+            if self.workers.closed:
+                raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
+            self.workers.check_alive()
+
+    def read_kv(self, pages: list[int], layers: range) -> torch.Tensor:
+        """The K/V of ``pages`` for ``layers`` with every kv head, whatever the TP size:
+        ``[len(layers), 2, len(pages), page_size, num_kv_heads, head_dim]`` on this rank's device
+        (with tp > 1 every rank takes part: call between steps)."""
+        plan = KVExportPlan(list(pages), layers)
+        try:
+            if self.workers is not None:
+                self.workers.send_plan(plan)
+            whole = plan.run(self.runner)
+        except BaseException:
+            self._stop_ranks()
+            raise
+        assert whole is not None, "rank 0 gets the whole heads"
+        return whole
+
+    def write_kv(self, pages: list[int], layers: range, kv: torch.Tensor) -> None:
+        """Write ``kv`` (as ``read_kv`` returns it, any device) into ``pages`` of every rank's pool,
+        each rank its heads (with tp > 1 every rank takes part: call between steps)."""
+        plan = KVImportPlan(list(pages), layers)
+        try:
+            if self.workers is not None:
+                self.workers.send_plan(plan)
+            plan.run(self.runner, kv)
+        except BaseException:
+            self._stop_ranks()
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:

@@ -14,6 +14,10 @@ is gone sees its pipe close and exits. The model's collectives are bounded by th
 and rank 0 checks its workers are alive before each send, so a dead worker is an error naming its
 rank and exit code, not a hang. The model group is torch's default group: one TP engine per
 process at a time.
+
+Besides steps, the pipe carries other plans every rank runs at the same point of the stream (their
+collectives pair up like a step's): the KV export and import of the services
+(``engine.distributed.kv_shards``). A plan other than a ``StepPlan`` has ``run(runner)``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.groups import TPGroup, destroy_tp, init_tp
+from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -146,15 +151,24 @@ class TPWorkers:
 
     def send(self, batch: ScheduledBatch) -> None:
         """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
+        self.send_plan(StepPlan.of(batch))
+
+    def send_plan(self, plan: StepPlan | KVExportPlan | KVImportPlan) -> None:
+        """Hand ``plan`` to every worker; rank 0 then runs its own part of it."""
         if self._closed:
             raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
         self.check_alive()
-        data = pickle.dumps(StepPlan.of(batch))
+        data = pickle.dumps(plan)
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(data)
             except OSError as e:
                 raise RuntimeError(f"tp: worker rank {rank} is gone ({e})") from e
+
+    @property
+    def closed(self) -> bool:
+        """Stopped: by ``close``, or after a failed step (the engine cannot go on)."""
+        return self._closed
 
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
@@ -212,11 +226,14 @@ def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connectio
     assert runner is not None
     while True:
         try:
-            plan: StepPlan | None = pickle.loads(conn.recv_bytes())
+            plan: StepPlan | KVExportPlan | KVImportPlan | None = pickle.loads(conn.recv_bytes())
         except EOFError:
             return  # rank 0 is gone without stopping us: nobody to tear the group down with
         if plan is None:
             break
+        if not isinstance(plan, StepPlan):
+            plan.run(runner)
+            continue
         batch = plan.to_batch()
         runner.sample_async(runner.forward(runner.prepare(batch)), batch)
     # Drop every reference to the group so that destroy_tp tears it down, not interpreter exit.
