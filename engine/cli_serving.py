@@ -52,6 +52,12 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     add_engine_args(upp)
     upp.add_argument("--num-prefill", type=int, default=1)
     upp.add_argument("--num-decode", type=int, default=1)
+    upp.add_argument(
+        "--prefill-tp", type=int, default=None, help="tensor-parallel ranks per prefill (default: --tp)"
+    )
+    upp.add_argument(
+        "--decode-tp", type=int, default=None, help="tensor-parallel ranks per decode (default: --tp)"
+    )
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
@@ -102,8 +108,11 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 
     if args.num_prefill < 1 or args.num_decode < 1:
         raise ValueError("--num-prefill/--num-decode: at least 1 each")
-    if args.tp != 1:
-        raise ValueError(f"--tp: the prefill and decode services run one rank for now, got {args.tp}")
+    tp = {role: args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
+          for role in ("prefill", "decode")}  # fmt: skip
+    for role, n in tp.items():
+        if n < 1:
+            raise ValueError(f"--{role}-tp: must be >= 1, got {n}")
     engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
@@ -127,7 +136,10 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
     model = args.model or str(default_model_dir(env))
-    return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
+    return up(
+        model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port,
+        prefill_args=["--tp", str(tp["prefill"])], decode_args=["--tp", str(tp["decode"])],
+    )  # fmt: skip
 
 
 def _soak(args: argparse.Namespace, env: Env) -> int:
