@@ -60,10 +60,6 @@ class StagingPool:
         for page in page_ids:
             self._buffers.pop(page, None)
 
-    @property
-    def num_staged_pages(self) -> int:
-        return len(self._buffers)
-
 
 class KVLanding:
     """The receiver's ``pool`` and the step from "received" to "readable by every rank"."""
