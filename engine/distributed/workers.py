@@ -26,6 +26,7 @@ import dataclasses
 import gc
 import os
 import pickle
+import signal
 import socket
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -219,6 +220,9 @@ def _free_port() -> int:
 
 
 def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connection) -> None:
+    # Ctrl-C reaches the whole process group: rank 0 decides when the ranks stop (or dies, and the
+    # pipe's end tells us), never the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.tp))  # the ranks share the cores
     cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
     tp: TPGroup | None = init_tp(rank, cfg.tp, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S)
