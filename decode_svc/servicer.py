@@ -220,6 +220,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         first = True
         try:
             async for out in stream:
+                if out.finish_reason == "error" and self.engine.failure is not None:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"decode engine: {self.engine.failure!r}"
+                    )
                 if out.finish_reason in EARLY_END_STATUS:
                     await context.abort(
                         EARLY_END_STATUS[out.finish_reason], f"request {out.request_id}: {out.finish_reason}"

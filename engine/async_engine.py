@@ -237,8 +237,9 @@ class AsyncEngine:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception:
                 log.exception("engine step failed; finishing every request with reason 'error'")
+                # A dead rank ends the loop first, so the streams' "error" comes with ``failure``.
+                self.engine.check_ranks()
                 self._fail_all("error")
-                self.engine.check_ranks()  # a dead rank ends the loop: nothing can run any more
                 continue
             for out in outputs:
                 self._deliver(out)

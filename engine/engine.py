@@ -38,6 +38,8 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
+DEAD_RANK_WAIT_S = 1.0  # after a failure, how long a dying rank gets to show as the cause
+
 
 @dataclass
 class _Launched:
@@ -71,6 +73,7 @@ class Engine:
         self._seed_rng = random.Random(cfg.seed)
         self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
+        self._ranks_failure = "closed"  # why the ranks were stopped (``check_ranks``)
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent). The engine is unusable after."""
@@ -189,24 +192,28 @@ class Engine:
             if self.overlap:
                 launched, self._inflight = self._inflight, launched
             return self._postprocess(launched) if launched is not None else []
-        except BaseException:
+        except BaseException as e:
             self._inflight = None  # its requests end with the error (the caller aborts them)
-            self._stop_ranks()
+            self._stop_ranks(e)
             raise
 
-    def _stop_ranks(self) -> None:
+    def _stop_ranks(self, error: BaseException) -> None:
         """After a failed step or KV move: ranks may be mid-collective, and pairing the next plan's
-        collectives with a half-done one would be silent garbage, so they stop for good."""
-        if self.workers is not None:
-            self._drop_runner()
-            self.workers.close(graceful=False)
+        collectives with a half-done one would be silent garbage, so they stop for good. The cause
+        is kept for ``check_ranks``: a dead rank if there is one (a collective with a dead peer
+        fails with a less telling message), else the error."""
+        if self.workers is None or self.workers.closed:
+            return
+        self._ranks_failure = self.workers.dead_rank(DEAD_RANK_WAIT_S) or repr(error)
+        self._drop_runner()
+        self.workers.close(graceful=False)
 
     def check_ranks(self) -> None:
         """Raise RuntimeError (naming the rank) if a tensor-parallel rank died or the ranks were
         stopped by a failure; the engine cannot serve again then."""
         if self.workers is not None:
             if self.workers.closed:
-                raise RuntimeError("tp: the ranks were stopped (closed, or a step failed); make a new engine")
+                raise RuntimeError(f"tp: the ranks were stopped ({self._ranks_failure}); make a new engine")
             self.workers.check_alive()
 
     def read_kv(self, pages: list[int], layers: range) -> torch.Tensor:
@@ -218,8 +225,8 @@ class Engine:
             if self.workers is not None:
                 self.workers.send_plan(plan)
             whole = plan.run(self.runner)
-        except BaseException:
-            self._stop_ranks()
+        except BaseException as e:
+            self._stop_ranks(e)
             raise
         assert whole is not None, "rank 0 gets the whole heads"
         return whole
@@ -232,8 +239,8 @@ class Engine:
             if self.workers is not None:
                 self.workers.send_plan(plan)
             plan.run(self.runner, kv)
-        except BaseException:
-            self._stop_ranks()
+        except BaseException as e:
+            self._stop_ranks(e)
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:

@@ -71,6 +71,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
         outputs = [out async for out in stream]
         final = outputs[-1]
+        if final.finish_reason == "error" and self.engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {self.engine.failure!r}")
         if final.finish_reason in EARLY_END_STATUS:
             await context.abort(
                 EARLY_END_STATUS[final.finish_reason],

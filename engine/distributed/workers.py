@@ -29,7 +29,7 @@ import pickle
 import signal
 import socket
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import torch
@@ -175,6 +175,16 @@ class TPWorkers:
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 raise RuntimeError(f"tp: worker rank {rank} exited with code {proc.exitcode}")
+
+    def dead_rank(self, timeout_s: float) -> str | None:
+        """Which worker is gone and how, waiting up to ``timeout_s`` for one to exit (a collective
+        fails as soon as a dying peer's sockets close, before the peer is reaped); None if all live."""
+        wait([p.sentinel for p in self.procs], timeout_s)
+        try:
+            self.check_alive()
+        except RuntimeError as e:
+            return str(e)
+        return None
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers and leave the group. ``graceful``: every worker is alive and idle, so all

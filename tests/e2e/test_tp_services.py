@@ -135,13 +135,23 @@ def wait_not_serving(service: Service, timeout_s: float = 20.0) -> None:
 
 
 def test_a_dead_rank_is_a_clear_error_and_not_serving(cluster):
-    """Runs last: kills rank 1 of both TP instances. Each reports NOT_SERVING within seconds (its
-    idle check), a request naming it fails UNAVAILABLE with the rank in the message, and the tp=1
-    peers it was paired with stay idle and serving."""
+    """Runs last: kills rank 1 of both TP instances — decode's mid-stream, prefill's while idle. The
+    open stream ends UNAVAILABLE naming the rank, both report NOT_SERVING within seconds, a request
+    naming either fails UNAVAILABLE naming the rank, and the tp=1 peers stay idle and serving."""
     p2, d2, p1, d1 = (cluster[n] for n in NAMES)
-    for service in (p2, d2):
+    stub = decode_pb2_grpc.DecodeServiceStub(d2.channel)
+    long = SamplingParams(temperature=0, max_tokens=3000, ignore_eos=True)
+    call = stub.Generate(request(list(range(100, 140)), p1, long), timeout=RPC_TIMEOUT_S)
+    assert all(next(call).token_ids for _ in range(2))
+    start = time.monotonic()
+    for service in (d2, p2):
         (rank1,) = rank_processes(service)
         os.kill(rank1, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "worker rank 1 exited with code -9" in err.value.details()
+    assert time.monotonic() - start < 10
     for service in (p2, d2):
         wait_not_serving(service)
     for decode, prefill in ((d2, p1), (d1, p2)):
