@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from decode_svc.kv_landing import KVLanding
 from decode_svc.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -33,9 +34,6 @@ class DecodeConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        if self.engine.tp != 1:
-            # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
-            raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
         if self.engine.cp != 1:
             raise ValueError(
                 f"cp: decode runs one rank (context parallelism splits prefills: give --cp to the "
@@ -46,8 +44,9 @@ class DecodeConfig:
 async def serve(cfg: DecodeConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
-    receiver = create_receiver(cfg.kv_backend, layout, engine.runner.kv_pool)
     async_engine = AsyncEngine(engine)
+    landing = KVLanding(async_engine)  # with tp > 1 the receiver writes into host staging
+    receiver = create_receiver(cfg.kv_backend, layout, landing.pool)
     names = [
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,
         kvtransfer_pb2.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
@@ -56,11 +55,14 @@ async def serve(cfg: DecodeConfig) -> None:
     port = server.bind(cfg.host, cfg.port, cfg.tls)
     kv_address = host_port(cfg.advertise_host or cfg.host, port)
     servicer = DecodeServicer(
-        async_engine, receiver, cfg.kv_backend, kv_address, cfg.request_timeout_s, cfg.tls
+        async_engine, receiver, landing, cfg.kv_backend, kv_address, cfg.request_timeout_s, cfg.tls
     )
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
     receiver.add_to_server(server.server)
-    log.info("decode serving on %s:%d (model %s, layout %s)", cfg.host, port, cfg.engine.model, layout.digest)
+    log.info(
+        "decode serving on %s:%d (model %s, tp %d, layout %s)",
+        cfg.host, port, cfg.engine.model, cfg.engine.tp, layout.digest,
+    )  # fmt: skip
     await server.serve_engine(async_engine, "decode", cfg.host, servicer.close)
 
 

@@ -1,8 +1,9 @@
 """One decode request: validate → reserve the prompt's KV pages (RESOURCE_EXHAUSTED if they are not
 there, so the caller can go elsewhere) → expect them from the KV receiver → ask the named prefill
-instance to fill them → hand the request and its pages to the engine's continuous batch → stream.
-A request naming no prefill instance is *colocated*: this engine runs its prompt too, as a
-non-disaggregated server would (the gateway's mode when it has no prefill instances).
+instance to fill them → land them in every tensor-parallel rank's pool (``kv_landing``) → hand the
+request and its pages to the engine's continuous batch → stream. A request naming no prefill
+instance is *colocated*: this engine runs its prompt too, as a non-disaggregated server would (the
+gateway's mode when it has no prefill instances).
 
 Whatever ends the request — finish, the client cancelling, the deadline, a failed prefill or
 transfer — the pages go back exactly once: to the engine before the hand-over is done, by the
@@ -21,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from engine.async_engine import AsyncEngine, RequestStream
+from decode_svc.kv_landing import KVLanding
+from engine.async_engine import AsyncEngine, EngineFailed, RequestStream
 from engine.engine import Engine
 from engine.output import RequestOutput
 from kvtransfer import KVReceiver, TransferState
@@ -47,13 +49,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self,
         engine: AsyncEngine,
         receiver: KVReceiver,
+        landing: KVLanding,
         kv_backend: str,
         kv_address: str,
         request_timeout_s: float,
         tls: TLSConfig | None = None,
     ) -> None:
         self.tls = tls
-        self.engine, self.receiver = engine, receiver
+        self.engine, self.receiver, self.landing = engine, receiver, landing
         self.kv_backend, self.kv_address, self.request_timeout_s = kv_backend, kv_address, request_timeout_s
         self.page_size = engine.engine.cfg.page_size
         self.max_num_seqs = engine.engine.cfg.max_num_seqs
@@ -121,6 +124,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight"
             )
+        except EngineFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine: {e}")
         if pages is None:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -174,6 +179,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         handed_over = False
         call = None
         try:
+            self.landing.open(pages)
             pending = self.receiver.expect(request_id, pages, len(prompt), deadline)
             call = self._prefill(request.prefill_address).Prefill(
                 prefill_pb2.PrefillRequest(
@@ -206,6 +212,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 assert error is not None, "a transfer that is not DONE carries its error"
                 await context.abort(error.code, f"KV transfer: {error.message}")
             assert result.first_token == reply.first_token_id, "the KV commit and the reply agree"
+            try:
+                await self.landing.land(pages)
+            except RuntimeError as e:  # a tensor-parallel rank died (EngineFailed included)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine: {e}")
             timing.MergeFrom(reply.timing)
             timing.transfer_done_ns = time.time_ns()
             first_lp = logprob_from_proto(reply.first_logprob) if reply.HasField("first_logprob") else None
@@ -223,6 +233,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if call is not None:
                     call.cancel()
                 self.receiver.abort(request_id, "decode gave the request up")
+                self.landing.close(pages)
 
     async def _stream(
         self, stream: RequestStream, num_cached: int | None, timing: common_pb2.TimingMarks, context: Any
@@ -233,6 +244,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         first = True
         try:
             async for out in stream:
+                if out.finish_reason == "error" and self.engine.failure is not None:
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"decode engine: {self.engine.failure!r}"
+                    )
                 if out.finish_reason in EARLY_END_STATUS:
                     await context.abort(
                         EARLY_END_STATUS[out.finish_reason], f"request {out.request_id}: {out.finish_reason}"

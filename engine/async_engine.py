@@ -7,14 +7,17 @@ command and applied by the loop task *between* steps, never while a step runs on
 Contract:
 - ``await call(fn)`` runs ``fn(engine)`` between steps and returns its result or raises its error;
   ``call_soon(fn)`` does the same without waiting (safe in ``finally`` blocks of cancelled handlers).
+  ``await call_on_ranks(fn)`` too, but on the step thread (device work that takes every
+  tensor-parallel rank, like ``Engine.read_kv``; the event loop keeps serving meanwhile).
 - ``await generate(...)`` / ``await adopt(...)`` add a request and return a ``RequestStream``: an async
   iterator of the request's ``RequestOutput``s, the last one finished. Leaving the iteration early
   (the consumer was cancelled, the client went away) aborts the request and frees its pages, and any
   ``kv_pages`` lease that the consumer never took.
 - Every request has a deadline (unix ns; 0 = none): past it, the request finishes with reason
   "deadline". A step that raises finishes every request with reason "error" and the loop goes on.
-  Should the loop itself die (a bug), every stream ends with "error", every pending ``call``
-  raises, and ``failure`` says why (the services then report NOT_SERVING).
+  Should the loop itself die (a bug, or a tensor-parallel rank that died: checked after every
+  failure and every second while idle), every stream ends with "error", every pending ``call``
+  raises ``EngineFailed``, and ``failure`` says why (the services then report NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+IDLE_CHECK_S = 1.0  # an idle engine with tensor-parallel ranks checks they are alive this often
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop is gone (see ``AsyncEngine.failure``): this instance serves nothing more."""
 
 
 class RequestStream:
@@ -69,7 +77,8 @@ Undo = Callable[[Engine, Any], Any]
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: deque[tuple[Callable[[Engine], Any], asyncio.Future | None]] = deque()
+        # (fn, future or None, run on the step thread)
+        self._commands: deque[tuple[Callable[[Engine], Any], asyncio.Future | None, bool]] = deque()
         self._streams: dict[str, RequestStream] = {}
         self._deadlines: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -86,6 +95,8 @@ class AsyncEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        # Stop the tensor-parallel ranks, if any, off the event loop (it joins their processes).
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.close)
         self._executor.shutdown(wait=True)
 
     # -- commands ----------------------------------------------------------------------------------
@@ -93,10 +104,18 @@ class AsyncEngine:
         """Run ``fn(engine)`` between steps and return its result. If the caller is cancelled first,
         ``fn`` is skipped; if it is cancelled after ``fn`` ran, ``undo(engine, result)`` runs instead
         of the result being lost (a page reservation, say)."""
+        return await self._call(fn, undo, on_thread=False)
+
+    async def call_on_ranks(self, fn: Callable[[Engine], T]) -> T:
+        """Run ``fn(engine)`` on the step thread between steps and return its result (skipped if
+        the caller is cancelled first)."""
+        return await self._call(fn, None, on_thread=True)
+
+    async def _call(self, fn: Callable[[Engine], T], undo: Undo | None, on_thread: bool) -> T:
         if self.failure is not None:
-            raise RuntimeError(f"the engine loop failed: {self.failure!r}")
+            raise EngineFailed(f"the engine loop failed: {self.failure!r}")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._commands.append((fn, future))
+        self._commands.append((fn, future, on_thread))
         self._wake.set()
         try:
             return await future
@@ -108,7 +127,7 @@ class AsyncEngine:
 
     def call_soon(self, fn: Callable[[Engine], Any]) -> None:
         """Run ``fn(engine)`` between steps, never skipped; errors are logged."""
-        self._commands.append((fn, None))
+        self._commands.append((fn, None, False))
         self._wake.set()
 
     # -- requests ----------------------------------------------------------------------------------
@@ -207,22 +226,34 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._apply_commands()
+            await self._apply_commands()
             self._expire_deadlines()
             if not self.engine.has_unfinished():
                 self._wake.clear()
                 if not self._commands:
-                    await self._wake.wait()
+                    await self._idle()
                 continue
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception:
                 log.exception("engine step failed; finishing every request with reason 'error'")
+                # A dead rank ends the loop first, so the streams' "error" comes with ``failure``.
+                self.engine.check_ranks()
                 self._fail_all("error")
                 continue
             for out in outputs:
                 self._deliver(out)
             await asyncio.sleep(0)  # let handlers consume before the next step
+
+    async def _idle(self) -> None:
+        """Wait for work; with tensor-parallel ranks, check every ``IDLE_CHECK_S`` that they live."""
+        if self.engine.workers is None:
+            await self._wake.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
+        except TimeoutError:
+            self.engine.check_ranks()
 
     def _fail_all(self, reason: str) -> None:
         for request_id in list(self._streams):
@@ -240,9 +271,9 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self._end_stream(request_id, "error")
         while self._commands:
-            _, future = self._commands.popleft()
+            _, future, _ = self._commands.popleft()
             if future is not None and not future.done():
-                future.set_exception(RuntimeError(f"the engine loop failed: {self.failure!r}"))
+                future.set_exception(EngineFailed(f"the engine loop failed: {self.failure!r}"))
 
     def _end_stream(self, request_id: str, reason: str) -> None:
         stream = self._streams.get(request_id)
@@ -250,18 +281,24 @@ class AsyncEngine:
             self._unregister(request_id)
             stream.queue.put_nowait(RequestOutput(request_id, [], "", True, reason))
 
-    def _apply_commands(self) -> None:
+    async def _apply_commands(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._commands:
-            fn, future = self._commands.popleft()
+            fn, future, on_thread = self._commands.popleft()
             if future is not None and future.cancelled():
                 continue  # the caller is gone and wants nothing done
             try:
-                result = fn(self.engine)
+                if on_thread:
+                    result = await loop.run_in_executor(self._executor, fn, self.engine)
+                else:
+                    result = fn(self.engine)
             except Exception as e:
                 if future is None:
                     log.exception("engine command failed")
                 elif not future.done():
                     future.set_exception(e)
+                if on_thread:
+                    self.engine.check_ranks()  # a KV move that lost a rank ends the loop
                 continue
             if future is not None and not future.done():
                 future.set_result(result)

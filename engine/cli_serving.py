@@ -58,6 +58,12 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
         help="0: colocated, no disaggregation (each decode instance prefills its own requests)",
     )  # fmt: skip
     upp.add_argument("--num-decode", type=int, default=1)
+    upp.add_argument(
+        "--prefill-tp", type=int, default=None, help="tensor-parallel ranks per prefill (default: --tp)"
+    )
+    upp.add_argument(
+        "--decode-tp", type=int, default=None, help="tensor-parallel ranks per decode (default: --tp)"
+    )
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
@@ -108,12 +114,15 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 
     if args.num_prefill < 0 or args.num_decode < 1:
         raise ValueError("--num-prefill/--num-decode: at least 0 prefill and 1 decode instance")
-    if args.tp != 1:
-        raise ValueError(f"--tp: the prefill and decode services run one rank for now, got {args.tp}")
     if args.cp != 1:
         raise ValueError(
             f"--cp: `up` starts one-rank instances; run `pdserve prefill --cp N` yourself, got {args.cp}"
         )
+    tp = {role: args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
+          for role in ("prefill", "decode")}  # fmt: skip
+    for role, n in tp.items():
+        if n < 1:
+            raise ValueError(f"--{role}-tp: must be >= 1, got {n}")
     engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
@@ -137,7 +146,10 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
     model = args.model or str(default_model_dir(env))
-    return up(model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port)
+    return up(
+        model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port,
+        prefill_args=["--tp", str(tp["prefill"])], decode_args=["--tp", str(tp["decode"])],
+    )  # fmt: skip
 
 
 def _soak(args: argparse.Namespace, env: Env) -> int:

@@ -16,6 +16,9 @@ Tensor parallelism (``EngineConfig.tp`` > 1): this process is rank 0 and starts 
 ``schedule`` and before ``commit``, so they build the inputs this rank builds. ``close`` stops them.
 Context parallelism (``EngineConfig.cp`` > 1) uses the same workers; rank 0's pool, allocator and
 prefix cache hold the whole KV as with one rank (``engine.distributed.context_parallel``).
+
+``read_kv`` / ``write_kv`` move a request's KV pages out of / into every rank's pool as whole heads
+(``engine.distributed.kv_shards``); call them between steps, like ``step``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import logging
 import random
 from dataclasses import dataclass
 
+import torch
+
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.distributed.workers import TPWorkers
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
@@ -37,6 +43,7 @@ from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+DEAD_RANK_WAIT_S = 1.0  # after a failure, how long a dying rank gets to show as the cause
 
 
 @dataclass
@@ -73,6 +80,7 @@ class Engine:
         self._seed_rng = random.Random(cfg.seed)
         self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
+        self._ranks_failure = "closed"  # why the ranks were stopped (``check_ranks``)
 
     def close(self) -> None:
         """Stop the other tensor- or context-parallel ranks, if any (idempotent). The engine is unusable
@@ -196,11 +204,55 @@ class Engine:
             if self.overlap:
                 launched, self._inflight = self._inflight, launched
             return self._postprocess(launched) if launched is not None else []
-        except BaseException:
+        except BaseException as e:
             self._inflight = None  # its requests end with the error (the caller aborts them)
-            if self.workers is not None:  # ranks may be mid-step: they cannot go on in step
-                self._drop_runner()
-                self.workers.close(graceful=False)
+            self._stop_ranks(e)
+            raise
+
+    def _stop_ranks(self, error: BaseException) -> None:
+        """After a failed step or KV move: ranks may be mid-collective, and pairing the next plan's
+        collectives with a half-done one would be silent garbage, so they stop for good. The cause
+        is kept for ``check_ranks``: a dead rank if there is one (a collective with a dead peer
+        fails with a less telling message), else the error."""
+        if self.workers is None or self.workers.closed:
+            return
+        self._ranks_failure = self.workers.dead_rank(DEAD_RANK_WAIT_S) or repr(error)
+        self._drop_runner()
+        self.workers.close(graceful=False)
+
+    def check_ranks(self) -> None:
+        """Raise RuntimeError (naming the rank) if a tensor-parallel rank died or the ranks were
+        stopped by a failure; the engine cannot serve again then."""
+        if self.workers is not None:
+            if self.workers.closed:
+                raise RuntimeError(f"tp: the ranks were stopped ({self._ranks_failure}); make a new engine")
+            self.workers.check_alive()
+
+    def read_kv(self, pages: list[int], layers: range) -> torch.Tensor:
+        """The K/V of ``pages`` for ``layers`` with every kv head, whatever the TP size:
+        ``[len(layers), 2, len(pages), page_size, num_kv_heads, head_dim]`` on this rank's device
+        (with tp > 1 every rank takes part: call between steps)."""
+        plan = KVExportPlan(list(pages), layers)
+        try:
+            if self.workers is not None:
+                self.workers.send_plan(plan)
+            whole = plan.run(self.runner)
+        except BaseException as e:
+            self._stop_ranks(e)
+            raise
+        assert whole is not None, "rank 0 gets the whole heads"
+        return whole
+
+    def write_kv(self, pages: list[int], layers: range, kv: torch.Tensor) -> None:
+        """Write ``kv`` (as ``read_kv`` returns it, any device) into ``pages`` of every rank's pool,
+        each rank its heads (with tp > 1 every rank takes part: call between steps)."""
+        plan = KVImportPlan(list(pages), layers)
+        try:
+            if self.workers is not None:
+                self.workers.send_plan(plan)
+            plan.run(self.runner, kv)
+        except BaseException as e:
+            self._stop_ranks(e)
             raise
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:

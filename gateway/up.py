@@ -123,13 +123,18 @@ def up(
     host: str,
     port: int,
     grpc_port: int,
+    prefill_args: Sequence[str] = (),
+    decode_args: Sequence[str] = (),
 ) -> int:
+    """``engine_args`` go to every instance, ``prefill_args`` / ``decode_args`` to one role's."""
     children = [
-        Child(f"prefill-{i}", _pdserve("prefill", "--model", model, "--port", "0", *engine_args))
+        Child(
+            f"prefill-{i}", _pdserve("prefill", "--model", model, "--port", "0", *engine_args, *prefill_args)
+        )
         for i in range(num_prefill)
     ]
     children += [
-        Child(f"decode-{i}", _pdserve("decode", "--model", model, "--port", "0", *engine_args))
+        Child(f"decode-{i}", _pdserve("decode", "--model", model, "--port", "0", *engine_args, *decode_args))
         for i in range(num_decode)
     ]
     stop = threading.Event()

@@ -18,7 +18,12 @@ _SAMPLE_BYTES = 64 << 10
 
 @dataclass(frozen=True)
 class KVLayout:
-    """The meaning of KV bytes: same model, dtype, shape of a page, and parallel layout on both sides."""
+    """The meaning of KV bytes: same model, dtype, shape of a page, and parallel layout on both sides.
+
+    ``tp_size`` / ``cp_size`` describe how the bytes on the wire are split, not how an instance runs:
+    instances of any TP size send and receive whole kv heads (``engine.distributed.kv_shards``), so
+    they stay 1 and a tp=2 prefill feeds a tp=1 decode. A backend that moved rank-to-rank shards
+    would set them, and then both sides would have to match."""
 
     model_fingerprint: str
     dtype: str
@@ -31,8 +36,9 @@ class KVLayout:
 
     @classmethod
     def of_engine(cls, engine: Engine) -> KVLayout:
-        """The layout of ``engine``'s KV pool (single device, tp = 1). A context-parallel engine's
-        rank 0 holds the whole KV in one pool, so its layout is one device's too."""
+        """The layout of ``engine``'s KV as it travels: whole heads (``num_kv_heads`` of the model,
+        not of one rank's pool), so tp = cp = 1 whatever ``engine.cfg.tp`` is; a context-parallel
+        engine's rank 0 holds the whole KV in one pool."""
         m = engine.model_config
         return cls(
             model_fingerprint=model_fingerprint(engine.cfg.model),

@@ -34,9 +34,6 @@ class PrefillConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        if self.engine.tp != 1:
-            # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
-            raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
         # cp > 1 is fine: every CP rank writes the whole KV into its pool, so rank 0's pool (the
         # one the sender reads) is laid out as with one rank and the transfer is unchanged.
 
@@ -45,6 +42,7 @@ async def serve(cfg: PrefillConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
     options = {"chunk_delay_s": cfg.kv_chunk_delay_s, "tls": cfg.tls} if cfg.kv_backend == "tcp" else {}
+    # The servicer hands the sender whole heads (Engine.read_kv); with tp > 1 this pool is rank 0's shard.
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
     servicer = PrefillServicer(
@@ -54,8 +52,8 @@ async def serve(cfg: PrefillConfig) -> None:
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     port = server.bind(cfg.host, cfg.port, cfg.tls)
     log.info(
-        "prefill serving on %s:%d (model %s, layout %s, kv backend %s)",
-        cfg.host, port, cfg.engine.model, layout.digest, cfg.kv_backend,
+        "prefill serving on %s:%d (model %s, tp %d, layout %s, kv backend %s)",
+        cfg.host, port, cfg.engine.model, cfg.engine.tp, layout.digest, cfg.kv_backend,
     )  # fmt: skip
 
     async def close() -> None:

@@ -1,7 +1,11 @@
 """One prefill request: validate → queue in the engine (prompt only, first token sampled with the
 request's own seed) → lease its pages → send them layer by layer to the decode instance → release
 the lease once decode acknowledged (or on any error, abort or deadline) → answer with the first
-token and the timing marks."""
+token and the timing marks.
+
+The pages are read as whole kv heads (``Engine.read_kv``) in ranges of layers: with tensor
+parallelism each range is gathered from every rank between two steps (``call_on_ranks``), with one
+rank it is read from the pool directly (the leased pages are written by no step)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ from typing import Any
 import grpc
 import torch
 
-from engine.async_engine import AsyncEngine
+from engine.async_engine import AsyncEngine, EngineFailed
+from engine.distributed.kv_shards import layer_ranges
 from kvtransfer import Destination, KVSender, TransferError
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from protos.convert import EARLY_END_STATUS, deadline_ns, load_report, logprob_to_proto, sampling_from_proto
@@ -33,9 +38,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.max_queued_requests = max_queued_requests
         self.engine, self.sender = engine, sender
         self.kv_backend, self.request_timeout_s = kv_backend, request_timeout_s
-        self.pool = engine.engine.runner.kv_pool
-        self.num_layers = engine.engine.model_config.num_layers
-        self.page_size = engine.engine.cfg.page_size
+        self.model_config = engine.engine.model_config
+        self.page_size, self.tp = engine.engine.cfg.page_size, engine.engine.cfg.tp
         self.num_leased_pages = 0
         self.num_sending = 0
 
@@ -63,8 +67,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except EngineFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
         outputs = [out async for out in stream]
         final = outputs[-1]
+        if final.finish_reason == "error" and self.engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {self.engine.failure!r}")
         if final.finish_reason in EARLY_END_STATUS:
             await context.abort(
                 EARLY_END_STATUS[final.finish_reason],
@@ -81,13 +89,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             first_token = final.new_token_ids[0]
             first_logprob = final.logprobs[0] if final.logprobs else None
             async with await self.sender.open(dest, len(prompt), deadline) as session:
-                pages_dev = torch.tensor(pages, dtype=torch.int64, device=self.pool.kv_gpu.device)
-                for layer in range(self.num_layers):
-                    await session.send_layer(layer, self.pool.read_pages(layer, pages_dev))
+                for layers in layer_ranges(self.model_config, self.page_size, len(pages)):
+                    kv = await self._read_kv(pages, layers)  # [layers, 2, pages, page_size, heads, dim]
+                    for i, layer in enumerate(layers):
+                        await session.send_layer(layer, kv[i])
                 await session.commit(first_token, first_logprob)
         except TransferError as e:
             log.warning("request %s: KV transfer failed: %s", request.request_id, e)
             await context.abort(e.code, f"KV transfer to {dest.address}: {e.message}")
+        except RuntimeError as e:  # a tensor-parallel rank died (EngineFailed included)
+            log.error("request %s: reading its KV failed: %s", request.request_id, e)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
         finally:  # the lease ends here: acknowledged, failed, aborted or past the deadline
             self.num_leased_pages -= len(pages)
             self.num_sending -= 1
@@ -99,6 +111,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             num_cached_tokens=final.num_cached_tokens,
             timing=timing,
         )
+
+    async def _read_kv(self, pages: list[int], layers: range) -> torch.Tensor:
+        if self.tp == 1:
+            return self.engine.engine.read_kv(pages, layers)
+        return await self.engine.call_on_ranks(lambda e: e.read_kv(pages, layers))
 
     async def _validate(self, request: prefill_pb2.PrefillRequest, context: Any) -> Any:
         try:

@@ -3,8 +3,9 @@
 ``run_ranks`` spawns ``world_size`` processes joined by gloo; each builds its own ``ModelRunner``
 (its shard of the weights, a KV pool of its share of the kv heads) and runs ``greedy_run``: the
 same packed steps the single-process runner runs, each rank sampling greedily from the full logits
-it gets back. Results travel through files; every wait is bounded and a rank that fails or hangs
-fails the run with its traceback.
+it gets back (or ``kv_move_run``: a request's KV exported from and imported into the ranks' pools).
+Results travel through files; every wait is bounded and a rank that fails or hangs fails the run
+with its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import TPGroup, destroy_tp, init_tp
+from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.graphs.two_batch import run_overlapped, split_batch, tbo_split
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -91,14 +93,60 @@ def greedy_run(
     }
 
 
-def _rank_main(rank: int, world_size: int, init_method: str, cases: dict[str, tuple], out_dir: str) -> None:
+EXPORT_PAGES = [3, 5, 2]  # a 10-token prompt's pages, out of order
+IMPORT_PAGES = [9, 11, 12]
+
+
+def kv_move_run(model_dir: str, tp: TPGroup | None = None, dummy: bool = False) -> dict[str, Any]:
+    """Prefill a 10-token prompt into ``EXPORT_PAGES`` and export them (rank 0: whole heads, plus
+    the same pages of a one-rank runner after the same prefill); import that one-rank KV into
+    ``IMPORT_PAGES`` in two plans (layer 0, then the rest), then export it again. Every rank returns
+    its pool's ``IMPORT_PAGES`` [layers, 2, pages, page_size, local heads, head_dim]."""
+    cfg = EngineConfig(
+        model=model_dir, page_size=PAGE_SIZE, max_num_batched_tokens=64, kv_cache_bytes=1 << 20
+    )
+    model_cfg = ModelConfig.from_dir(model_dir)
+    layers = range(model_cfg.num_layers)
+    prompt = torch.randint(3, 1000, (10,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def prefill(runner: ModelRunner) -> None:
+        seq = Sequence("A", prompt, SamplingParams(), 0, 64)
+        seq.pages = list(EXPORT_PAGES)
+        runner.forward(runner.prepare(ScheduledBatch([seq], [len(prompt)], is_decode=False)))
+
+    runner = ModelRunner(cfg, model_cfg, tp=tp)
+    prefill(runner)
+    exported = KVExportPlan(EXPORT_PAGES, layers).run(runner)
+    one_rank = None
+    if exported is not None:  # rank 0: the oracle, one rank with every head
+        single = ModelRunner(cfg, model_cfg)
+        prefill(single)
+        one_rank = single.kv_pool.kv_gpu[:, :, EXPORT_PAGES].clone()
+    KVImportPlan(IMPORT_PAGES, range(1)).run(runner, None if one_rank is None else one_rank[:1])
+    KVImportPlan(IMPORT_PAGES, range(1, layers.stop)).run(runner, None if one_rank is None else one_rank[1:])
+    return {
+        "exported": exported,
+        "one_rank": one_rank,
+        "imported": runner.kv_pool.kv_gpu[:, :, IMPORT_PAGES].clone(),
+        "reexported": KVExportPlan(IMPORT_PAGES, layers).run(runner),
+    }
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    cases: dict[str, tuple],
+    out_dir: str,
+    fn: Any = greedy_run,
+) -> None:
     torch.set_num_threads(1)  # ranks share the CPU cores
     out = Path(out_dir)
     fault = (out / f"rank{rank}.fault").open("w")
     faulthandler.enable(fault)  # a native abort still leaves a stack behind
     try:
         tp = init_tp(rank, world_size, init_method, timeout_s=60)
-        results = {name: greedy_run(case[0], tp, *case[1:]) for name, case in cases.items()}
+        results = {name: fn(case[0], tp, *case[1:]) for name, case in cases.items()}
         torch.save(results, out / f"rank{rank}.pt")
     except BaseException:
         # No destroy_tp: it waits for every rank, and the others are about to be killed.
@@ -117,15 +165,17 @@ def run_ranks(
     out_dir: Path,
     timeout_s: float = 120.0,
     target: Callable[..., None] | None = None,
+    fn: Any = greedy_run,
 ) -> list[dict[str, dict[str, Any]]]:
-    """``cases``: name -> ``greedy_run``'s arguments but ``tp`` (model dir, dummy weights[, tbo]).
-    Returns each rank's ``greedy_run`` results; ``target``: another rank body with ``_rank_main``'s
-    arguments and output files (``cp_ranks``)."""
+    """``cases``: name -> ``fn``'s arguments but ``tp`` (model dir, dummy weights[, tbo]). Returns
+    each rank's ``fn`` (``greedy_run``, ``kv_move_run``) results; ``target``: another rank body with
+    ``_rank_main``'s arguments and output files (``cp_ranks``; ``fn`` is then unused)."""
     ctx = mp.get_context("spawn")
     init_method = f"file://{out_dir / 'rendezvous'}"
     main = _rank_main if target is None else target
+    extra = (fn,) if target is None else ()
     procs = [
-        ctx.Process(target=main, args=(r, world_size, init_method, cases, str(out_dir)), daemon=True)
+        ctx.Process(target=main, args=(r, world_size, init_method, cases, str(out_dir), *extra), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -2,6 +2,8 @@
 
 ``groups.py``: ``TPGroup`` (one rank's view of its tensor-parallel group, passed to the model
 constructor; ``None`` there means a single rank) and ``init_tp`` (gloo on the CPU, NCCL on CUDA).
+``workers.py``: rank 0 driving ranks 1..N-1 with per-step plans. ``kv_shards.py``: a request's KV
+pages out of / into every rank's pool as whole heads (the services' KV transfer).
 Symmetric memory and context parallelism (``DESIGN.md``) join this package later.
 """
 

@@ -66,6 +66,26 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def gather_to_first(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's ``x`` (same shape on all), in rank order, on rank 0; None on the others.
+        Only the first rank needs them (the KV export of a request), so no rank holds N copies."""
+        if self.world_size == 1:
+            return [x]
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(x.contiguous(), parts, group=self.group, group_dst=0)
+        return parts
+
+    def scatter_from_first(self, parts: list[torch.Tensor] | None, out: torch.Tensor) -> torch.Tensor:
+        """Rank r receives rank 0's ``parts[r]`` into ``out`` (``parts``: rank 0 only, each shaped
+        like ``out``); returns ``out``."""
+        if self.world_size == 1:
+            assert parts is not None, "one rank scatters to itself"
+            return out.copy_(parts[0])
+        assert (parts is not None) == (self.rank == 0), "rank 0 and only rank 0 has the parts"
+        parts = [p.contiguous() for p in parts] if parts is not None else None
+        dist.scatter(out, parts, group=self.group, group_src=0)
+        return out
+
     def min_int(self, value: int, device: torch.device) -> int:
         """The smallest ``value`` over the ranks (every rank calls it; ``device``: this rank's)."""
         if self.world_size == 1:

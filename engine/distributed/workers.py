@@ -18,6 +18,10 @@ process at a time.
 Context-parallel ranks (``EngineConfig.cp``, ``engine.distributed.context_parallel``) are driven
 the same way: the group holds ``cfg.num_ranks`` processes and each builds its runner with
 ``ModelRunner.of_rank``; errors name the kind (``tp`` / ``cp``).
+
+Besides steps, the pipe carries other plans every rank runs at the same point of the stream (their
+collectives pair up like a step's): the KV export and import of the services
+(``engine.distributed.kv_shards``). A plan other than a ``StepPlan`` has ``run(runner)``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import dataclasses
 import gc
 import os
 import pickle
+import signal
 import socket
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import torch
@@ -37,6 +42,7 @@ import torch.multiprocessing as mp
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.groups import TPGroup, destroy_tp, init_tp
+from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -152,22 +158,41 @@ class TPWorkers:
 
     def send(self, batch: ScheduledBatch) -> None:
         """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
+        self.send_plan(StepPlan.of(batch))
+
+    def send_plan(self, plan: StepPlan | KVExportPlan | KVImportPlan) -> None:
+        """Hand ``plan`` to every worker; rank 0 then runs its own part of it."""
         if self._closed:
             raise RuntimeError(
                 f"{self.kind}: the ranks were stopped (closed, or a step failed); make a new engine"
             )
         self.check_alive()
-        data = pickle.dumps(StepPlan.of(batch))
+        data = pickle.dumps(plan)
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 conn.send_bytes(data)
             except OSError as e:
                 raise RuntimeError(f"{self.kind}: worker rank {rank} is gone ({e})") from e
 
+    @property
+    def closed(self) -> bool:
+        """Stopped: by ``close``, or after a failed step (the engine cannot go on)."""
+        return self._closed
+
     def check_alive(self) -> None:
         for rank, proc in enumerate(self.procs, start=1):
             if not proc.is_alive():
                 raise RuntimeError(f"{self.kind}: worker rank {rank} exited with code {proc.exitcode}")
+
+    def dead_rank(self, timeout_s: float) -> str | None:
+        """Which worker is gone and how, waiting up to ``timeout_s`` for one to exit (a collective
+        fails as soon as a dying peer's sockets close, before the peer is reaped); None if all live."""
+        wait([p.sentinel for p in self.procs], timeout_s)
+        try:
+            self.check_alive()
+        except RuntimeError as e:
+            return str(e)
+        return None
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers and leave the group. ``graceful``: every worker is alive and idle, so all
@@ -213,6 +238,9 @@ def _free_port() -> int:
 
 
 def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connection) -> None:
+    # Ctrl-C reaches the whole process group: rank 0 decides when the ranks stop (or dies, and the
+    # pipe's end tells us), never the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_ranks))  # the ranks share the cores
     cfg = dataclasses.replace(cfg, device=rank_device(cfg.device, rank))
     tp: TPGroup | None = init_tp(
@@ -222,11 +250,14 @@ def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connectio
     assert runner is not None
     while True:
         try:
-            plan: StepPlan | None = pickle.loads(conn.recv_bytes())
+            plan: StepPlan | KVExportPlan | KVImportPlan | None = pickle.loads(conn.recv_bytes())
         except EOFError:
             return  # rank 0 is gone without stopping us: nobody to tear the group down with
         if plan is None:
             break
+        if not isinstance(plan, StepPlan):
+            plan.run(runner)
+            continue
         batch = plan.to_batch()
         runner.sample_async(runner.forward(runner.prepare(batch)), batch)
     # Drop every reference to the group so that destroy_tp tears it down, not interpreter exit.

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -69,10 +70,14 @@ def start_up(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
 
 
 def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
-    proc, info = start_up(tmp_path, "--num-prefill", "1", "--num-decode", "2")
+    """The prefill runs two tensor-parallel ranks (its rank 1 a grandchild of ``up``)."""
+    proc, info = start_up(tmp_path, "--num-prefill", "1", "--num-decode", "2", "--prefill-tp", "2")
     try:
         kids = children_of(proc.pid)
         assert len(kids) == 4  # 1 prefill, 2 decode, 1 gateway
+        grandchildren = [g for kid in kids for g in children_of(kid)]
+        ranks = [g for g in grandchildren if b"spawn_main" in Path(f"/proc/{g}/cmdline").read_bytes()]
+        assert len(ranks) == 1, "the prefill's rank 1"
         base = info["openai_base_url"]
         model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
         assert model == "tiny-qwen3"
@@ -82,7 +87,7 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
-        assert wait_gone(kids, 10) == []
+        assert wait_gone(kids + grandchildren, 10) == []
     finally:
         if proc.poll() is None:
             proc.kill()
