@@ -10,7 +10,7 @@ from decode_svc.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
-from kvtransfer import KVLayout, create_receiver
+from kvtransfer import KVLayout, check_kv_backend, create_receiver
 from protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from protos.serving import GrpcServer, host_port
 from protos.tls import TLSConfig
@@ -33,6 +33,7 @@ class DecodeConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        check_kv_backend(self.kv_backend, self.engine.device)
         if self.engine.tp != 1:
             # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
             raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
@@ -41,7 +42,8 @@ class DecodeConfig:
 async def serve(cfg: DecodeConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
-    receiver = create_receiver(cfg.kv_backend, layout, engine.runner.kv_pool)
+    options = {"host": cfg.advertise_host or cfg.host} if cfg.kv_backend == "nccl" else {}
+    receiver = create_receiver(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
     names = [
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
-from kvtransfer import KVLayout, create_sender
+from kvtransfer import KVLayout, check_kv_backend, create_sender
 from prefill_svc.servicer import PrefillServicer
 from protos import prefill_pb2, prefill_pb2_grpc
 from protos.serving import GrpcServer
@@ -34,6 +34,7 @@ class PrefillConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        check_kv_backend(self.kv_backend, self.engine.device)
         if self.engine.tp != 1:
             # The KV transfer layout (kvtransfer.layout) describes one rank's pool (#7 phase 3).
             raise ValueError(f"tp: this service runs one rank for now, got {self.engine.tp}")
@@ -42,7 +43,8 @@ class PrefillConfig:
 async def serve(cfg: PrefillConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
-    options = {"chunk_delay_s": cfg.kv_chunk_delay_s, "tls": cfg.tls} if cfg.kv_backend == "tcp" else {}
+    options: dict = {"tls": cfg.tls}
+    options |= {"chunk_delay_s": cfg.kv_chunk_delay_s} if cfg.kv_backend == "tcp" else {}
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
     servicer = PrefillServicer(

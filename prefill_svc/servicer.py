@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import grpc
-import torch
 
 from engine.async_engine import AsyncEngine
 from kvtransfer import Destination, KVSender, TransferError
@@ -33,7 +32,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.max_queued_requests = max_queued_requests
         self.engine, self.sender = engine, sender
         self.kv_backend, self.request_timeout_s = kv_backend, request_timeout_s
-        self.pool = engine.engine.runner.kv_pool
         self.num_layers = engine.engine.model_config.num_layers
         self.page_size = engine.engine.cfg.page_size
         self.num_leased_pages = 0
@@ -80,10 +78,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             timing.prefill_started_ns, timing.prefill_done_ns = final.admitted_ns, time.time_ns()
             first_token = final.new_token_ids[0]
             first_logprob = final.logprobs[0] if final.logprobs else None
-            async with await self.sender.open(dest, len(prompt), deadline) as session:
-                pages_dev = torch.tensor(pages, dtype=torch.int64, device=self.pool.kv_gpu.device)
+            async with await self.sender.open(dest, pages, len(prompt), deadline) as session:
                 for layer in range(self.num_layers):
-                    await session.send_layer(layer, self.pool.read_pages(layer, pages_dev))
+                    await session.send_layer(layer)
                 await session.commit(first_token, first_logprob)
         except TransferError as e:
             log.warning("request %s: KV transfer failed: %s", request.request_id, e)
