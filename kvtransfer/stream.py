@@ -156,7 +156,8 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
                     await self.on_data(state, live, chunk.data)
                     if live is not None:
                         self._count(live, chunk.data, written)
-                elif kind == "commit":
+                elif kind == "commit":  # the last message: every notice before it was consumed
+                    drained = True
                     if failure is not None:
                         raise failure
                     assert pending is not None, "a live transfer was opened"
