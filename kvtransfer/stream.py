@@ -95,7 +95,7 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
         """Return once everything ``on_data`` wrote is in the pool."""
 
     async def settle(self, state: Any) -> None:
-        """The sender ended the stream without a commit: finish what ``on_data`` started."""
+        """The stream is consumed (a commit, or its end): finish what ``on_data`` started."""
 
     def end(self, state: Any, drained: bool) -> None:
         """The stream is over (``drained``: consumed to its end, or committed)."""
@@ -140,7 +140,8 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
                         written = torch.zeros(self.layout.num_layers, len(pending.page_ids), dtype=torch.bool)
                     except TransferError as e:
                         failure = e
-                    state = self.begin(chunk.header, pending)
+                    if failure is None or self.drains:
+                        state = self.begin(chunk.header, pending)
                 elif failure is None and pending is not None and pending.result.done():
                     failure = pending.result.result().error or TransferError(
                         grpc.StatusCode.ABORTED, "transfer ended"
@@ -157,6 +158,7 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
                     if live is not None:
                         self._count(live, chunk.data, written)
                 elif kind == "commit":  # the last message: every notice before it was consumed
+                    await self.settle(state)
                     drained = True
                     if failure is not None:
                         raise failure

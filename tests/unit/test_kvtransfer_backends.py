@@ -197,3 +197,46 @@ def test_up_with_a_gpu_backend_on_cpu_exits_with_the_error(capsys):
 
     assert main(["up", "--kv-backend", "cuda_ipc"]) == 2
     assert "kv_backend: 'cuda_ipc'" in capsys.readouterr().err
+
+
+class SettlingReceiver(DrainingReceiver):
+    """Records when the stream was settled (nccl: every posted receive completed)."""
+
+    async def settle(self, state) -> None:
+        self.consumed.append((-1, False))
+
+
+def test_a_draining_receiver_settles_before_answering_a_refused_commit():
+    async def main():
+        async with Served(SettlingReceiver(layout(), pool(8)), pool(8, seed=1)) as s:
+            pending = s.receiver.expect("t", [5], 4, deadline_in(10))
+            session = await s.sender.open(Destination(s.address, "t", (5,)), [1], 4, deadline_in(10))
+            s.receiver.abort("t")
+            for layer in range(LAYERS):
+                await session.send_layer(layer)
+            with pytest.raises(TransferError):
+                await session.commit(1, None)
+            return s.receiver.consumed, session.drained, (await pending.wait()).state
+
+    consumed, drained, state = asyncio.run(main())
+    assert consumed == [(layer, False) for layer in range(LAYERS)] + [(-1, False)]
+    assert drained and state is TransferState.ABORTED
+
+
+class StrictReceiver(TcpReceiver):
+    def begin(self, header, pending):
+        assert pending is not None, "begin runs only for live transfers when not draining"
+        return super().begin(header, pending)
+
+
+def test_a_non_draining_receiver_refuses_an_unknown_transfer_without_beginning_it():
+    async def main():
+        async with Served(StrictReceiver(layout(), pool(8)), pool(8, seed=1)) as s:
+            session = await s.sender.open(Destination(s.address, "nope", (5,)), [1], 4, deadline_in(10))
+            with pytest.raises(TransferError) as err:
+                for layer in range(LAYERS):
+                    await session.send_layer(layer)
+                await session.commit(1, None)
+            return err.value
+
+    assert asyncio.run(main()).code is grpc.StatusCode.NOT_FOUND
