@@ -36,7 +36,8 @@ from kvtransfer.cuda_common import (
     wait_stream,
 )
 from kvtransfer.layout import KVLayout
-from kvtransfer.stream import FAILED_PRECONDITION, StreamReceiver, StreamSender, StreamSession, host_id
+from kvtransfer.stream import FAILED_PRECONDITION, StreamReceiver, host_id
+from kvtransfer.stream_send import StreamSender, StreamSession
 from protos import kvtransfer_pb2
 from protos.tls import TLSConfig
 

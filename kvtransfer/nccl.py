@@ -38,7 +38,8 @@ import torch
 from kvtransfer.base import Destination, PendingTransfer, SendSession, TransferError, remaining_s
 from kvtransfer.cuda_common import GpuReceiverMixin, device_uuid, require_cuda_pool, wait_stream, wait_until
 from kvtransfer.layout import KVLayout
-from kvtransfer.stream import FAILED_PRECONDITION, StreamReceiver, StreamSender, StreamSession
+from kvtransfer.stream import FAILED_PRECONDITION, StreamReceiver
+from kvtransfer.stream_send import StreamSender, StreamSession
 from protos import kvtransfer_pb2
 from protos.tls import TLSConfig
 

@@ -16,7 +16,8 @@ import torch
 
 from kvtransfer.base import Destination, PendingTransfer, TransferError
 from kvtransfer.layout import KVLayout
-from kvtransfer.stream import INVALID_ARGUMENT, StreamReceiver, StreamSender, StreamSession
+from kvtransfer.stream import INVALID_ARGUMENT, StreamReceiver
+from kvtransfer.stream_send import StreamSender, StreamSession
 from protos import kvtransfer_pb2
 from protos.tls import TLSConfig
 
