@@ -17,6 +17,23 @@ if TYPE_CHECKING:
     from protos.tls import TLSConfig
 
 
+KV_BACKEND_HELP = (
+    "KV transfer backend, the same on prefill and decode: tcp (any host, any device), cuda_ipc (one host, "
+    "CUDA; the receiver maps the sender's pool), nccl (CUDA; a two-rank NCCL group per pair)"
+)
+
+
+def instance_devices(flag: str, value: str | None, default: str, count: int) -> list[str]:
+    """One device per instance from ``--prefill-device`` / ``--decode-device`` (one value for all, or
+    a comma-separated list with one per instance)."""
+    devices = (value or default).split(",")
+    if len(devices) == 1:
+        devices *= count
+    if len(devices) != count or not all(devices):
+        raise ValueError(f"{flag}: {value!r} names {len(devices)} devices for {count} instances")
+    return devices
+
+
 def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     """prefill, decode, gateway, up, bench, soak."""
     for role, port in (("prefill", 8100), ("decode", 8200)):
@@ -26,7 +43,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
             "--host", default="127.0.0.1", help="interface to listen on (default: loopback only)"
         )
         svc.add_argument("--port", type=int, default=port, help="0 picks a free port")
-        svc.add_argument("--kv-backend", default="tcp", help="KV transfer backend")
+        svc.add_argument("--kv-backend", default="tcp", help=KV_BACKEND_HELP)
         svc.add_argument(
             "--request-timeout-s", type=float, default=600.0, help="deadline of requests naming none"
         )
@@ -64,6 +81,12 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     upp.add_argument(
         "--decode-tp", type=int, default=None, help="tensor-parallel ranks per decode (default: --tp)"
     )
+    upp.add_argument(
+        "--prefill-device", default=None,
+        help="device of the prefill instances, e.g. cuda:0, or one per instance: cuda:0,cuda:1 (default: --device)",
+    )  # fmt: skip
+    upp.add_argument("--decode-device", default=None, help="the same for the decode instances, e.g. cuda:1")
+    upp.add_argument("--kv-backend", default="tcp", help=KV_BACKEND_HELP)
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
@@ -118,12 +141,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
         raise ValueError(
             f"--cp: `up` starts one-rank instances; run `pdserve prefill --cp N` yourself, got {args.cp}"
         )
-    tp = {role: args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
-          for role in ("prefill", "decode")}  # fmt: skip
-    for role, n in tp.items():
-        if n < 1:
-            raise ValueError(f"--{role}-tp: must be >= 1, got {n}")
-    engine = ["--device", args.device, "--dtype", args.dtype, "--page-size", str(args.page_size),
+    engine = ["--dtype", args.dtype, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
               "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
@@ -146,10 +164,33 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
     model = args.model or str(default_model_dir(env))
-    return up(
-        model, args.num_prefill, args.num_decode, engine, gateway, args.host, args.port, args.grpc_port,
-        prefill_args=["--tp", str(tp["prefill"])], decode_args=["--tp", str(tp["decode"])],
-    )  # fmt: skip
+    prefill, decode = up_instance_args(args, engine)
+    return up(model, prefill, decode, gateway, args.host, args.port, args.grpc_port)
+
+
+def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Each prefill and decode instance's arguments: the shared engine flags, its device, the KV
+    backend — checked here, so a bad combination fails before any process starts."""
+    from kvtransfer import check_kv_backend
+
+    per_role = []
+    for role, count, value in (
+        ("prefill", args.num_prefill, args.prefill_device), ("decode", args.num_decode, args.decode_device)
+    ):  # fmt: skip
+        tp = args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
+        if tp < 1:
+            raise ValueError(f"--{role}-tp: must be >= 1, got {tp}")
+        if tp > 1 and args.kv_backend != "tcp":
+            raise ValueError(
+                f"--kv-backend: {args.kv_backend} cannot serve a tensor-parallel {role} (tcp can)"
+            )
+        devices = instance_devices(f"--{role}-device", value, args.device, count)
+        for device in devices:
+            check_kv_backend(args.kv_backend, device)
+        per_role.append(
+            [[*engine, "--device", d, "--kv-backend", args.kv_backend, "--tp", str(tp)] for d in devices]
+        )
+    return per_role[0], per_role[1]
 
 
 def _soak(args: argparse.Namespace, env: Env) -> int:

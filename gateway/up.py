@@ -116,26 +116,18 @@ def stop_all(children: Sequence[Child]) -> None:
 
 def up(
     model: str,
-    num_prefill: int,
-    num_decode: int,
-    engine_args: list[str],
+    prefill_args: Sequence[Sequence[str]],
+    decode_args: Sequence[Sequence[str]],
     gateway_args: list[str],
     host: str,
     port: int,
     grpc_port: int,
-    prefill_args: Sequence[str] = (),
-    decode_args: Sequence[str] = (),
 ) -> int:
-    """``engine_args`` go to every instance, ``prefill_args`` / ``decode_args`` to one role's."""
+    """``prefill_args`` / ``decode_args``: one argument list per instance (engine flags, device, KV backend)."""
     children = [
-        Child(
-            f"prefill-{i}", _pdserve("prefill", "--model", model, "--port", "0", *engine_args, *prefill_args)
-        )
-        for i in range(num_prefill)
-    ]
-    children += [
-        Child(f"decode-{i}", _pdserve("decode", "--model", model, "--port", "0", *engine_args, *decode_args))
-        for i in range(num_decode)
+        Child(f"{role}-{i}", _pdserve(role, "--model", model, "--port", "0", *args))
+        for role, instances in (("prefill", prefill_args), ("decode", decode_args))
+        for i, args in enumerate(instances)
     ]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

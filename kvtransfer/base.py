@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -124,7 +124,12 @@ class KVReceiver:
 class SendSession:
     """One transfer from the sender's side; use as ``async with``."""
 
-    async def send_layer(self, layer: int, kv: Any) -> None:
+    async def send_layer(self, layer: int, kv: Any = None) -> None:
+        """Ship layer ``layer`` of the session's source pages; their KV must be complete in the
+        sender's pool in the order of its device's current stream. ``kv``: the layer's K/V as
+        whole heads (``[2, num_pages, page_size, kv_heads, head_dim]``) when the sender's pool does
+        not hold them (a tensor-parallel engine's rank 0 holds a shard); only ``tcp`` takes it,
+        the backends that address the pool directly refuse a TP engine at start-up."""
         raise NotImplementedError
 
     async def commit(self, first_token: int, first_logprob: TokenLogprob | None) -> int:
@@ -162,7 +167,10 @@ class KVSender:
         """Handshake with the receiver at ``address`` unless done before (``open`` calls it too)."""
         raise NotImplementedError
 
-    async def open(self, dest: Destination, num_tokens: int, deadline_ns: int) -> SendSession:
+    async def open(
+        self, dest: Destination, src_pages: Sequence[int], num_tokens: int, deadline_ns: int
+    ) -> SendSession:
+        """A session moving pages ``src_pages`` of the sender's pool to ``dest.page_ids`` (pairwise)."""
         raise NotImplementedError
 
     async def close(self) -> None:

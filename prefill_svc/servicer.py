@@ -88,11 +88,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             timing.prefill_started_ns, timing.prefill_done_ns = final.admitted_ns, time.time_ns()
             first_token = final.new_token_ids[0]
             first_logprob = final.logprobs[0] if final.logprobs else None
-            async with await self.sender.open(dest, len(prompt), deadline) as session:
-                for layers in layer_ranges(self.model_config, self.page_size, len(pages)):
-                    kv = await self._read_kv(pages, layers)  # [layers, 2, pages, page_size, heads, dim]
-                    for i, layer in enumerate(layers):
-                        await session.send_layer(layer, kv[i])
+            async with await self.sender.open(dest, pages, len(prompt), deadline) as session:
+                if self.tp == 1:  # the sender reads its own pool: the leased pages hold the whole KV
+                    for layer in range(self.model_config.num_layers):
+                        await session.send_layer(layer)
+                else:  # rank 0's pool is a shard: every rank's heads, joined (Engine.read_kv)
+                    for layers in layer_ranges(self.model_config, self.page_size, len(pages)):
+                        kv = await self._read_kv(layers, pages)  # [layers, 2, pages, page_size, heads, dim]
+                        for i, layer in enumerate(layers):
+                            await session.send_layer(layer, kv[i])
                 await session.commit(first_token, first_logprob)
         except TransferError as e:
             log.warning("request %s: KV transfer failed: %s", request.request_id, e)
@@ -112,9 +116,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             timing=timing,
         )
 
-    async def _read_kv(self, pages: list[int], layers: range) -> torch.Tensor:
-        if self.tp == 1:
-            return self.engine.engine.read_kv(pages, layers)
+    async def _read_kv(self, layers: range, pages: list[int]) -> torch.Tensor:
         return await self.engine.call_on_ranks(lambda e: e.read_kv(pages, layers))
 
     async def _validate(self, request: prefill_pb2.PrefillRequest, context: Any) -> Any:

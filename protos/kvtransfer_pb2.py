@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/kvtransfer.proto\x12\npdserve.v1\x1a\x13protos/common.proto\"\xa5\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07\x63p_size\x18\x08 \x01(\r\";\n\x11HandshakeResponse\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"]\n\x08KVHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rlayout_digest\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\"J\n\x06KVData\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nfirst_page\x18\x02 \x01(\r\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\n\n\x02kv\x18\x04 \x01(\x0c\"j\n\x08KVCommit\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x34\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprobH\x00\x88\x01\x01\x42\x10\n\x0e_first_logprob\"\x85\x01\n\x07KVChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x12.pdserve.v1.KVDataH\x00\x12&\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVCommitH\x00\x42\x06\n\x04kind\"/\n\x05KVAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x32\x82\x01\n\nKVTransfer\x12@\n\tHandshake\x12\x14.pdserve.v1.KVLayout\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x32\n\x06PushKV\x12\x13.pdserve.v1.KVChunk\x1a\x11.pdserve.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/kvtransfer.proto\x12\npdserve.v1\x1a\x13protos/common.proto\"\xa5\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07\x63p_size\x18\x08 \x01(\r\"\x8f\x01\n\x08PeerInfo\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x04 \x01(\t\x12\x11\n\tsender_id\x18\x05 \x01(\t\x12\x15\n\rcuda_ipc_pool\x18\x06 \x01(\x0c\x12\x12\n\nnccl_store\x18\x07 \x01(\t\"\\\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\"\n\x04peer\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.PeerInfo\"_\n\x11HandshakeResponse\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\"\n\x04peer\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.PeerInfo\"\x86\x01\n\x08KVHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rlayout_digest\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x11\n\tsender_id\x18\x05 \x01(\t\x12\x14\n\x0csrc_page_ids\x18\x06 \x03(\r\"J\n\x06KVData\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nfirst_page\x18\x02 \x01(\r\x12\x11\n\tnum_pages\x18\x03 \x01(\r\x12\n\n\x02kv\x18\x04 \x01(\x0c\"j\n\x08KVCommit\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x34\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprobH\x00\x88\x01\x01\x42\x10\n\x0e_first_logprob\"\x85\x01\n\x07KVChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVHeaderH\x00\x12\"\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x12.pdserve.v1.KVDataH\x00\x12&\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVCommitH\x00\x42\x06\n\x04kind\"/\n\x05KVAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\x32\x8a\x01\n\nKVTransfer\x12H\n\tHandshake\x12\x1c.pdserve.v1.HandshakeRequest\x1a\x1d.pdserve.v1.HandshakeResponse\x12\x32\n\x06PushKV\x12\x13.pdserve.v1.KVChunk\x1a\x11.pdserve.v1.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVLAYOUT']._serialized_start=61
   _globals['_KVLAYOUT']._serialized_end=226
-  _globals['_HANDSHAKERESPONSE']._serialized_start=228
-  _globals['_HANDSHAKERESPONSE']._serialized_end=287
-  _globals['_KVHEADER']._serialized_start=289
-  _globals['_KVHEADER']._serialized_end=382
-  _globals['_KVDATA']._serialized_start=384
-  _globals['_KVDATA']._serialized_end=458
-  _globals['_KVCOMMIT']._serialized_start=460
-  _globals['_KVCOMMIT']._serialized_end=566
-  _globals['_KVCHUNK']._serialized_start=569
-  _globals['_KVCHUNK']._serialized_end=702
-  _globals['_KVACK']._serialized_start=704
-  _globals['_KVACK']._serialized_end=751
-  _globals['_KVTRANSFER']._serialized_start=754
-  _globals['_KVTRANSFER']._serialized_end=884
+  _globals['_PEERINFO']._serialized_start=229
+  _globals['_PEERINFO']._serialized_end=372
+  _globals['_HANDSHAKEREQUEST']._serialized_start=374
+  _globals['_HANDSHAKEREQUEST']._serialized_end=466
+  _globals['_HANDSHAKERESPONSE']._serialized_start=468
+  _globals['_HANDSHAKERESPONSE']._serialized_end=563
+  _globals['_KVHEADER']._serialized_start=566
+  _globals['_KVHEADER']._serialized_end=700
+  _globals['_KVDATA']._serialized_start=702
+  _globals['_KVDATA']._serialized_end=776
+  _globals['_KVCOMMIT']._serialized_start=778
+  _globals['_KVCOMMIT']._serialized_end=884
+  _globals['_KVCHUNK']._serialized_start=887
+  _globals['_KVCHUNK']._serialized_end=1020
+  _globals['_KVACK']._serialized_start=1022
+  _globals['_KVACK']._serialized_end=1069
+  _globals['_KVTRANSFER']._serialized_start=1072
+  _globals['_KVTRANSFER']._serialized_end=1210
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,8 @@
 from protos import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -26,23 +27,55 @@ class KVLayout(_message.Message):
     cp_size: int
     def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., page_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., cp_size: _Optional[int] = ...) -> None: ...
 
+class PeerInfo(_message.Message):
+    __slots__ = ("backend", "host_id", "device", "device_uuid", "sender_id", "cuda_ipc_pool", "nccl_store")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_POOL_FIELD_NUMBER: _ClassVar[int]
+    NCCL_STORE_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    host_id: str
+    device: str
+    device_uuid: str
+    sender_id: str
+    cuda_ipc_pool: bytes
+    nccl_store: str
+    def __init__(self, backend: _Optional[str] = ..., host_id: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., sender_id: _Optional[str] = ..., cuda_ipc_pool: _Optional[bytes] = ..., nccl_store: _Optional[str] = ...) -> None: ...
+
+class HandshakeRequest(_message.Message):
+    __slots__ = ("layout", "peer")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    layout: KVLayout
+    peer: PeerInfo
+    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., peer: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
+
 class HandshakeResponse(_message.Message):
-    __slots__ = ("receiver",)
+    __slots__ = ("receiver", "peer")
     RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
     receiver: KVLayout
-    def __init__(self, receiver: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    peer: PeerInfo
+    def __init__(self, receiver: _Optional[_Union[KVLayout, _Mapping]] = ..., peer: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("transfer_id", "layout_digest", "num_pages", "num_tokens")
+    __slots__ = ("transfer_id", "layout_digest", "num_pages", "num_tokens", "sender_id", "src_page_ids")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    SRC_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     layout_digest: str
     num_pages: int
     num_tokens: int
-    def __init__(self, transfer_id: _Optional[str] = ..., layout_digest: _Optional[str] = ..., num_pages: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    sender_id: str
+    src_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, transfer_id: _Optional[str] = ..., layout_digest: _Optional[str] = ..., num_pages: _Optional[int] = ..., num_tokens: _Optional[int] = ..., sender_id: _Optional[str] = ..., src_page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVData(_message.Message):
     __slots__ = ("layer", "first_page", "num_pages", "kv")

@@ -36,7 +36,7 @@ class KVTransferStub:
         """
         self.Handshake = channel.unary_unary(
                 '/pdserve.v1.KVTransfer/Handshake',
-                request_serializer=protos_dot_kvtransfer__pb2.KVLayout.SerializeToString,
+                request_serializer=protos_dot_kvtransfer__pb2.HandshakeRequest.SerializeToString,
                 response_deserializer=protos_dot_kvtransfer__pb2.HandshakeResponse.FromString,
                 _registered_method=True)
         self.PushKV = channel.stream_unary(
@@ -50,7 +50,8 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Handshake(self, request, context):
-        """Compare layouts once per peer. FAILED_PRECONDITION, naming both sides' values, on mismatch.
+        """Compare layouts (and backends) once per peer. FAILED_PRECONDITION, naming both sides' values,
+        on mismatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,7 +69,7 @@ def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Handshake': grpc.unary_unary_rpc_method_handler(
                     servicer.Handshake,
-                    request_deserializer=protos_dot_kvtransfer__pb2.KVLayout.FromString,
+                    request_deserializer=protos_dot_kvtransfer__pb2.HandshakeRequest.FromString,
                     response_serializer=protos_dot_kvtransfer__pb2.HandshakeResponse.SerializeToString,
             ),
             'PushKV': grpc.stream_unary_rpc_method_handler(
@@ -102,7 +103,7 @@ class KVTransfer:
             request,
             target,
             '/pdserve.v1.KVTransfer/Handshake',
-            protos_dot_kvtransfer__pb2.KVLayout.SerializeToString,
+            protos_dot_kvtransfer__pb2.HandshakeRequest.SerializeToString,
             protos_dot_kvtransfer__pb2.HandshakeResponse.FromString,
             options,
             channel_credentials,

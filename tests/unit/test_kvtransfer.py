@@ -92,10 +92,9 @@ def deadline_in(seconds: float) -> int:
 async def send(
     pair: Pair, src_pool: KVPagePool, src_pages: list[int], dest: Destination, num_tokens: int
 ) -> int:
-    async with await pair.sender.open(dest, num_tokens, deadline_in(10)) as session:
-        idx = torch.tensor(src_pages)
+    async with await pair.sender.open(dest, src_pages, num_tokens, deadline_in(10)) as session:
         for layer in reversed(range(LAYERS)):  # any order
-            await session.send_layer(layer, src_pool.read_pages(layer, idx))
+            await session.send_layer(layer)
         return await session.commit(42, None)
 
 
@@ -134,7 +133,7 @@ def test_handshake_mismatch_fails_before_any_data():
         async with Pair(layout(page_size=8), layout(), pool(4), pool(4)) as pair:
             pending = pair.receiver.expect("t", [1], 3, deadline_in(10))
             with pytest.raises(TransferError) as err:
-                await pair.sender.open(Destination(pair.address, "t", (1,)), 3, deadline_in(10))
+                await pair.sender.open(Destination(pair.address, "t", (1,)), [1], 3, deadline_in(10))
             assert pending.state is TransferState.PENDING
             pair.receiver.abort("t")
             return err.value
@@ -150,12 +149,14 @@ def test_receiver_aborted_mid_transfer_ends_both_sides_aborted():
     async def main():
         async with Pair(layout(), layout(), dst, src, chunk_delay_s=0.2) as pair:
             pending = pair.receiver.expect("t", [1, 2], 8, deadline_in(10))
-            session = await pair.sender.open(Destination(pair.address, "t", (1, 2)), 8, deadline_in(10))
-            await session.send_layer(0, src.read_pages(0, torch.tensor([1, 2])))
+            session = await pair.sender.open(
+                Destination(pair.address, "t", (1, 2)), [1, 2], 8, deadline_in(10)
+            )
+            await session.send_layer(0)
             pair.receiver.abort("t")
             with pytest.raises(TransferError) as err:
                 for layer in range(1, LAYERS):
-                    await session.send_layer(layer, src.read_pages(layer, torch.tensor([1, 2])))
+                    await session.send_layer(layer)
                 await session.commit(1, None)
             return err.value, await pending.wait()
 
