@@ -177,15 +177,24 @@ def up_args(*argv: str):
 def test_up_places_prefill_and_decode_on_their_devices_with_the_backend():
     args = up_args("--prefill-device", "cuda:0", "--decode-device", "cuda:1", "--kv-backend", "cuda_ipc")
     prefill, decode = up_instance_args(args, ["--dtype", "auto"])
-    assert prefill == [["--dtype", "auto", "--device", "cuda:0", "--kv-backend", "cuda_ipc"]]
-    assert decode == [["--dtype", "auto", "--device", "cuda:1", "--kv-backend", "cuda_ipc"]]
+    assert prefill == [["--dtype", "auto", "--device", "cuda:0", "--kv-backend", "cuda_ipc", "--tp", "1"]]
+    assert decode == [["--dtype", "auto", "--device", "cuda:1", "--kv-backend", "cuda_ipc", "--tp", "1"]]
     args = up_args("--num-prefill", "2", "--prefill-device", "cuda:0,cuda:2", "--device", "cuda:3")
     prefill, decode = up_instance_args(args, [])
     assert [p[1] for p in prefill] == ["cuda:0", "cuda:2"] and decode[0][1] == "cuda:3"
-    assert up_instance_args(up_args(), [])[0] == [["--device", "cpu", "--kv-backend", "tcp"]]
+    assert up_instance_args(up_args(), [])[0] == [["--device", "cpu", "--kv-backend", "tcp", "--tp", "1"]]
+    prefill, decode = up_instance_args(up_args("--decode-tp", "2"), [])
+    assert prefill[0][-2:] == ["--tp", "1"] and decode[0][-2:] == ["--tp", "2"]
 
 
 def test_up_refuses_bad_device_and_backend_combinations_before_starting_anything():
+    with pytest.raises(ValueError, match="--kv-backend: cuda_ipc cannot serve a tensor-parallel decode"):
+        args = up_args(
+            "--kv-backend", "cuda_ipc", "--device", "cuda:0", "--decode-device", "cuda:1", "--decode-tp", "2"
+        )
+        up_instance_args(args, [])
+    with pytest.raises(ValueError, match="--prefill-tp: must be >= 1"):
+        up_instance_args(up_args("--prefill-tp", "0"), [])
     with pytest.raises(ValueError, match=r"kv_backend: 'nccl'.*'cpu'"):
         up_instance_args(up_args("--kv-backend", "nccl", "--prefill-device", "cuda:0"), [])
     with pytest.raises(ValueError, match="--decode-device: 'cuda:0,cuda:1' names 2 devices for 3"):
