@@ -57,6 +57,7 @@ def _make_model(args: argparse.Namespace, env: Env) -> int:
         seed=args.seed,
         max_position_embeddings=args.max_position_embeddings,
         rope_scaling=rope_scaling,
+        weights=not args.no_weights,
     )
     print(out)
     return 0
@@ -69,6 +70,7 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         model=args.model or str(default_model_dir(env)),
         device=args.device,
         dtype=args.dtype,
+        load_format=args.load_format,
         page_size=args.page_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -137,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--max-position-embeddings", type=int, default=4096)
     mk.add_argument("--rope-scaling-factor", type=float, default=None, help="llama3-style rope scaling")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument(
+        "--no-weights", action="store_true",
+        help="config and tokenizer only, for engines run with --load-format dummy (large shapes, benchmarks)",
+    )  # fmt: skip
     mk.set_defaults(func=_make_model)
 
     gen = sub.add_parser("generate", help="offline generation for one prompt")
@@ -162,6 +168,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--load-format", choices=["safetensors", "dummy"], default="safetensors",
+        help="dummy: seeded random weights of the config's shape, no weight files read (benchmarks)",
+    )  # fmt: skip
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="step token budget = chunk size")

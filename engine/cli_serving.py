@@ -141,7 +141,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
         raise ValueError(
             f"--cp: `up` starts one-rank instances; run `pdserve prefill --cp N` yourself, got {args.cp}"
         )
-    engine = ["--dtype", args.dtype, "--page-size", str(args.page_size),
+    engine = ["--dtype", args.dtype, "--load-format", args.load_format, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
               "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip

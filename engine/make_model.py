@@ -142,6 +142,7 @@ def make_model(
     rope_scaling: dict | None = None,
     max_shard_bytes: int | None = None,
     init_scale: float = 1.0,
+    weights: bool = True,
 ) -> Path:
     """Write a random-weight `arch` checkpoint plus tokenizer into `out_dir`; return its path.
 
@@ -150,7 +151,8 @@ def make_model(
     rope_scaling is written in the legacy top-level form hub checkpoints use, e.g.
     {"rope_type": "llama3", "factor": 8.0, ...}. max_shard_bytes set -> sharded safetensors + index.
     init_scale multiplies the std of every linear, bias and embedding (1.0 = the module docstring's
-    init; norms stay 1 + 0.1·N(0, 1)).
+    init; norms stay 1 + 0.1·N(0, 1)). weights False writes no safetensors: the directory serves an
+    engine with ``load_format="dummy"`` (large shapes for benchmarks without writing gigabytes).
     Invalid arguments raise ValueError naming the field.
     """
     _check(arch in ARCHS, "arch", f"must be one of {sorted(ARCHS)}, got {arch!r}")
@@ -221,9 +223,10 @@ def make_model(
     generation_config = {"bos_token_id": eos_id, "eos_token_id": [eos_id, im_end_id], "pad_token_id": eos_id}
     _write_json(out / "generation_config.json", generation_config)
 
-    weights = _init_weights(config, num_tokens, seed, init_scale)
-    weights = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in weights.items()}
-    _save_weights(out, weights, max_shard_bytes)
+    if weights:
+        tensors = _init_weights(config, num_tokens, seed, init_scale)
+        tensors = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in tensors.items()}
+        _save_weights(out, tensors, max_shard_bytes)
 
     tok.save(str(out / "tokenizer.json"))
     tokenizer_config = {

@@ -41,7 +41,7 @@ class KVLayout:
         engine's rank 0 holds the whole KV in one pool."""
         m = engine.model_config
         return cls(
-            model_fingerprint=model_fingerprint(engine.cfg.model),
+            model_fingerprint=model_fingerprint(engine.cfg.model, engine.cfg.load_format),
             dtype=m.dtype,
             num_layers=m.num_layers,
             num_kv_heads=m.num_kv_heads,
@@ -70,16 +70,20 @@ class KVLayout:
         return 2 * self.num_kv_heads * self.head_dim * itemsize
 
 
-def model_fingerprint(model_dir: str | Path) -> str:
+def model_fingerprint(model_dir: str | Path, load_format: str = "safetensors") -> str:
     """A hash that differs between checkpoints whose KV would differ, cheap even for large models.
 
     Covers config.json, and for every safetensors file its size, its header (names, dtypes, shapes,
     offsets) and 64 KiB samples of the data at the start, middle and end, so two random-weight
     models of one shape but different seeds differ too. Not a full-content hash: reading a 16 GB
-    checkpoint at startup would cost more than this guard is worth.
+    checkpoint at startup would cost more than this guard is worth. ``load_format`` "dummy" (seeded
+    random weights of the config's shape) hashes the config and the format only.
     """
     root = Path(model_dir)
     h = hashlib.sha256((root / "config.json").read_bytes())
+    if load_format != "safetensors":  # dummy weights: the files on disk are not what runs
+        h.update(load_format.encode())
+        return h.hexdigest()[:32]
     for path in sorted(root.glob("*.safetensors")):
         size = path.stat().st_size
         with path.open("rb") as f:

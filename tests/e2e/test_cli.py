@@ -127,3 +127,24 @@ def test_invalid_sampling_parameter_is_one_error_line(cli_llama, tmp_path):
     assert "Traceback" not in stderr
     # the engine may log while starting; the error itself is the last line, naming the field
     assert stderr.strip().splitlines()[-1] == "pdserve generate: error: max_tokens: must be >= 1, got 0"
+
+
+def test_weightless_model_runs_with_dummy_weights(tmp_path):
+    """`make-model --no-weights` + `--load-format dummy`: a large shape for benchmarks without
+    writing its weights; the output equals the library's on the same dummy weights."""
+    model = tmp_path / "shape"
+    made = pdserve(
+        "make-model", str(model), "--layers", "2", "--hidden", "64", "--no-weights", cache_dir=tmp_path
+    )
+    assert made.returncode == 0, made.stderr.decode()
+    assert not list(model.glob("*.safetensors"))
+    missing = pdserve("generate", "--model", str(model), "--prompt", PROMPT, cache_dir=tmp_path)
+    assert missing.returncode != 0 and "safetensors" in missing.stderr.decode()
+    proc = pdserve(
+        "generate", "--model", str(model), "--load-format", "dummy", "--prompt", PROMPT, "--max-tokens", "6",
+        "--temperature", "0", "--ignore-eos", cache_dir=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    llm = LLM(str(model), load_format="dummy", kv_cache_bytes=8 << 20)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert stdout_text(proc).removesuffix("\n") == out.text

@@ -62,6 +62,12 @@ def test_fingerprint_tells_checkpoints_of_one_shape_apart(tmp_path):
     a, b = make_model(tmp_path / "a", seed=0, **spec), make_model(tmp_path / "b", seed=1, **spec)
     assert model_fingerprint(a) == model_fingerprint(a)
     assert model_fingerprint(a) != model_fingerprint(b)
+    # Dummy weights (seeded random, no files read) are not the checkpoint's: a peer loading the
+    # files must not pair with one running dummy weights of the same config.
+    assert model_fingerprint(a, "dummy") != model_fingerprint(a)
+    weightless = make_model(tmp_path / "c", seed=0, weights=False, **spec)
+    assert not list(weightless.glob("*.safetensors"))
+    assert model_fingerprint(weightless, "dummy") == model_fingerprint(a, "dummy")
 
 
 class Pair:
