@@ -131,12 +131,14 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--target", type=parse_target, action="append", help="NAME=http://host:port")
     p.add_argument(
-        "--target", type=parse_target, action="append", required=True, help="NAME=http://host:port"
-    )
-    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], required=True)
-    p.add_argument("--slo-ttft-ms", type=float, required=True)
-    p.add_argument("--slo-tpot-ms", type=float, required=True)
+        "--merge", nargs="+", metavar="JSON",
+        help="instead of sweeping: join earlier runs' goodput_sweep.json (systems that cannot run at once)",
+    )  # fmt: skip
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")])
+    p.add_argument("--slo-ttft-ms", type=float)
+    p.add_argument("--slo-tpot-ms", type=float)
     p.add_argument(
         "--knee-fraction", type=float, default=0.9, help="a rate 'misses its SLO' below this share"
     )
@@ -149,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.knee_fraction, args.out_dir)
+    if not args.target or args.rates is None or args.slo_ttft_ms is None or args.slo_tpot_ms is None:
+        p.error("a sweep needs --target, --rates, --slo-ttft-ms and --slo-tpot-ms (or --merge)")
     try:
         base = LoadTestConfig(
             num_requests=args.num_requests, warmup_requests=args.warmup_requests,
@@ -161,23 +167,52 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = {
-        "slo_ttft_ms": args.slo_ttft_ms,
-        "slo_tpot_ms": args.slo_tpot_ms,
-        "knee_fraction": args.knee_fraction,
-        "knees": {n: knee(points, args.knee_fraction) for n, points in results.items()},
-        "ratio_at_knee": compare(results, args.knee_fraction),
+    report(results, args.slo_ttft_ms, args.slo_tpot_ms, args.knee_fraction, args.out_dir)
+    return 0 if all(p["completed"] for points in results.values() for p in points) else 1
+
+
+def report(
+    results: dict[str, list[dict]],
+    slo_ttft_ms: float,
+    slo_tpot_ms: float,
+    fraction: float,
+    out_dir: str | None,
+) -> None:
+    """Print the side-by-side table, knees and ratios; write JSON + plot to ``out_dir``."""
+    full = {
+        "slo_ttft_ms": slo_ttft_ms,
+        "slo_tpot_ms": slo_tpot_ms,
+        "knee_fraction": fraction,
+        "knees": {n: knee(points, fraction) for n, points in results.items()},
+        "ratio_at_knee": compare(results, fraction),
         "results": results,
     }
-    print("\n".join(table(results, args.rates)))
-    print(json.dumps({k: report[k] for k in ("knees", "ratio_at_knee")}))
-    if args.out_dir:
-        out = Path(args.out_dir)
+    rates = sorted({p["rate"] for points in results.values() for p in points})
+    if all([p["rate"] for p in points] == rates for points in results.values()):
+        print("\n".join(table(results, rates)))
+    print(json.dumps({k: full[k] for k in ("knees", "ratio_at_knee")}))
+    if out_dir:
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "goodput_sweep.json").write_text(json.dumps(report, indent=1))
+        (out / "goodput_sweep.json").write_text(json.dumps(full, indent=1))
         plot(results, out / "goodput_sweep.png")
         print(f"wrote {out / 'goodput_sweep.json'} and goodput_sweep.png")
-    return 0 if all(p["completed"] for points in results.values() for p in points) else 1
+
+
+def merge(paths: list[str], fraction: float, out_dir: str | None) -> int:
+    """Join sweeps run one after another (e.g. 1P1D, then colocated on the same GPUs); they must
+    share their SLOs."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    slos = {(r["slo_ttft_ms"], r["slo_tpot_ms"]) for r in runs}
+    if len(slos) != 1:
+        print(f"error: the runs' SLOs differ: {sorted(slos)}", file=sys.stderr)
+        return 2
+    results: dict[str, list[dict]] = {}
+    for run_report in runs:
+        results |= run_report["results"]
+    ((ttft, tpot),) = slos
+    report(results, ttft, tpot, fraction, out_dir)
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig, RopeConfig
 from engine.distributed import TPGroup
+from engine.distributed.context_parallel import CPGroup
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -93,9 +94,11 @@ def make_runner(
     device: str = "cuda",
     tp: TPGroup | None = None,
     kv_cache_bytes: int | None = None,
+    cp: CPGroup | None = None,
     **options: Any,
 ) -> ModelRunner:
-    """``options``: further ``EngineConfig`` fields, overriding the ones set here."""
+    """``options``: further ``EngineConfig`` fields, overriding the ones set here. ``tp`` / ``cp``:
+    this rank's group when the runner is one of several ranks."""
     with tempfile.TemporaryDirectory() as d:
         fields: dict[str, Any] = dict(
             model=d,
@@ -112,8 +115,9 @@ def make_runner(
             fused_kernels=fused_kernels,
             max_graph_batch_size=max(256, max_bs),
             tp=1 if tp is None else tp.world_size,
+            cp=1 if cp is None else cp.world_size,
         )
-        runner = ModelRunner(EngineConfig(**(fields | options)), cfg, tp=tp)
+        runner = ModelRunner(EngineConfig(**(fields | options)), cfg, tp=tp, cp=cp)
     runner.kv_pool.kv_gpu.normal_()  # never time on zeros
     return runner
 

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
-from bench.goodput_sweep import compare, knee, parse_target
+from bench.goodput_sweep import compare, knee, main, parse_target
 
 
 def points(*pairs: tuple[float, float]) -> list[dict]:
@@ -36,3 +37,28 @@ def test_target_syntax():
     for bad in ("http://x:1", "=http://x:1", "a=x:1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_target(bad)
+
+
+def run_file(tmp_path, name: str, pairs, ttft: float = 500.0) -> str:
+    path = tmp_path / f"{name}.json"
+    pts = [p | {"completed": 10, "failed": 0, "ttft_p99_ms": 1.0, "tpot_p99_ms": 1.0} for p in points(*pairs)]
+    path.write_text(json.dumps({"slo_ttft_ms": ttft, "slo_tpot_ms": 40.0, "results": {name: pts}}))
+    return str(path)
+
+
+def test_merge_joins_runs_made_one_after_another(tmp_path):
+    a = run_file(tmp_path, "1p1d", [(1, 1.0), (2, 2.0), (4, 3.9)])
+    b = run_file(tmp_path, "colocated", [(1, 1.0), (2, 1.0), (4, 1.0)])
+    assert main(["--merge", a, b, "--out-dir", str(tmp_path / "both")]) == 0
+    joined = json.loads((tmp_path / "both" / "goodput_sweep.json").read_text())
+    assert set(joined["results"]) == {"1p1d", "colocated"}
+    assert joined["knees"] == {"1p1d": None, "colocated": 2}
+    assert joined["ratio_at_knee"]["1p1d/colocated"] == pytest.approx(2.0)
+    assert (tmp_path / "both" / "goodput_sweep.png").stat().st_size > 0
+    other_slo = run_file(tmp_path, "x", [(1, 1.0)], ttft=100.0)
+    assert main(["--merge", a, other_slo]) == 2
+
+
+def test_a_sweep_needs_its_parameters():
+    with pytest.raises(SystemExit):
+        main(["--rates", "1,2"])
