@@ -2,8 +2,9 @@
 
 Rank 0 owns the engine (scheduler, allocator, prefix cache, outputs) and its own ``ModelRunner``
 shard; a worker holds only a shard. When rank 0 launches a step it first sends every worker the
-step's ``StepPlan`` (what ``prepare`` and ``sample_async`` read of each sequence); each worker
-rebuilds the batch and runs the same prepare → forward → sample_async. So every rank takes part in
+step's ``StepPlan`` (what ``prepare`` and ``sample_async`` read of each sequence, as a delta against
+the sequences the worker mirrors: ``engine.distributed.plans``); each worker rebuilds the batch and
+runs the same prepare → forward → sample_async. So every rank takes part in
 the model's collectives in the same order, samples the same tokens from the same all-gathered
 logits, and holds the same ``last_tokens`` that the next step's in-flight inputs are read from
 (overlap scheduling). Workers never read tokens back.
@@ -32,7 +33,6 @@ import os
 import pickle
 import signal
 import socket
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -43,75 +43,13 @@ import torch.multiprocessing as mp
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.groups import TPGroup, destroy_tp, init_tp
 from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
+from engine.distributed.plans import PlanDecoder, PlanEncoder, StepPlan
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
 
 COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this in a collective fails
 JOIN_TIMEOUT_S = 30.0  # a worker told to stop that is still running after this is killed
 _STOP = pickle.dumps(None)
-
-
-@dataclass(frozen=True)
-class SeqPlan:
-    """What a step reads of one sequence: ``known_ids`` are the host-known input tokens
-    (``token_ids[num_computed:num_computed + n]``; the last is missing when it is in flight)."""
-
-    request_id: str
-    num_prompt: int
-    num_tokens: int
-    num_computed: int
-    known_ids: list[int]
-    pages: list[int]
-    num_inflight: int
-    inflight_row: int
-    params: SamplingParams
-    seed: int
-
-    @classmethod
-    def of(cls, seq: Sequence, n: int) -> SeqPlan:
-        start = seq.num_computed
-        return cls(
-            seq.request_id,
-            seq.num_prompt,
-            seq.num_tokens,
-            start,
-            seq.token_ids[start : start + n],
-            list(seq.pages),
-            seq.num_inflight,
-            seq.inflight_row,
-            seq.params,
-            seq.seed,
-        )
-
-    def to_sequence(self) -> Sequence:
-        """A sequence equal to rank 0's in everything the step reads (lengths, counts, pages, the
-        window's tokens); tokens outside the window are zeros."""
-        seq = Sequence(self.request_id, [0] * self.num_prompt, self.params, self.seed, max_len=0)
-        token_ids = [0] * self.num_computed + self.known_ids
-        seq.token_ids = token_ids + [0] * (self.num_tokens - len(token_ids))
-        assert len(seq.token_ids) == self.num_tokens, "the window reaches past the known tokens"
-        seq.num_computed, seq.pages = self.num_computed, self.pages
-        seq.num_inflight, seq.inflight_row = self.num_inflight, self.inflight_row
-        return seq
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One launched step, as a worker needs it to build the inputs rank 0 builds."""
-
-    seqs: list[SeqPlan]
-    extend_lens: list[int]
-    is_decode: bool
-
-    @classmethod
-    def of(cls, batch: ScheduledBatch) -> StepPlan:
-        seqs = [SeqPlan.of(seq, n) for seq, n in zip(batch.seqs, batch.extend_lens, strict=True)]
-        return cls(seqs, list(batch.extend_lens), batch.is_decode)
-
-    def to_batch(self) -> ScheduledBatch:
-        return ScheduledBatch([s.to_sequence() for s in self.seqs], self.extend_lens, self.is_decode)
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -137,6 +75,7 @@ class TPWorkers:
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
         self._closed = False
+        self.plans = PlanEncoder()  # step plans as deltas against the workers' mirrors
         for rank in range(1, cfg.num_ranks):
             conn, child_conn = ctx.Pipe()
             proc = ctx.Process(
@@ -158,7 +97,7 @@ class TPWorkers:
 
     def send(self, batch: ScheduledBatch) -> None:
         """Hand ``batch`` to every worker; call it before rank 0 prepares the same batch."""
-        self.send_plan(StepPlan.of(batch))
+        self.send_plan(self.plans.encode(batch))
 
     def send_plan(self, plan: StepPlan | KVExportPlan | KVImportPlan) -> None:
         """Hand ``plan`` to every worker; rank 0 then runs its own part of it."""
@@ -247,6 +186,7 @@ def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connectio
         rank, cfg.num_ranks, init_method, device=cfg.device, timeout_s=COLLECTIVE_TIMEOUT_S
     )
     runner: ModelRunner | None = ModelRunner.of_rank(cfg, ModelConfig.from_dir(cfg.model, cfg.dtype), tp)
+    mirror = PlanDecoder()  # rank 0's sequences as far as the steps read them
     assert runner is not None
     while True:
         try:
@@ -258,7 +198,7 @@ def _worker_main(rank: int, cfg: EngineConfig, init_method: str, conn: Connectio
         if not isinstance(plan, StepPlan):
             plan.run(runner)
             continue
-        batch = plan.to_batch()
+        batch = mirror.decode(plan)
         runner.sample_async(runner.forward(runner.prepare(batch)), batch)
     # Drop every reference to the group so that destroy_tp tears it down, not interpreter exit.
     runner = tp = None
