@@ -38,6 +38,7 @@ from engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_CHECK_S = 1.0  # an idle engine with tensor-parallel ranks checks they are alive this often
+STOP_TIMEOUT_S = 60.0  # closing the engine (joining its ranks) longer than this: its step is stuck
 
 
 class EngineFailed(RuntimeError):
@@ -91,13 +92,26 @@ class AsyncEngine:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
         self._task.add_done_callback(self._on_loop_exit)
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """Stop the loop and close the engine; False when the engine could not be closed (its step
+        thread is stuck: the process should exit without waiting for it, ``os._exit``)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         # Stop the tensor-parallel ranks, if any, off the event loop (it joins their processes).
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.close)
+        # The step thread may be stuck for good (a rank died inside a captured collective): then
+        # close cannot run there; the workers die with this process (daemons, pipes closed).
+        closing = asyncio.get_running_loop().run_in_executor(self._executor, self.engine.close)
+        try:
+            await asyncio.wait_for(closing, STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error(
+                "the engine did not close within %.0f s (a step never finished); leaving it", STOP_TIMEOUT_S
+            )
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return False
         self._executor.shutdown(wait=True)
+        return True
 
     # -- commands ----------------------------------------------------------------------------------
     async def call(self, fn: Callable[[Engine], T], undo: Undo | None = None) -> T:
@@ -234,7 +248,7 @@ class AsyncEngine:
                     await self._idle()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs = await self._step(loop.run_in_executor(self._executor, self.engine.step))
             except Exception:
                 log.exception("engine step failed; finishing every request with reason 'error'")
                 # A dead rank ends the loop first, so the streams' "error" comes with ``failure``.
@@ -244,6 +258,20 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out)
             await asyncio.sleep(0)  # let handlers consume before the next step
+
+    async def _step(self, step: asyncio.Future[list[RequestOutput]]) -> list[RequestOutput]:
+        """Await a step; with tensor-parallel ranks, check every ``IDLE_CHECK_S`` that they live. On
+        CUDA a rank that dies inside a collective captured in a graph leaves rank 0's step waiting
+        with no timeout (graphs are outside NCCL's watchdog): the check ends the loop with the dead
+        rank as its cause, so requests fail and health says NOT_SERVING instead of hanging (the
+        step's thread stays blocked; the process needs a restart)."""
+        if self.engine.workers is None:
+            return await step
+        while True:
+            done, _ = await asyncio.wait({step}, timeout=IDLE_CHECK_S)
+            if done:
+                return step.result()
+            self.engine.check_ranks()
 
     async def _idle(self) -> None:
         """Wait for work; with tensor-parallel ranks, check every ``IDLE_CHECK_S`` that they live."""

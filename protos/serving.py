@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -99,8 +100,12 @@ class GrpcServer:
         try:
             await self.run_until_signal()
         finally:
-            await engine.stop()
+            closed = await engine.stop()
             await close()
+            if not closed:  # a step thread that never returns would block the interpreter's exit
+                log.critical("exiting without the engine's step thread (stuck in a dead rank's collective)")
+                logging.shutdown()
+                os._exit(1)
 
     async def run_until_signal(self, grace_s: float = 5.0) -> None:
         """Serve until SIGINT/SIGTERM, then stop accepting work and give in-flight RPCs ``grace_s``."""

@@ -121,3 +121,53 @@ def test_tp_config_is_checked(tiny_model):
 
     with pytest.raises(ValueError, match="tp: must be >= 1"):
         EngineConfig(model=str(tiny_model), tp=0)
+
+
+def test_a_rank_dying_while_a_step_hangs_fails_requests_not_the_caller(tiny_model, monkeypatch):
+    """On CUDA a rank dying inside a collective captured in a graph leaves rank 0's step waiting
+    with no timeout. Simulated here: rank 0's step blocks (as on the dead collective) while rank 1
+    is killed. The serving loop must still end the request with an error naming the rank within
+    seconds, and ``stop`` must give up on the stuck step instead of hanging."""
+    import asyncio
+    import threading
+
+    from engine import async_engine
+    from engine.async_engine import AsyncEngine
+
+    monkeypatch.setattr(async_engine, "STOP_TIMEOUT_S", 2.0)
+    llm = LLM(str(tiny_model), tp=2, **OPTS)
+    engine = llm.engine
+    assert engine.workers is not None
+    proc = engine.workers.procs[0]
+    release = threading.Event()
+    real_step = engine.step
+
+    def stuck_step():
+        proc.kill()
+        release.wait(TIMEOUT_S)  # the collective the dead rank never joins
+        return real_step()
+
+    engine.step = stuck_step  # type: ignore[method-assign]
+
+    async def main():
+        ae = AsyncEngine(engine)
+        ae.start()
+        stream = await ae.generate("r", [5, 6, 7], GREEDY)
+        outs = await asyncio.wait_for(_drain(stream), 20)
+        closed = await asyncio.wait_for(ae.stop(), 20)
+        return outs[-1], ae.failure, closed
+
+    try:
+        last, failure, closed = asyncio.run(main())
+    finally:
+        release.set()
+    assert last.finish_reason == "error"
+    assert "worker rank 1 exited with code -9" in str(failure)
+    assert closed is False  # the step never returned: the engine was left, not waited for
+    engine.step = real_step  # type: ignore[method-assign]
+    llm.close()
+    assert_gone([proc.pid])
+
+
+async def _drain(stream):
+    return [out async for out in stream]
