@@ -12,12 +12,14 @@ from __future__ import annotations
 import faulthandler
 import functools
 import gc
+import itertools
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 from decode_batches import StandInGraph
+from tp_ranks import scheduled
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import destroy_tp, init_tp
@@ -25,7 +27,6 @@ from engine.distributed.context_parallel import CPGroup
 from engine.graphs import PiecewiseGraphRunner
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
 PAGE_SIZE = 4
@@ -67,14 +68,10 @@ def cp_run(model_dir: str, cp: CPGroup | None, piecewise: bool = False) -> dict[
         Sequence(name, torch.randint(3, 1000, (n,), generator=g).tolist(), SamplingParams(), 0, 64)
         for name, n in zip("AB", PROMPT_LENS, strict=True)
     ]
-    next_page = 1
+    pages = itertools.count(1)
     logits_per_step, tokens_per_step, split, staged = [], [], [], []
     for extend_lens in SCHEDULE:
-        for seq, n in zip(seqs, extend_lens, strict=True):
-            while len(seq.pages) * PAGE_SIZE < seq.num_computed + n:
-                seq.pages.append(next_page)
-                next_page += 1
-        batch = ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
+        batch = scheduled(seqs, extend_lens, pages)
         before = runner.num_split_steps
         fb = runner.prepare(batch)
         staged.append(runner.piecewise is not None and runner.piecewise.is_staged(fb))
@@ -92,7 +89,7 @@ def cp_run(model_dir: str, cp: CPGroup | None, piecewise: bool = False) -> dict[
         "tokens": tokens_per_step,
         "split": split,
         "piecewise": staged,
-        "kv": runner.kv_pool.kv_gpu[:, :, 1:next_page].clone(),  # [layers, 2, used pages, ...]
+        "kv": runner.kv_pool.kv_gpu[:, :, 1 : next(pages)].clone(),  # [layers, 2, used pages, ...]
     }
 
 

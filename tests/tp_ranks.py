@@ -13,9 +13,10 @@ from __future__ import annotations
 import faulthandler
 import functools
 import gc
+import itertools
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ PROMPT_LENS = (12, 6)
 SCHEDULE = [(7, 6), (5, 1)] + [(1, 1)] * 4
 
 
+def scheduled(seqs: list[Sequence], extend_lens: tuple[int, ...], pages: Iterator[int]) -> ScheduledBatch:
+    """The step computing ``extend_lens`` new tokens of ``seqs``, pages taken from ``pages`` as the
+    sequences grow; DECODE when every count is 1."""
+    for seq, n in zip(seqs, extend_lens, strict=True):
+        while len(seq.pages) * PAGE_SIZE < seq.num_computed + n:
+            seq.pages.append(next(pages))
+    return ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
+
+
 def greedy_run(
     model_dir: str, tp: TPGroup | None = None, dummy: bool = False, tbo: bool = False
 ) -> dict[str, Any]:
@@ -59,14 +69,10 @@ def greedy_run(
         Sequence(name, torch.randint(3, 1000, (n,), generator=g).tolist(), SamplingParams(), 0, 64)
         for name, n in zip("AB", PROMPT_LENS, strict=True)
     ]
-    next_page = 1
+    pages = itertools.count(1)
     logits_per_step, tokens_per_step = [], []
     for extend_lens in SCHEDULE:
-        for seq, n in zip(seqs, extend_lens, strict=True):
-            while len(seq.pages) * PAGE_SIZE < seq.num_computed + n:
-                seq.pages.append(next_page)
-                next_page += 1
-        batch = ScheduledBatch(seqs, list(extend_lens), is_decode=all(n == 1 for n in extend_lens))
+        batch = scheduled(seqs, extend_lens, pages)
         fb = runner.prepare(batch)
         if tbo and batch.is_decode:
             halves = split_batch(fb, tbo_split(fb.batch_size))
