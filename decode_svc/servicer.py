@@ -147,6 +147,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         admission: the engine's own queue), like a non-disaggregated server."""
         try:
             return await self.engine.generate(request_id, prompt, params, deadline)
+        except EngineFailed as e:  # a dead rank: go elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode engine: {e}")
+            raise AssertionError("context.abort raised") from e
         except ValueError as e:
             code = grpc.StatusCode.INVALID_ARGUMENT
             if "already running" in str(e):

@@ -151,6 +151,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine += ["--no-cuda-graphs"] if args.no_cuda_graphs else []
     engine += ["--no-fused-kernels"] if args.no_fused_kernels else []
     engine += ["--no-overlap"] if args.no_overlap else []
+    engine += ["--no-symmetric-memory"] if args.no_symmetric_memory else []
+    engine += ["--tbo-min-batch", str(args.tbo_min_batch)] if args.tbo_min_batch is not None else []
     tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
     engine += tls
@@ -171,12 +173,17 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """Each prefill and decode instance's arguments: the shared engine flags, its device, the KV
     backend — checked here, so a bad combination fails before any process starts."""
+    from engine.config import rank_device
     from kvtransfer import check_kv_backend
 
-    per_role = []
+    per_role: list[list[list[str]]] = []
+    roles_devices: list[set[str]] = []
     for role, count, value in (
         ("prefill", args.num_prefill, args.prefill_device), ("decode", args.num_decode, args.decode_device)
     ):  # fmt: skip
+        if count == 0:  # colocated: no prefill instance to check
+            per_role.append([])
+            continue
         tp = args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
         if tp < 1:
             raise ValueError(f"--{role}-tp: must be >= 1, got {tp}")
@@ -189,6 +196,13 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
             check_kv_backend(args.kv_backend, device)
         per_role.append(
             [[*engine, "--device", d, "--kv-backend", args.kv_backend, "--tp", str(tp)] for d in devices]
+        )
+        roles_devices.append({rank_device(d, r) for d in devices for r in range(tp)})
+    if args.kv_backend == "nccl" and len(roles_devices) == 2 and roles_devices[0] & roles_devices[1]:
+        shared = sorted(roles_devices[0] & roles_devices[1])
+        raise ValueError(
+            f"--kv-backend: nccl needs prefill and decode on different GPUs, both use {', '.join(shared)} "
+            "(set --prefill-device / --decode-device, or use cuda_ipc / tcp)"
         )
     return per_role[0], per_role[1]
 

@@ -283,3 +283,9 @@ class EngineConfig:
         if self.tp == 1:
             return 0
         return 128 if self.tbo_min_batch is None else self.tbo_min_batch
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank ``rank``'s device: the CPU for every rank, or the ``rank``-th GPU from ``device``'s."""
+    kind, _, index = device.partition(":")
+    return device if kind == "cpu" else f"cuda:{int(index or 0) + rank}"

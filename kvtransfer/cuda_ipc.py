@@ -83,10 +83,17 @@ class _IpcSession(StreamSession):
     sender: CudaIpcSender
     queue_size = 0  # notices only: a few bytes each
 
+    synced = False  # the sender's stream was waited for once: the pages' KV is written
+
     async def send_layer(self, layer: int, kv: Any = None) -> None:
         assert kv is None, "cuda_ipc reads the sender's pool; a TP engine is refused at start-up"
-        stream = torch.cuda.current_stream(self.sender.device)
-        await wait_stream(stream, self.deadline_ns, f"transfer {self.dest.transfer_id}: layer {layer}")
+        if not self.synced:
+            # Once per transfer: the request's KV was launched before its output came back, so one
+            # wait covers every layer (a wait per layer would also wait for each step launched
+            # since, a step per layer under load).
+            stream = torch.cuda.current_stream(self.sender.device)
+            await wait_stream(stream, self.deadline_ns, f"transfer {self.dest.transfer_id}")
+            self.synced = True
         self.put_notice(layer)
         self.sender.num_bytes_sent += (
             len(self.src_pages) * self.sender.layout.page_size * (self.sender.layout.bytes_per_token_layer)

@@ -41,7 +41,9 @@ class KVLayout:
         engine's rank 0 holds the whole KV in one pool."""
         m = engine.model_config
         return cls(
-            model_fingerprint=model_fingerprint(engine.cfg.model, engine.cfg.load_format),
+            model_fingerprint=model_fingerprint(
+                engine.cfg.model, engine.cfg.load_format, engine.cfg.device.partition(":")[0]
+            ),
             dtype=m.dtype,
             num_layers=m.num_layers,
             num_kv_heads=m.num_kv_heads,
@@ -70,19 +72,22 @@ class KVLayout:
         return 2 * self.num_kv_heads * self.head_dim * itemsize
 
 
-def model_fingerprint(model_dir: str | Path, load_format: str = "safetensors") -> str:
+def model_fingerprint(
+    model_dir: str | Path, load_format: str = "safetensors", device_type: str = "cpu"
+) -> str:
     """A hash that differs between checkpoints whose KV would differ, cheap even for large models.
 
     Covers config.json, and for every safetensors file its size, its header (names, dtypes, shapes,
     offsets) and 64 KiB samples of the data at the start, middle and end, so two random-weight
     models of one shape but different seeds differ too. Not a full-content hash: reading a 16 GB
     checkpoint at startup would cost more than this guard is worth. ``load_format`` "dummy" (seeded
-    random weights of the config's shape) hashes the config and the format only.
+    random weights of the config's shape) hashes the config, the format and the device type (the
+    seeded draws differ between the CPU and CUDA generators).
     """
     root = Path(model_dir)
     h = hashlib.sha256((root / "config.json").read_bytes())
-    if load_format != "safetensors":  # dummy weights: the files on disk are not what runs
-        h.update(load_format.encode())
+    if load_format != "safetensors":  # dummy weights: the files on disk are not what runs, and
+        h.update(f"{load_format}/{device_type}".encode())  # CPU and CUDA generators draw differently
         return h.hexdigest()[:32]
     for path in sorted(root.glob("*.safetensors")):
         size = path.stat().st_size

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,11 +67,19 @@ class _Pair:
         options._timeout = _GROUP_TIMEOUT
         self.pg = ProcessGroupNCCL(PrefixStore("pdserve-kv", self.store), self.rank, 2, options)
 
-    async def run(self, fn: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+    async def run(self, fn: Any, deadline_ns: int, what: str) -> Any:
+        """``fn`` on the pair's thread (NCCL ops in posting order), awaited until ``deadline_ns``:
+        a blocking call that outlives it (the first op initializes the communicator and waits for
+        the peer) is a DEADLINE_EXCEEDED, and the caller breaks the pair."""
+        future = asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), remaining_s(deadline_ns))
+        except TimeoutError:
+            raise TransferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"NCCL {what}: deadline passed") from None
 
     def close(self) -> None:
-        """Abort, not destroy: the peer may be gone, or stuck in an op this side never matches."""
+        """Abort, not destroy: the peer may be gone, or stuck in an op this side never matches.
+        On a thread of its own: the pair's thread may be the one stuck."""
 
         def abort() -> None:
             for name in ("abort", "_abort", "shutdown"):
@@ -78,7 +87,7 @@ class _Pair:
                     getattr(self.pg, name)()
                     return
 
-        self.executor.submit(abort)
+        threading.Thread(target=abort, name="kv-nccl-abort", daemon=True).start()
         self.executor.shutdown(wait=False)
 
 
@@ -116,20 +125,30 @@ class NcclReceiver(GpuReceiverMixin, StreamReceiver):
         return info
 
     async def on_handshake(self, peer: kvtransfer_pb2.PeerInfo) -> kvtransfer_pb2.PeerInfo:
+        if peer.device_uuid and peer.device_uuid == device_uuid(self.device):
+            raise TransferError(
+                FAILED_PRECONDITION,
+                f"nccl: sender and receiver share GPU {self.device} ({peer.device_uuid}); NCCL needs one "
+                "GPU per rank: put prefill and decode on different GPUs, or use cuda_ipc / tcp",
+            )
         self._break(peer.sender_id)  # a sender handshakes again when its pair broke
         store = await asyncio.to_thread(_open_store, self.host, 0, True)
         pair = _Pair(store, 0, self.device)
-        await pair.run(pair.make)
+        await asyncio.get_running_loop().run_in_executor(pair.executor, pair.make)  # its thread's device
         self.pairs[peer.sender_id] = pair
         info = self.peer_info()
         info.nccl_store = f"{self.host}:{store.port}"
         return info
 
-    def _break(self, sender_id: str) -> None:
-        pair = self.pairs.pop(sender_id, None)
-        if pair is not None:
-            log.warning("nccl: dropping the pair with sender %s", sender_id)
-            pair.close()
+    def _break(self, sender_id: str, pair: _Pair | None = None) -> None:
+        """Drop the pair with ``sender_id`` (only if it is still ``pair``, when given: a late end of
+        an old transfer must not break the pair a new handshake made)."""
+        current = self.pairs.get(sender_id)
+        if current is None or (pair is not None and current is not pair):
+            return
+        del self.pairs[sender_id]
+        log.warning("nccl: dropping the pair with sender %s", sender_id)
+        current.close()
 
     def begin(self, header: kvtransfer_pb2.KVHeader, pending: PendingTransfer | None) -> Any:
         pair = self.pairs.get(header.sender_id)
@@ -157,7 +176,7 @@ class NcclReceiver(GpuReceiverMixin, StreamReceiver):
             with torch.cuda.stream(self.stream):
                 return inc.pair.pg.recv([staging], 1, 0)
 
-        inc.posted.append((await inc.pair.run(post), staging, data, pending))
+        inc.posted.append((await inc.pair.run(post, inc.deadline_ns, "receive"), staging, data, pending))
         await self._scatter(inc, _AHEAD)
 
     async def _scatter(self, inc: _Incoming, keep: int) -> None:
@@ -184,7 +203,7 @@ class NcclReceiver(GpuReceiverMixin, StreamReceiver):
 
     def end(self, state: Any, drained: bool) -> None:
         if state is not None and (not drained or state.posted):
-            self._break(state.sender_id)
+            self._break(state.sender_id, state.pair)
 
 
 class NcclSender(StreamSender):
@@ -209,15 +228,18 @@ class NcclSender(StreamSender):
         except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
             raise TransferError(grpc.StatusCode.UNAVAILABLE, f"NCCL store {peer.nccl_store}: {e}") from None
         pair = _Pair(store, 1, self.device)
-        await pair.run(pair.make)
+        await asyncio.get_running_loop().run_in_executor(pair.executor, pair.make)  # its thread's device
         self.pairs[address] = pair
 
-    def _break(self, address: str) -> None:
+    def _break(self, address: str, pair: _Pair | None = None) -> None:
+        """Drop the pair with ``address`` (only if it is still ``pair``, when given)."""
+        current = self.pairs.get(address)
+        if current is None or (pair is not None and current is not pair):
+            return
         self.forget(address)
-        pair = self.pairs.pop(address, None)
-        if pair is not None:
-            log.warning("nccl: dropping the pair with receiver %s", address)
-            pair.close()
+        del self.pairs[address]
+        log.warning("nccl: dropping the pair with receiver %s", address)
+        current.close()
 
     async def open(
         self, dest: Destination, src_pages: Sequence[int], num_tokens: int, deadline_ns: int
@@ -239,7 +261,7 @@ class NcclSender(StreamSender):
         def ended(_: Any) -> None:
             lock.release()
             if not session.drained:
-                self._break(dest.address)
+                self._break(dest.address, session.pair)
 
         session.call_task.add_done_callback(ended)
         return session
@@ -264,7 +286,7 @@ class _NcclSession(StreamSession):
         kv = self.sender.pool.read_pages(layer, self.src_gpu)  # [2, num_pages, page_size, kv_heads, head_dim]
         self.put_notice(layer)
         # Posted even if this task is cancelled now: the receiver will wait for it.
-        await self.pair.run(lambda: self.pair.pg.send([kv], 0, 0))
+        await self.pair.run(lambda: self.pair.pg.send([kv], 0, 0), self.deadline_ns, "send")
         self.sender.num_bytes_sent += kv.numel() * kv.element_size()
 
     def abort(self) -> None:

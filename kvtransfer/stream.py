@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DRAINED_KEY = "pdserve-kv-drained"  # trailer: the receiver consumed the whole stream before answering
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+INTERNAL = grpc.StatusCode.INTERNAL
 
 
 def layout_to_proto(layout: KVLayout) -> kvtransfer_pb2.KVLayout:
@@ -161,13 +162,16 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
             raise failure or TransferError(
                 grpc.StatusCode.ABORTED, "the sender closed the stream before committing"
             )
-        except TransferError as e:
+        except Exception as exc:  # a backend's own error (CUDA, NCCL) ends the transfer like ours do
+            err = exc if isinstance(exc, TransferError) else TransferError(INTERNAL, f"receiver: {exc!r}")
+            if not isinstance(exc, TransferError):
+                log.exception("KV transfer receiver failed")
             if pending is not None:
-                pending.finish(TransferState.FAILED, e)
+                pending.finish(TransferState.FAILED, err)
             self.end(state, drained)
             if drained:
                 context.set_trailing_metadata(((DRAINED_KEY, "1"),))
-            await context.abort(e.code, e.message)
+            await context.abort(err.code, err.message)
         except asyncio.CancelledError:
             if pending is not None:
                 pending.finish(

@@ -5,6 +5,7 @@ per receiver address, and ``StreamSession``, one ``PushKV`` call per transfer. B
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ class StreamSender(KVSender):
         self.sender_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._handshaken: set[str] = set()
+        self._connecting: dict[str, asyncio.Future[None]] = {}  # address -> its handshake in flight
         self.num_bytes_sent = 0
 
     def peer_info(self) -> kvtransfer_pb2.PeerInfo:
@@ -60,8 +62,29 @@ class StreamSender(KVSender):
         self._handshaken.discard(address)
 
     async def connect(self, address: str, deadline_ns: int) -> None:
-        if address in self._handshaken:
-            return
+        """Handshake with ``address`` unless done; one handshake per address at a time (a burst of
+        requests waits for the one in flight: each handshake re-creates a backend's data plane,
+        so two at once could leave the sides on different ones). Waiting is bounded by
+        ``deadline_ns``; the handshake itself by its first caller's."""
+        while address not in self._handshaken:
+            inflight = self._connecting.get(address)
+            if inflight is None:
+                inflight = asyncio.ensure_future(self._handshake(address, deadline_ns))
+                self._connecting[address] = inflight
+                inflight.add_done_callback(functools.partial(self._handshake_done, address))
+            try:
+                await asyncio.wait_for(asyncio.shield(inflight), remaining_s(deadline_ns))
+            except TimeoutError:
+                raise TransferError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"handshake with {address}: deadline passed"
+                ) from None
+
+    def _handshake_done(self, address: str, future: asyncio.Future[None]) -> None:
+        self._connecting.pop(address, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: every waiter may have given up on it already
+
+    async def _handshake(self, address: str, deadline_ns: int) -> None:
         request = kvtransfer_pb2.HandshakeRequest(layout=layout_to_proto(self.layout), peer=self.peer_info())
         try:
             reply = await self.stub(address).Handshake(request, timeout=remaining_s(deadline_ns))

@@ -63,9 +63,8 @@ async def serve(cfg: PrefillConfig) -> None:
         cfg.host, port, cfg.engine.model, cfg.engine.tp, layout.digest, cfg.kv_backend,
     )  # fmt: skip
 
-    async def close() -> None:
+    async def close() -> None:  # the engine (and its TP / CP ranks) is closed by AsyncEngine.stop
         await sender.close()
-        engine.close()  # context-parallel ranks stop with the instance (no-op for one rank)
 
     await server.serve_engine(async_engine, "prefill", cfg.host, close)
 

@@ -98,12 +98,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                         for i, layer in enumerate(layers):
                             await session.send_layer(layer, kv[i])
                 await session.commit(first_token, first_logprob)
-        except TransferError as e:
-            log.warning("request %s: KV transfer failed: %s", request.request_id, e)
-            await context.abort(e.code, f"KV transfer to {dest.address}: {e.message}")
-        except RuntimeError as e:  # a tensor-parallel rank died (EngineFailed included)
+        except _EngineDown as e:  # a tensor-parallel rank died while its KV was read
             log.error("request %s: reading its KV failed: %s", request.request_id, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
+        except Exception as exc:  # a transfer error, or a backend's own (CUDA, NCCL): the transfer failed
+            err = (
+                exc if isinstance(exc, TransferError) else TransferError(grpc.StatusCode.INTERNAL, repr(exc))
+            )
+            log.warning("request %s: KV transfer failed: %s", request.request_id, err)
+            await context.abort(err.code, f"KV transfer to {dest.address}: {err.message}")
         finally:  # the lease ends here: acknowledged, failed, aborted or past the deadline
             self.num_leased_pages -= len(pages)
             self.num_sending -= 1
@@ -117,7 +120,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         )
 
     async def _read_kv(self, layers: range, pages: list[int]) -> torch.Tensor:
-        return await self.engine.call_on_ranks(lambda e: e.read_kv(pages, layers))
+        try:
+            return await self.engine.call_on_ranks(lambda e: e.read_kv(pages, layers))
+        except RuntimeError as e:  # EngineFailed included
+            raise _EngineDown(str(e)) from e
 
     async def _validate(self, request: prefill_pb2.PrefillRequest, context: Any) -> Any:
         try:
@@ -158,3 +164,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return load_report(
             self.engine.engine, "prefill", self.num_leased_pages, self.num_sending, self.sender.num_bytes_sent
         )
+
+
+class _EngineDown(Exception):
+    """The engine could not read a request's KV (a tensor-parallel rank is gone)."""

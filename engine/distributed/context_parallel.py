@@ -37,6 +37,9 @@ from engine.distributed.groups import TPGroup
 from engine.distributed.zigzag import ZigzagPlan
 
 log = logging.getLogger(__name__)
+# A symmetric-memory barrier runs outside NCCL's watchdog: a peer that died would leave it spinning.
+# With a timeout the kernel traps instead (a CUDA error: the rank fails, the engine reports it).
+BARRIER_TIMEOUT_MS = 300_000
 
 # torch >= 2.13 renames all_gather_into_tensor (and deprecates the old name); the GPU image has 2.11.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -113,12 +116,12 @@ class CPGroup:
             # Barrier 1: every peer is done reading its buffer (the previous layer's gather), so it
             # may be overwritten; then this rank's rows go into its slot of every peer's buffer;
             # barrier 2: every rank's rows have landed everywhere.
-            self._symm.barrier(channel=0)
+            self._symm.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
             for peer in self._peers:
                 slot = peer[self.rank * rows : self.rank * rows + n]  # [n, 2, kv_heads, head_dim]
                 slot[:, 0].copy_(k)
                 slot[:, 1].copy_(v)
-            self._symm.barrier(channel=1)
+            self._symm.barrier(channel=1, timeout_ms=BARRIER_TIMEOUT_MS)
             return out
         send = self._send[:rows]  # [rows, 2, num_kv_heads, head_dim]
         send[:n, 0].copy_(k)

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, rank_device
 from engine.distributed.groups import TPGroup, destroy_tp, init_tp
 from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.distributed.plans import PlanDecoder, PlanEncoder, StepPlan
@@ -50,12 +50,6 @@ from engine.scheduler import ScheduledBatch
 COLLECTIVE_TIMEOUT_S = 300.0  # a rank waiting longer than this in a collective fails
 JOIN_TIMEOUT_S = 30.0  # a worker told to stop that is still running after this is killed
 _STOP = pickle.dumps(None)
-
-
-def rank_device(device: str, rank: int) -> str:
-    """Rank ``rank``'s device: the CPU for every rank, or the ``rank``-th GPU from ``device``'s."""
-    kind, _, index = device.partition(":")
-    return device if kind == "cpu" else f"cuda:{int(index or 0) + rank}"
 
 
 class TPWorkers:

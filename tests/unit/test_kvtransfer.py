@@ -149,6 +149,28 @@ def test_handshake_mismatch_fails_before_any_data():
     assert "page_size: ours=8 theirs=4" in err.message
 
 
+def test_a_burst_of_connects_makes_one_handshake():
+    """Each handshake re-creates a backend's data plane (an NCCL pair): requests arriving together
+    must share the one in flight, not race their own."""
+
+    async def main():
+        async with Pair(layout(), layout(), pool(4), pool(4)) as pair:
+            seen = []
+            real = pair.receiver.on_handshake
+
+            async def counting(peer):
+                seen.append(peer.sender_id)
+                await asyncio.sleep(0.05)  # a slow data-plane setup widens the window
+                return await real(peer)
+
+            pair.receiver.on_handshake = counting
+            await asyncio.gather(*(pair.sender.connect(pair.address, deadline_in(10)) for _ in range(8)))
+            await pair.sender.connect(pair.address, deadline_in(10))
+            return seen
+
+    assert len(asyncio.run(main())) == 1
+
+
 def test_receiver_aborted_mid_transfer_ends_both_sides_aborted():
     src, dst = pool(8, seed=2), pool(8)
 

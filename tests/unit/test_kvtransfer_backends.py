@@ -195,6 +195,14 @@ def test_up_refuses_bad_device_and_backend_combinations_before_starting_anything
         up_instance_args(args, [])
     with pytest.raises(ValueError, match="--prefill-tp: must be >= 1"):
         up_instance_args(up_args("--prefill-tp", "0"), [])
+    with pytest.raises(ValueError, match="nccl needs prefill and decode on different GPUs, both use cuda:0"):
+        up_instance_args(up_args("--kv-backend", "nccl", "--device", "cuda:0"), [])
+    args = up_args("--kv-backend", "nccl", "--num-prefill", "2", "--prefill-device", "cuda:0,cuda:1",
+                   "--decode-device", "cuda:1")  # fmt: skip
+    with pytest.raises(ValueError, match="both use cuda:1"):
+        up_instance_args(args, [])
+    # colocated: no prefill instance, so nothing about prefill is checked
+    assert up_instance_args(up_args("--num-prefill", "0", "--prefill-tp", "0"), [])[0] == []
     with pytest.raises(ValueError, match=r"kv_backend: 'nccl'.*'cpu'"):
         up_instance_args(up_args("--kv-backend", "nccl", "--prefill-device", "cuda:0"), [])
     with pytest.raises(ValueError, match="--decode-device: 'cuda:0,cuda:1' names 2 devices for 3"):
@@ -249,3 +257,23 @@ def test_a_non_draining_receiver_refuses_an_unknown_transfer_without_beginning_i
             return err.value
 
     assert asyncio.run(main()).code is grpc.StatusCode.NOT_FOUND
+
+
+def test_up_forwards_the_tp_collective_flags(monkeypatch, tmp_path):
+    import gateway.up
+    from engine.cli_serving import _up
+    from engine.env import Env
+
+    seen = {}
+
+    def fake_up(model, prefill, decode, *rest):
+        seen["prefill"], seen["decode"] = prefill, decode
+        return 0
+
+    monkeypatch.setattr(gateway.up, "up", fake_up)
+    args = build_parser().parse_args(
+        ["up", "--model", str(tmp_path), "--no-symmetric-memory", "--tbo-min-batch", "64"]
+    )
+    assert _up(args, Env(cache_dir=tmp_path, log_level="INFO")) == 0
+    for argv in seen["prefill"] + seen["decode"]:
+        assert "--no-symmetric-memory" in argv and argv[argv.index("--tbo-min-batch") + 1] == "64"
