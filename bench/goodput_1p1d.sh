@@ -37,8 +37,11 @@ run_system() {  # name port [pdserve up args...]: start, wait for "up" (bounded)
 }
 
 run_system 1p1d 8100 --prefill-device cuda:0 --decode-device cuda:1 --kv-backend cuda_ipc; a=$?
+# Colocated twice: prefill first (stalls running requests during prefills) and mixed batches (vLLM's
+# chunked-prefill scheduling), so 1P1D is measured against the better of the two.
 run_system colocated 8200 --num-prefill 0 --num-decode 2 --decode-device cuda:0,cuda:1; b=$?
+run_system colocated-mixed 8300 --num-prefill 0 --num-decode 2 --decode-device cuda:0,cuda:1 --mixed-batches; c=$?
 python3 bench/goodput_sweep.py --merge "$OUT/1p1d/goodput_sweep.json" "$OUT/colocated/goodput_sweep.json" \
-  --out-dir "$OUT" | tee "$OUT/merged.txt"
-echo "1p1d rc=$a colocated rc=$b"
-exit $(( a || b ))
+  "$OUT/colocated-mixed/goodput_sweep.json" --out-dir "$OUT" | tee "$OUT/merged.txt"
+echo "1p1d rc=$a colocated rc=$b colocated-mixed rc=$c"
+exit $(( a || b || c ))

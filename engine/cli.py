@@ -84,6 +84,7 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
         overlap=False if args.no_overlap else None,
         tp=args.tp,
         symmetric_memory=not args.no_symmetric_memory,
+        mixed_batches=args.mixed_batches,
         tbo_min_batch=args.tbo_min_batch,
         cp=args.cp,
         cp_min_tokens=args.cp_min_tokens,
@@ -201,6 +202,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cp-min-tokens", type=int, default=128,
         help="with --cp: a prefill step is split when each rank gets at least this many tokens",
+    )  # fmt: skip
+    p.add_argument(
+        "--mixed-batches", action="store_true",
+        help="every step decodes the running sequences and fills the rest with prompt chunks (default: prefill first)",
     )  # fmt: skip
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(

@@ -152,6 +152,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine += ["--no-fused-kernels"] if args.no_fused_kernels else []
     engine += ["--no-overlap"] if args.no_overlap else []
     engine += ["--no-symmetric-memory"] if args.no_symmetric_memory else []
+    engine += ["--mixed-batches"] if args.mixed_batches else []
     engine += ["--tbo-min-batch", str(args.tbo_min_batch)] if args.tbo_min_batch is not None else []
     tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]

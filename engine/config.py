@@ -188,6 +188,10 @@ class EngineConfig:
     decode and piecewise graphs); with cp > 1 on CUDA, the per-layer K/V all-gather writes into the
     peers' symmetric receive buffers. Off: NCCL for everything.
 
+    ``mixed_batches``: schedule every decoding sequence's token into each step and fill the rest of
+    the budget with prompt chunks (``engine.scheduler``), instead of prefill first; for an engine
+    that prefills and decodes alike (offline, colocated serving).
+
     ``tbo_min_batch``: two-batch overlap (``engine.graphs.two_batch``) for captured decode batches
     of at least this many rows, with tp > 1 on CUDA; 0 turns it off; None: the measured default
     (``tbo_threshold``).
@@ -218,6 +222,7 @@ class EngineConfig:
     max_piecewise_tokens: int | None = None  # None: min(max_num_batched_tokens, 2048); 0: none
     tp: int = 1
     symmetric_memory: bool = True
+    mixed_batches: bool = False
     tbo_min_batch: int | None = None
     cp: int = 1
     cp_min_tokens: int = 128  # a step is split over the cp ranks when each gets at least this many

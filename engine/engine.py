@@ -72,8 +72,9 @@ class Engine:
         self.allocator = PageAllocator(self.runner.num_pages)
         self.prefix_cache = RadixCache(self.allocator, cfg.page_size) if cfg.enable_prefix_cache else None
         self.scheduler = Scheduler(
-            self.allocator, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.prefix_cache
-        )
+            self.allocator, cfg.page_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.prefix_cache,
+            mixed=cfg.mixed_batches,
+        )  # fmt: skip
         eos = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, eos)
         self._seqs: dict[str, Sequence] = {}

@@ -1,6 +1,6 @@
 """Continuous-batching scheduler (torch-free): which sequences run in the next step.
 
-Policy, in order:
+Policy, in order (prefill first, the default):
 1. EXTEND if any sequence has prompt work: first the chunks of sequences already prefilling, then
    newly admitted ones (FIFO), under a per-step token budget (``max_num_batched_tokens``, which is
    also the chunked-prefill chunk size). Admission reuses the longest cached prefix and needs enough
@@ -8,6 +8,12 @@ Policy, in order:
 2. Otherwise DECODE every running sequence, one token each. A sequence that needs a new page and
    finds none preempts the most recently admitted running sequence (its computed pages go to the
    prefix cache, so recomputing it later is mostly a cache hit).
+
+``mixed=True`` (vLLM's chunked-prefill scheduling): every step first takes one token of every
+decoding sequence, then fills the rest of the budget with prompt chunks as in 1. Running requests
+keep producing tokens while prompts arrive (prefill first stalls them for whole prefills: the
+TPOT spikes of a colocated server), at the price of running decode rows through the extend path
+whenever prompts are being prefilled; a step with no prompt work is a plain DECODE step.
 Pages are allocated for exactly the tokens a step computes; ``release`` gives them back (to the
 prefix cache first) when a sequence finishes or is aborted. ``commit`` records a launched step
 before its sampled tokens are known (overlap scheduling, see ``engine.sequence``), so a sequence
@@ -46,8 +52,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         prefix_cache: RadixCache | None,
+        mixed: bool = False,
     ) -> None:
         self.allocator = allocator
+        self.mixed = mixed
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -86,13 +94,30 @@ class Scheduler:
 
     # -- the step ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_extend()
+        if self.mixed:
+            return self._schedule_mixed()
+        batch = self._schedule_extend(self.max_num_batched_tokens)
         if batch is None:
             batch = self._schedule_decode()
         return batch
 
-    def _schedule_extend(self) -> ScheduledBatch | None:
-        budget = self.max_num_batched_tokens
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        decode = self._schedule_decode()
+        used = 0 if decode is None else decode.num_tokens
+        extend = (
+            self._schedule_extend(self.max_num_batched_tokens - used)
+            if used < self.max_num_batched_tokens
+            else None
+        )
+        if extend is None:
+            return decode
+        if decode is None:
+            return extend
+        return ScheduledBatch(
+            decode.seqs + extend.seqs, decode.extend_lens + extend.extend_lens, is_decode=False
+        )
+
+    def _schedule_extend(self, budget: int) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
         lens: list[int] = []
         blocked = False

@@ -335,8 +335,12 @@ def test_prefix_cache_reuses_whole_pages_of_a_repeated_prompt(tiny_model, prompt
 # -- continuous batching ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
-def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model, overlap):
+@pytest.mark.parametrize(
+    ("overlap", "mixed"),
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["sync", "overlap", "sync-mixed", "overlap-mixed"],
+)
+def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model, overlap, mixed):
     prompts = [random_prompt(1 + (i * 7) % 64, 100 + i) for i in range(40)]
     params = [greedy(4 + i % 13) for i in range(40)]
     alone_llm = LLM(str(tiny_model), kv_cache_bytes=1 << 20, enable_prefix_cache=False)
@@ -349,6 +353,7 @@ def test_many_prompts_through_a_small_pool_match_one_at_a_time(tiny_model, overl
         max_num_batched_tokens=32,
         kv_cache_bytes=pool_bytes(tiny_model, 25),  # 96 tokens for 8 running sequences: preemption
         overlap=overlap,
+        mixed_batches=mixed,
     )
     together = busy.generate(prompts, params)
     for a, b, sp in zip(alone, together, params, strict=True):
@@ -428,3 +433,34 @@ def test_unsupported_config_flags_are_rejected(tiny_model, tmp_path, flag):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=flag):
         LLM(str(broken))
+
+
+def test_mixed_batches_keep_decoding_while_prompts_prefill(tiny_model):
+    """Prefill first stalls running requests for whole prefills; mixed batches give every decoding
+    sequence a token in every step while a long prompt is chunked in, with the same outputs."""
+    params = greedy(12)
+
+    def run(mixed: bool) -> tuple[int, dict[str, list[int]]]:
+        """(steps that decoded "short" while "long" was still prefilling, every request's tokens)."""
+        llm = LLM(str(tiny_model), page_size=4, max_num_batched_tokens=32, mixed_batches=mixed)
+        engine = llm.engine
+        engine.add_request("short", random_prompt(5, 8), params)
+        tokens: dict[str, list[int]] = {"short": [], "long": []}
+        while not engine.scheduler.decoding:  # the short request reaches decode
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        engine.add_request("long", random_prompt(200, 7), params)  # 7 chunks at a 32-token budget
+        overlapping = 0
+        while engine.has_unfinished():
+            long_prefilling = any(s.request_id == "long" for s in engine.scheduler.waiting) or any(
+                s.request_id == "long" for s in engine.scheduler.prefilling
+            )
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+                overlapping += long_prefilling and out.request_id == "short" and bool(out.new_token_ids)
+        return overlapping, tokens
+
+    stalled, plain = run(False)
+    decoding, mixed = run(True)
+    assert mixed == plain, "mixed batches change scheduling, not outputs"
+    assert stalled == 0 and decoding >= 5, (stalled, decoding)

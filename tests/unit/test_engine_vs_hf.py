@@ -30,15 +30,17 @@ def prompts_for(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 3, 4, 9, 16, 17, 45)]
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
-def test_greedy_matches_hf_with_chunking_and_prefix_hits(model_dirs, arch):
+@pytest.mark.parametrize(
+    ("arch", "mixed"), [("qwen3", False), ("qwen2", False), ("llama", False), ("qwen3", True)]
+)
+def test_greedy_matches_hf_with_chunking_and_prefix_hits(model_dirs, arch, mixed):
     path = model_dirs[arch]
     hf = load_hf(path)
     vocab = hf.config.vocab_size
     prompts = prompts_for(vocab)
     # second wave: extends first-wave prompts, so admission hits the prefix cache
     shared = [p + q[:5] for p, q in zip(prompts[3:], prompts[:4], strict=False)]
-    llm = LLM(str(path), page_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    llm = LLM(str(path), page_size=4, max_num_batched_tokens=16, max_num_seqs=4, mixed_batches=mixed)
     greedy = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True, logprobs=3)
 
     first = llm.generate(prompts, greedy)
@@ -58,12 +60,15 @@ def test_greedy_matches_hf_with_chunking_and_prefix_hits(model_dirs, arch):
     assert engine.allocator.num_free + engine.prefix_cache.num_cached_pages == engine.allocator.num_total
 
 
-def test_preemption_under_a_tiny_pool_keeps_outputs_exact(model_dirs):
+@pytest.mark.parametrize("mixed", [False, True], ids=["prefill-first", "mixed"])
+def test_preemption_under_a_tiny_pool_keeps_outputs_exact(model_dirs, mixed):
     path = model_dirs["qwen3"]
     hf = load_hf(path)
     prompts = prompts_for(hf.config.vocab_size)[2:6]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    small = LLM(str(path), page_size=4, kv_cache_bytes=20 * 4096, max_num_batched_tokens=16)
+    small = LLM(
+        str(path), page_size=4, kv_cache_bytes=20 * 4096, max_num_batched_tokens=16, mixed_batches=mixed
+    )
     assert small.engine.allocator.num_total < sum(len(p) + 24 for p in prompts) // 4, (
         "pool must be oversubscribed"
     )
