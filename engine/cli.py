@@ -193,7 +193,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tbo-min-batch", type=int, default=None,
         help="with --tp on CUDA, run decode batches of at least this many rows as two overlapped "
-        "micro-batches (0: never; default 128)",
+        "micro-batches (default: off until measured on GPUs)",
     )  # fmt: skip
     p.add_argument(
         "--cp", type=int, default=1,

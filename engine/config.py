@@ -193,8 +193,7 @@ class EngineConfig:
     that prefills and decodes alike (offline, colocated serving).
 
     ``tbo_min_batch``: two-batch overlap (``engine.graphs.two_batch``) for captured decode batches
-    of at least this many rows, with tp > 1 on CUDA; 0 turns it off; None: the measured default
-    (``tbo_threshold``).
+    of at least this many rows, with tp > 1 on CUDA; 0 or None (the default, until measured): off.
 
     ``cp``: context-parallel ranks (#8): every rank holds the whole model; an EXTEND step of at least
     ``cp * cp_min_tokens`` new tokens is split zigzag over the ranks (each computes its share of the
@@ -284,10 +283,11 @@ class EngineConfig:
     @property
     def tbo_threshold(self) -> int:
         """The smallest decode graph run as two micro-batches (0: never): only with tp > 1, where
-        there is communication to hide. Default 128 rows (docs/BENCHMARKS.md)."""
-        if self.tp == 1:
+        there is communication to hide. Default: off until the 2-GPU measurement (docs/BENCHMARKS.md)
+        says from which batch size it pays."""
+        if self.tp == 1 or self.tbo_min_batch is None:
             return 0
-        return 128 if self.tbo_min_batch is None else self.tbo_min_batch
+        return self.tbo_min_batch
 
 
 def rank_device(device: str, rank: int) -> str:
