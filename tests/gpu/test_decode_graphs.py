@@ -156,3 +156,21 @@ def test_overlapped_engine_steps_do_not_sync(model_dir):
     assert len(outputs) == 20 * 12 and not any(o.finished for o in outputs)
     for i in range(12):
         engine.abort(f"r{i}")
+
+
+def test_mixed_batches_change_no_token(model_dir):
+    """Mixed batches on CUDA (decode rows through the extend path: piecewise graphs, varlen
+    attention over their gathered keys, in-flight inputs under overlap) against prefill first:
+    greedy and seeded rows, prompts arriving while others decode (a small step budget)."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 300, 40, 700, 90, 12)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=25, ignore_eos=True, logprobs=2),
+    ] * 3
+    first = _llm(model_dir, max_num_seqs=8, max_num_batched_tokens=128).generate(prompts, params)
+    mixed_llm = _llm(model_dir, max_num_seqs=8, max_num_batched_tokens=128, mixed_batches=True)
+    mixed = mixed_llm.generate(prompts, params)
+    for a, b in zip(first, mixed, strict=True):
+        assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+        assert [lp.token_id for lp in b.logprobs] == [lp.token_id for lp in a.logprobs]
