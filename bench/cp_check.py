@@ -65,11 +65,11 @@ def rank_main(rank: int, args: argparse.Namespace, init_method: str) -> None:
         opts: dict[str, Any] = dict(
             symmetric_memory=not args.no_symmetric_memory, cp_min_tokens=128, max_piecewise_tokens=0
         )
-        runner = make_runner(cfg, max_tokens, "triton", True, 8, device=device, kv_cache_bytes=KV_BYTES,
+        runner = make_runner(cfg, max_tokens, "triton", False, 8, device=device, kv_cache_bytes=KV_BYTES,
                              cp=CPGroup.of(group), **opts)  # fmt: skip
         ref = None
         if rank == 0:
-            ref = make_runner(cfg, max_tokens, "triton", True, 8, device=device, kv_cache_bytes=KV_BYTES,
+            ref = make_runner(cfg, max_tokens, "triton", False, 8, device=device, kv_cache_bytes=KV_BYTES,
                               max_piecewise_tokens=0)  # fmt: skip
         rows = []
         for n in args.tokens:
