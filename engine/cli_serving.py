@@ -116,7 +116,10 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
         default="prefix_aware",
         help="round_robin | least_load | power_of_two | prefix_aware",
     )
-    p.add_argument("--decode-policy", default="least_load", help="round_robin | least_load | power_of_two")
+    p.add_argument(
+        "--decode-policy", default="least_load",
+        help="round_robin | least_load | power_of_two (colocated, no prefill instances: prefix_aware too)",
+    )  # fmt: skip
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument(
         "--max-request-bytes", type=int, default=4 << 20, help="larger bodies/messages are refused (413)"

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from gateway.routing import POLICIES
 from protos.tls import TLSConfig
 
-DECODE_POLICIES = ("round_robin", "least_load", "power_of_two")  # decode holds no prompt cache
+# Disaggregated decode holds no prompt cache to aim at; colocated decode instances do (they prefill),
+# so with no prefill instances every policy applies to them, prefix_aware included.
+DECODE_POLICIES = ("round_robin", "least_load", "power_of_two")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,12 @@ class GatewayConfig:
             raise ValueError("decode: at least one instance is required")
         if self.prefill_policy not in POLICIES:
             raise ValueError(f"prefill_policy: {self.prefill_policy!r} is not one of {sorted(POLICIES)}")
-        if self.decode_policy not in DECODE_POLICIES:
-            raise ValueError(f"decode_policy: {self.decode_policy!r} is not one of {list(DECODE_POLICIES)}")
+        allowed = sorted(POLICIES) if not self.prefill else list(DECODE_POLICIES)
+        if self.decode_policy not in allowed:
+            raise ValueError(
+                f"decode_policy: {self.decode_policy!r} is not one of {allowed}"
+                + ("" if not self.prefill else " (prefix_aware needs colocated decode: no prefill instances)")
+            )
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}: must be in [0, 65536), got {getattr(self, name)}")

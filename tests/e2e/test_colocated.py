@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -96,6 +97,42 @@ def test_concurrent_requests_spread_and_everything_is_freed(colocated, reference
     for d in colocated["decode"]:
         assert f'pdserve_instance_healthy{{address="{d.address}",role="decode"}} 1.0' in metrics
     assert "pdserve_time_to_first_token_seconds_count" in metrics
+
+
+@pytest.mark.parametrize("policy", ["prefix_aware", "round_robin"])
+def test_prefix_aware_routing_sends_follow_ups_to_the_instance_that_cached_them(
+    colocated, tiny_model, policy
+):
+    """Colocated decode instances hold a prompt cache, so prefix-aware routing applies to them."""
+    routes = [a for d in colocated["decode"] for a in ("--decode", d.address)]
+    gw = Service("gateway", tiny_model, "--served-model-name", MODEL, "--decode-policy", policy, *routes,
+                 log_dir=colocated["gateway"].log_path.parent).wait_ready()  # fmt: skip
+    rng = random.Random(policy)
+    bases = [[rng.randrange(1000) for _ in range(48)] for _ in range(3)]
+    hits = []
+    try:
+        with httpx.Client(timeout=TIMEOUT_S) as client:
+            for i in range(9):  # groups interleaved: g0 g1 g2 g0 g1 g2 ...
+                prompt = bases[i % 3] + [rng.randrange(1000) for _ in range(5)]
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+                r = client.post(f"{gw.http_url}/v1/completions", json=body)
+                hits.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0)
+    finally:
+        gw.stop()
+    if policy == "prefix_aware":
+        assert all(hits[3:]), hits
+    else:
+        assert not all(hits[3:]), "round robin splits some groups across the two instances"
+
+
+def test_prefix_aware_decode_needs_colocated():
+    from gateway.config import GatewayConfig
+
+    with pytest.raises(ValueError, match="prefix_aware needs colocated decode"):
+        GatewayConfig(
+            model="m", prefill=("127.0.0.1:1",), decode=("127.0.0.1:2",), decode_policy="prefix_aware"
+        )
+    assert GatewayConfig(model="m", prefill=(), decode=("127.0.0.1:2",), decode_policy="prefix_aware")
 
 
 def test_up_with_no_prefill_instances_is_colocated(tmp_path):
