@@ -43,7 +43,8 @@ from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-DEAD_RANK_WAIT_S = 1.0  # after a failure, how long a dying rank gets to show as the cause
+DEAD_RANK_WAIT_S = 5.0  # after a failure, how long a dying rank gets to show as the cause (a loaded
+# host can take over a second to reap a killed process; a failure with every rank alive waits this long)
 
 
 @dataclass
