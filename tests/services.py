@@ -146,3 +146,24 @@ def start_all(
             s.stop()
         raise
     return services
+
+
+def prefix_group_hits(http_url: str, model: str, seed: str, timeout_s: float = 60) -> list[bool]:
+    """Nine completions in three interleaved groups sharing a 48-token prefix (g0 g1 g2 g0 ...);
+    whether each one's prompt found cached tokens where it was served. Follow-ups (from the fourth
+    on) all hit when routing sends each group to the instance that cached it."""
+    import random
+
+    import httpx
+
+    rng = random.Random(seed)
+    bases = [[rng.randrange(1000) for _ in range(48)] for _ in range(3)]
+    hits = []
+    with httpx.Client(timeout=timeout_s) as client:
+        for i in range(9):
+            prompt = bases[i % 3] + [rng.randrange(1000) for _ in range(5)]
+            r = client.post(
+                f"{http_url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2}
+            )
+            hits.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0)
+    return hits

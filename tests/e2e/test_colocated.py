@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import signal
 import subprocess
 import sys
 
 import httpx
 import pytest
-from services import REPO, Service, start_all
+from services import REPO, Service, prefix_group_hits, start_all
 
 from engine import LLM, SamplingParams
 from gateway.client import AsyncClient
@@ -107,16 +106,8 @@ def test_prefix_aware_routing_sends_follow_ups_to_the_instance_that_cached_them(
     routes = [a for d in colocated["decode"] for a in ("--decode", d.address)]
     gw = Service("gateway", tiny_model, "--served-model-name", MODEL, "--decode-policy", policy, *routes,
                  log_dir=colocated["gateway"].log_path.parent).wait_ready()  # fmt: skip
-    rng = random.Random(policy)
-    bases = [[rng.randrange(1000) for _ in range(48)] for _ in range(3)]
-    hits = []
     try:
-        with httpx.Client(timeout=TIMEOUT_S) as client:
-            for i in range(9):  # groups interleaved: g0 g1 g2 g0 g1 g2 ...
-                prompt = bases[i % 3] + [rng.randrange(1000) for _ in range(5)]
-                body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
-                r = client.post(f"{gw.http_url}/v1/completions", json=body)
-                hits.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0)
+        hits = prefix_group_hits(gw.http_url, MODEL, policy)
     finally:
         gw.stop()
     if policy == "prefix_aware":

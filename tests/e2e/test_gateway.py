@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import time
 import grpc
 import httpx
 import pytest
-from services import REPO, Service, start_all
+from services import REPO, Service, prefix_group_hits, start_all
 
 from engine import LLM, SamplingParams
 from gateway.client import AsyncClient, Client
@@ -267,17 +266,8 @@ def test_decode_policies_spread_concurrent_streams(instances, tiny_model, policy
 @pytest.mark.parametrize("policy", ["prefix_aware", "round_robin"])
 def test_prefix_aware_prefill_routing_hits_the_cache(instances, tiny_model, policy):
     gw = start_gateway(instances, tiny_model, "--prefill-policy", policy)
-    rng = random.Random(policy)
-    bases = [[rng.randrange(1000) for _ in range(48)] for _ in range(3)]
-    hits = []
     try:
-        with httpx.Client(timeout=TIMEOUT_S) as client:
-            for i in range(9):  # groups interleaved: g0 g1 g2 g0 g1 g2 ...
-                prompt = bases[i % 3] + [rng.randrange(1000) for _ in range(5)]
-                r = client.post(
-                    f"{gw.http_url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}
-                )
-                hits.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0)
+        hits = prefix_group_hits(gw.http_url, MODEL, policy)
     finally:
         gw.stop()
     follow_ups = hits[3:]
