@@ -13,6 +13,11 @@ Contract:
   iterator of the request's ``RequestOutput``s, the last one finished. Leaving the iteration early
   (the consumer was cancelled, the client went away) aborts the request and frees its pages, and any
   ``kv_pages`` lease that the consumer never took.
+- ``generate(..., stream_kv=True)``: the stream's ``kv_lease`` future gets a ``KVLease`` (its prompt's
+  pages and their layer-by-layer progress, ``engine.kv_stream``) as soon as the step completing the
+  prompt is launched, before that step's outputs. Once the future is done the lease is the
+  consumer's to free (``call_soon(lambda e: e.free_pages(pages))``); cancelling the future refuses a
+  lease not delivered yet (it is then freed here), and so does leaving the stream early.
 - Every request has a deadline (unix ns; 0 = none): past it, the request finishes with reason
   "deadline". A step that raises finishes every request with reason "error" and the loop goes on.
   Should the loop itself die (a bug, or a tensor-parallel rank that died: checked after every
@@ -32,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from engine.engine import Engine
+from engine.kv_stream import KVLease
 from engine.output import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -52,6 +58,7 @@ class RequestStream:
         self.owner, self.request_id = owner, request_id
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self.kv_lease: asyncio.Future[KVLease] | None = None  # ``generate(stream_kv=True)`` only
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -152,18 +159,41 @@ class AsyncEngine:
         params: SamplingParams,
         deadline_ns: int = 0,
         hold_kv: bool = False,
+        stream_kv: bool = False,
     ) -> RequestStream:
         """Queue a request; raises ValueError (field first) if it can never run here."""
         stream = self._register(request_id, deadline_ns)
+        watch = None
+        if stream_kv:
+            stream.kv_lease = asyncio.get_running_loop().create_future()
+            watch = self._kv_watcher(stream)
         try:
             await self.call(
-                lambda e: e.add_request(request_id, prompt_ids, params, hold_kv=hold_kv),
+                lambda e: e.add_request(request_id, prompt_ids, params, hold_kv=hold_kv, kv_watch=watch),
                 undo=lambda e, _: self._abort_now(e, request_id, "abort"),
             )
         except BaseException:
             self._unregister(request_id)
             raise
         return stream
+
+    def _kv_watcher(self, stream: RequestStream) -> Callable[[KVLease], None]:
+        loop = asyncio.get_running_loop()
+
+        def deliver(lease: KVLease) -> None:  # on the event loop
+            future = stream.kv_lease
+            if future is None or future.done() or self._streams.get(stream.request_id) is not stream:
+                # refused, or the stream is gone: nobody would free it
+                self.call_soon(functools.partial(Engine.free_pages, pages=lease.pages))
+            else:
+                future.set_result(lease)
+
+        # On the step's thread, before the forward: only hand over (a loop callback runs in order,
+        # so the lease reaches the stream before any output of that step).
+        def watch(lease: KVLease) -> None:
+            loop.call_soon_threadsafe(deliver, lease)
+
+        return watch
 
     def adopt(
         self,
@@ -226,6 +256,8 @@ class AsyncEngine:
             # goes straight back (``_deliver``), whatever the order of this abort and that step.
             self._unregister(stream.request_id)
             self.abort(stream.request_id)
+        if stream.kv_lease is not None and not stream.kv_lease.done():
+            stream.kv_lease.cancel()  # a lease delivered from now on goes straight back
         while not stream.queue.empty():  # outputs nobody will read; a lease in them must go back
             out = stream.queue.get_nowait()
             if out.kv_pages:

@@ -50,6 +50,11 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
         if role == "prefill":
             svc.add_argument("--kv-fault-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
             svc.add_argument("--max-queued-requests", type=int, default=4096, help="more waiting are refused")
+            svc.add_argument(
+                "--kv-after-prefill", action="store_true",
+                help="send a prompt's KV once its prefill finished (default: layer by layer, overlapped with "
+                "the prefill; tensor-parallel instances always send after)",
+            )  # fmt: skip
         else:
             svc.add_argument(
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
@@ -292,7 +297,7 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
             PrefillConfig(
                 engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s,
                 kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3, tls=_tls(args),
-                max_queued_requests=args.max_queued_requests,
+                max_queued_requests=args.max_queued_requests, kv_layerwise=not args.kv_after_prefill,
             )
         )  # fmt: skip
     from decode_svc.server import DecodeConfig

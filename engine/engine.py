@@ -18,7 +18,10 @@ Context parallelism (``EngineConfig.cp`` > 1) uses the same workers; rank 0's po
 prefix cache hold the whole KV as with one rank (``engine.distributed.context_parallel``).
 
 ``read_kv`` / ``write_kv`` move a request's KV pages out of / into every rank's pool as whole heads
-(``engine.distributed.kv_shards``); call them between steps, like ``step``.
+(``engine.distributed.kv_shards``); call them between steps, like ``step``. A request added with
+``kv_watch`` is instead leased its prompt's pages when the step completing the prompt is launched,
+with that step's per-layer progress (``engine.kv_stream``: a prefill instance sends each layer
+while the next ones compute).
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from __future__ import annotations
 import gc
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from engine.attention.base import ForwardBatch
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.distributed.workers import TPWorkers
+from engine.kv_stream import KVLease, LayerProgress
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
 from engine.model_runner import ModelRunner, PendingTokens
@@ -116,11 +122,16 @@ class Engine:
         params: SamplingParams,
         hold_kv: bool = False,
         stream_text: bool = True,
+        kv_watch: Callable[[KVLease], None] | None = None,
     ) -> None:
         """Queue a request. Raises ValueError (field name first) if it can never run here.
 
         ``hold_kv``: when the request finishes, its final output carries ``kv_pages`` with one
         reference held for the caller (a prefill instance ships them, then calls ``free_pages``).
+        ``kv_watch``: called once, on the step's thread, with a ``KVLease`` on the prompt's pages
+        when the step that completes the prompt is launched, so the caller can ship each layer as
+        soon as it is computed (``engine.kv_stream``; the caller frees the lease). This rank's
+        pool must hold every kv head: not with tensor parallelism.
         ``stream_text=False``: outputs before the last carry no text and the last carries all of
         it (without stop strings, the tokens are then detokenized once, at the end: offline use).
         """
@@ -128,6 +139,9 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, seed=seed, max_len=max_len, hold_kv=hold_kv)
         seq.stream_text = stream_text
+        if kv_watch is not None:
+            assert self.cfg.tp == 1, "kv_watch: a tensor-parallel rank's pool holds a share of the heads"
+            seq.kv_watch = kv_watch
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -261,9 +275,31 @@ class Engine:
         if self.workers is not None:
             self.workers.send(batch)
         forward_batch = self.runner.prepare(batch)
-        logits = self.runner.forward(forward_batch)
+        progress = self._watch_kv(batch, forward_batch)
+        try:
+            logits = self.runner.forward(forward_batch)
+        except BaseException as e:
+            if progress is not None:
+                progress.fail(e)
+            raise
         pending = self.runner.sample_async(logits, batch)
         return _Launched(self.scheduler.commit(batch), pending)
+
+    def _watch_kv(self, batch: ScheduledBatch, forward_batch: ForwardBatch) -> LayerProgress | None:
+        """Lease the prompt pages of each watched sequence whose prompt this step completes to its
+        watcher, with the step's layer-by-layer progress (``engine.kv_stream``)."""
+        progress = None
+        for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
+            if seq.kv_watch is None or seq.num_computed + n < seq.num_prompt:
+                continue
+            if progress is None:
+                progress = LayerProgress(self.model_config.num_layers, self.runner.device)
+                forward_batch.on_layer_done = progress.layer_done
+            lease = seq.pages[: -(-seq.num_prompt // self.cfg.page_size)]
+            self.allocator.incref(lease)
+            watch, seq.kv_watch = seq.kv_watch, None
+            watch(KVLease(lease, progress))
+        return progress
 
     def _postprocess(self, launched: _Launched) -> list[RequestOutput]:
         sampled = launched.pending.wait()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -41,6 +42,7 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache at first admission
     preempted: bool = False
     hold_kv: bool = False  # on finish, keep a reference on the pages for the caller (KV transfer)
+    kv_watch: Any = None  # called once with (pages, progress) when its prompt's last step launches
     stream_text: bool = True  # False: text only in the final output (detokenized once, at the end)
     admitted_ns: int = 0  # wall clock of the first admission by the scheduler (0 = not yet)
     status: SeqStatus = SeqStatus.WAITING

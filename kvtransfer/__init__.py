@@ -11,8 +11,8 @@ Roles
 * **Sender** (prefill side, ``KVSender``). ``await open(dest, src_pages, num_tokens, deadline_ns)``
   returns a ``SendSession`` moving pages ``src_pages`` of the sender's own pool to ``dest.page_ids``;
   ``await send_layer(layer)`` ships one layer of them (layers in any order, each once, as soon as
-  its KV is complete in the pool's device stream order, so sending can follow prefill layer by
-  layer); ``await commit(first_token, first_logprob)`` returns once the receiver acknowledged that
+  its KV is complete on the device, so sending can follow prefill layer by layer:
+  ``engine.kv_stream``); ``await commit(first_token, first_logprob)`` returns once the receiver acknowledged that
   every page of every layer is written. The source pages must stay allocated until ``commit``
   returned or the session ended (prefill's lease). ``abort()`` ends the session early; leaving
   ``async with`` on an exception does it too.

@@ -125,11 +125,15 @@ class SendSession:
     """One transfer from the sender's side; use as ``async with``."""
 
     async def send_layer(self, layer: int, kv: Any = None) -> None:
-        """Ship layer ``layer`` of the session's source pages; their KV must be complete in the
-        sender's pool in the order of its device's current stream. ``kv``: the layer's K/V as
-        whole heads (``[2, num_pages, page_size, kv_heads, head_dim]``) when the sender's pool does
-        not hold them (a tensor-parallel engine's rank 0 holds a shard); only ``tcp`` takes it,
-        the backends that address the pool directly refuse a TP engine at start-up."""
+        """Ship layer ``layer`` of the session's source pages. Their KV must be complete on the
+        device when this is called: the caller waited for the step that computed it (its layer
+        event, ``engine.kv_stream``, or its sampled token, which is read back after the whole
+        forward). Backends read the pool on their own streams and never wait for the device's
+        current stream: the engine keeps launching steps there. ``kv``: the layer's K/V as whole
+        heads (``[2, num_pages, page_size, kv_heads, head_dim]``), made on the current stream,
+        when the sender's pool does not hold them (a tensor-parallel engine's rank 0 holds a
+        shard); only ``tcp`` takes it, the backends that address the pool directly refuse a TP
+        engine at start-up."""
         raise NotImplementedError
 
     async def commit(self, first_token: int, first_logprob: TokenLogprob | None) -> int:

@@ -9,9 +9,9 @@ process ever writes decode's pool, so ``abort`` is local and exact (see ``cuda_c
 from the other process can land in pages decode already freed). The sender only reads; its pages
 stay leased until the ack, and a transfer the sender gave up reads pages nobody keeps.
 
-The sender waits, per layer, until the layer's KV is complete on its device (an event, polled off
-the event loop) before its notice: the receiver's copies run in another process, outside the
-sender's stream order.
+A layer's notice goes out once its KV is complete on the sender's device (the caller waited for
+it, ``SendSession.send_layer``: the prefill step's per-layer event, ``engine.kv_stream``): the
+receiver's copies run in another process, outside the sender's stream order.
 """
 
 from __future__ import annotations
@@ -83,17 +83,11 @@ class _IpcSession(StreamSession):
     sender: CudaIpcSender
     queue_size = 0  # notices only: a few bytes each
 
-    synced = False  # the sender's stream was waited for once: the pages' KV is written
-
     async def send_layer(self, layer: int, kv: Any = None) -> None:
         assert kv is None, "cuda_ipc reads the sender's pool; a TP engine is refused at start-up"
-        if not self.synced:
-            # Once per transfer: the request's KV was launched before its output came back, so one
-            # wait covers every layer (a wait per layer would also wait for each step launched
-            # since, a step per layer under load).
-            stream = torch.cuda.current_stream(self.sender.device)
-            await wait_stream(stream, self.deadline_ns, f"transfer {self.dest.transfer_id}")
-            self.synced = True
+        # The layer's KV is complete on the device (``SendSession.send_layer``): the receiver may
+        # read it at once, on its own stream. (Waiting for this device's current stream instead
+        # would wait for every step launched since.)
         self.put_notice(layer)
         self.sender.num_bytes_sent += (
             len(self.src_pages) * self.sender.layout.page_size * (self.sender.layout.bytes_per_token_layer)

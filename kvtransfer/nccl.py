@@ -212,6 +212,7 @@ class NcclSender(StreamSender):
     def __init__(self, layout: KVLayout, pool: Any, tls: TLSConfig | None = None) -> None:
         super().__init__(layout, pool, tls)
         self.device = require_cuda_pool(self.backend, pool)
+        self.read_stream = torch.cuda.Stream(self.device)  # pool reads (``SendSession.send_layer``)
         self.pairs: dict[str, _Pair] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -279,14 +280,22 @@ class _NcclSession(StreamSession):
     def __init__(self, sender: NcclSender, *args: Any) -> None:
         super().__init__(sender, *args)
         self.pair = sender.pairs[self.dest.address]
-        self.src_gpu = torch.tensor(self.src_pages, dtype=torch.int64, device=sender.device)
+        with torch.cuda.stream(sender.read_stream):
+            self.src_gpu = torch.tensor(self.src_pages, dtype=torch.int64, device=sender.device)
 
     async def send_layer(self, layer: int, kv: Any = None) -> None:
         assert kv is None, "nccl reads the sender's pool; a TP engine is refused at start-up"
-        kv = self.sender.pool.read_pages(layer, self.src_gpu)  # [2, num_pages, page_size, kv_heads, head_dim]
+        stream = self.sender.read_stream
+        with torch.cuda.stream(stream):  # not the engine's stream: a read there waits for its steps
+            kv = self.sender.pool.read_pages(layer, self.src_gpu)  # [2, pages, page_size, kv_heads, dim]
         self.put_notice(layer)
+
+        def send() -> Any:  # on the pair's thread: NCCL orders the send after ``stream`` there
+            with torch.cuda.stream(stream):
+                return self.pair.pg.send([kv], 0, 0)
+
         # Posted even if this task is cancelled now: the receiver will wait for it.
-        await self.pair.run(lambda: self.pair.pg.send([kv], 0, 0), self.deadline_ns, "send")
+        await self.pair.run(send, self.deadline_ns, "send")
         self.sender.num_bytes_sent += kv.numel() * kv.element_size()
 
     def abort(self) -> None:

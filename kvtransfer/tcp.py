@@ -56,6 +56,10 @@ class TcpSender(StreamSender):
     ) -> None:
         super().__init__(layout, pool, tls)
         self.max_chunk_bytes, self.chunk_delay_s = max_chunk_bytes, chunk_delay_s
+        # Pages are read on a stream of their own: the engine's steps keep running on the default
+        # stream, and a read queued there would wait for all of them (``SendSession.send_layer``).
+        device = pool.kv_gpu.device
+        self.read_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def session(
         self, dest: Destination, src_pages: Sequence[int], num_tokens: int, deadline_ns: int
@@ -68,17 +72,21 @@ class _TcpSession(StreamSession):
 
     def __init__(self, sender: TcpSender, *args: Any) -> None:
         super().__init__(sender, *args)
-        self.src_gpu = torch.tensor(self.src_pages, dtype=torch.int64, device=sender.pool.kv_gpu.device)
+        with torch.cuda.stream(sender.read_stream):  # None (CPU): no stream
+            self.src_gpu = torch.tensor(self.src_pages, dtype=torch.int64, device=sender.pool.kv_gpu.device)
 
     async def send_layer(self, layer: int, kv: Any = None) -> None:
-        if kv is None:
-            kv = self.sender.pool.read_pages(
-                layer, self.src_gpu
-            )  # [2, num_pages, page_size, kv_heads, head_dim]
+        stream = self.sender.read_stream  # None on CPU: no stream
+        if kv is not None and stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # ``kv`` was made there
+        with torch.cuda.stream(stream):
+            if kv is None:
+                kv = self.sender.pool.read_pages(layer, self.src_gpu)  # [2, pages, page_size, kv_heads, dim]
         page_bytes = kv[:, :1].numel() * kv.element_size()
         step = max(1, self.sender.max_chunk_bytes // page_bytes)
         for lo in range(0, kv.shape[1], step):
-            part = kv[:, lo : lo + step].contiguous().cpu()
+            with torch.cuda.stream(stream):
+                part = kv[:, lo : lo + step].contiguous().cpu()  # waits for the read stream only
             blob = part.view(torch.uint8).numpy().tobytes()
             data = kvtransfer_pb2.KVData(layer=layer, first_page=lo, num_pages=part.shape[1], kv=blob)
             if self.sender.chunk_delay_s:

@@ -28,6 +28,7 @@ class PrefillConfig:
     kv_chunk_delay_s: float = 0.0  # fault hook (tests): delay before each KV chunk sent
     tls: TLSConfig | None = None
     max_queued_requests: int = 4096  # waiting for the scheduler; more → RESOURCE_EXHAUSTED
+    kv_layerwise: bool = True  # send each layer's KV as the prefill step computes it (tp 1 only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -53,14 +54,16 @@ async def serve(cfg: PrefillConfig) -> None:
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)
     servicer = PrefillServicer(
-        async_engine, sender, cfg.kv_backend, cfg.request_timeout_s, cfg.max_queued_requests
-    )
+        async_engine, sender, cfg.kv_backend, cfg.request_timeout_s, cfg.max_queued_requests,
+        layerwise=cfg.kv_layerwise,
+    )  # fmt: skip
     server = GrpcServer([prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server.server)
     port = server.bind(cfg.host, cfg.port, cfg.tls)
     log.info(
-        "prefill serving on %s:%d (model %s, tp %d, layout %s, kv backend %s)",
+        "prefill serving on %s:%d (model %s, tp %d, layout %s, kv backend %s, sent %s)",
         cfg.host, port, cfg.engine.model, cfg.engine.tp, layout.digest, cfg.kv_backend,
+        "layer by layer" if servicer.layerwise else "after the prefill",
     )  # fmt: skip
 
     async def close() -> None:  # the engine (and its TP / CP ranks) is closed by AsyncEngine.stop

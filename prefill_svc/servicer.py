@@ -3,13 +3,19 @@ request's own seed) → lease its pages → send them layer by layer to the deco
 the lease once decode acknowledged (or on any error, abort or deadline) → answer with the first
 token and the timing marks.
 
-The pages are read as whole kv heads (``Engine.read_kv``) in ranges of layers: with tensor
-parallelism each range is gathered from every rank between two steps (``call_on_ranks``), with one
-rank it is read from the pool directly (the leased pages are written by no step)."""
+Layer by layer (the default with one rank): the engine leases the prompt's pages when the step that
+completes the prompt is launched, and layer ``i`` is sent as soon as that step has computed it
+(``engine.kv_stream``), so the transfer runs under the prefill and only its last layer's share
+remains after the first token. Otherwise (``layerwise=False``, or tensor parallelism) the pages are
+leased with the final output and sent after it: with one rank from the pool directly (the leased
+pages are written by no step), with tensor parallelism as whole kv heads gathered from every rank
+between two steps in ranges of layers (``Engine.read_kv`` through ``call_on_ranks``)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -17,9 +23,13 @@ from typing import Any
 import grpc
 import torch
 
-from engine.async_engine import AsyncEngine, EngineFailed
+from engine.async_engine import AsyncEngine, EngineFailed, RequestStream
 from engine.distributed.kv_shards import layer_ranges
-from kvtransfer import Destination, KVSender, TransferError
+from engine.engine import Engine
+from engine.kv_stream import KVLease, LayerProgress, StepFailed
+from engine.output import RequestOutput
+from kvtransfer import Destination, KVSender, SendSession, TransferError
+from kvtransfer.base import remaining_s
 from protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from protos.convert import EARLY_END_STATUS, deadline_ns, load_report, logprob_to_proto, sampling_from_proto
 
@@ -34,12 +44,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         kv_backend: str,
         request_timeout_s: float,
         max_queued_requests: int = 4096,
+        layerwise: bool = True,
     ) -> None:
         self.max_queued_requests = max_queued_requests
         self.engine, self.sender = engine, sender
         self.kv_backend, self.request_timeout_s = kv_backend, request_timeout_s
         self.model_config = engine.engine.model_config
         self.page_size, self.tp = engine.engine.cfg.page_size, engine.engine.cfg.tp
+        # Layer by layer needs the whole heads in this rank's pool (module docstring).
+        self.layerwise = layerwise and self.tp == 1
         self.num_leased_pages = 0
         self.num_sending = 0
 
@@ -63,54 +76,64 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         first_only = dataclasses.replace(params, max_tokens=1, stop=(), ignore_eos=True)
         try:
             stream = await self.engine.generate(
-                request.request_id, prompt, first_only, deadline, hold_kv=True
-            )
+                request.request_id, prompt, first_only, deadline,
+                hold_kv=not self.layerwise, stream_kv=self.layerwise,
+            )  # fmt: skip
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineFailed as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
-        outputs = [out async for out in stream]
-        final = outputs[-1]
-        if final.finish_reason == "error" and self.engine.failure is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {self.engine.failure!r}")
-        if final.finish_reason in EARLY_END_STATUS:
-            await context.abort(
-                EARLY_END_STATUS[final.finish_reason],
-                f"prefill of {request.request_id}: {final.finish_reason}",
-            )
-        pages = final.kv_pages or []
-        self.num_leased_pages += len(pages)
-        self.num_sending += 1
+        outputs = asyncio.ensure_future(_collect(stream))  # the last one has the first token
+        pages: list[int] = []
+        sending = False
         try:
-            assert len(pages) == len(dest.page_ids), (
-                "a held request ends with one lease page per destination page"
-            )
-            timing.prefill_started_ns, timing.prefill_done_ns = final.admitted_ns, time.time_ns()
-            first_token = final.new_token_ids[0]
-            first_logprob = final.logprobs[0] if final.logprobs else None
+            # The lease comes when the prompt's last step is launched (layer by layer), or with the
+            # final output; no lease at all when the request ended early (error, deadline, abort).
+            lease = stream.kv_lease
+            if lease is not None:
+                either: set[asyncio.Future[Any]] = {outputs, lease}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            progress = None
+            if lease is not None and lease.done():
+                pages, progress = lease.result().pages, lease.result().progress
+            else:
+                pages = (await self._final(outputs, request.request_id, context)).kv_pages or []
+            self.num_leased_pages += len(pages)
+            self.num_sending += 1
+            sending = True
+            assert len(pages) == len(dest.page_ids), "a lease holds one page per destination page"
             async with await self.sender.open(dest, pages, len(prompt), deadline) as session:
-                if self.tp == 1:  # the sender reads its own pool: the leased pages hold the whole KV
-                    for layer in range(self.model_config.num_layers):
-                        await session.send_layer(layer)
-                else:  # rank 0's pool is a shard: every rank's heads, joined (Engine.read_kv)
-                    for layers in layer_ranges(self.model_config, self.page_size, len(pages)):
-                        kv = await self._read_kv(layers, pages)  # [layers, 2, pages, page_size, heads, dim]
-                        for i, layer in enumerate(layers):
-                            await session.send_layer(layer, kv[i])
+                await self._send(session, pages, progress, deadline, timing)
+                final = await self._final(outputs, request.request_id, context)
+                timing.prefill_started_ns, timing.prefill_done_ns = final.admitted_ns, outputs.result()[1]
+                first_token = final.new_token_ids[0]
+                first_logprob = final.logprobs[0] if final.logprobs else None
                 await session.commit(first_token, first_logprob)
         except _EngineDown as e:  # a tensor-parallel rank died while its KV was read
             log.error("request %s: reading its KV failed: %s", request.request_id, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
+        except StepFailed:  # the step computing the KV raised: the final output says how
+            await self._final(outputs, request.request_id, context)
+            raise  # not reached: that output ends with an error status
         except Exception as exc:  # a transfer error, or a backend's own (CUDA, NCCL): the transfer failed
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
             err = (
                 exc if isinstance(exc, TransferError) else TransferError(grpc.StatusCode.INTERNAL, repr(exc))
             )
             log.warning("request %s: KV transfer failed: %s", request.request_id, err)
             await context.abort(err.code, f"KV transfer to {dest.address}: {err.message}")
         finally:  # the lease ends here: acknowledged, failed, aborted or past the deadline
-            self.num_leased_pages -= len(pages)
-            self.num_sending -= 1
-            self.engine.call_soon(lambda e: e.free_pages(pages))
+            if stream.kv_lease is not None and not stream.kv_lease.done():
+                stream.kv_lease.cancel()  # refuse a lease not delivered yet (the engine frees it)
+            outputs.cancel()  # a stream left early aborts its request and frees a lease in it
+            if sending:
+                self.num_leased_pages -= len(pages)
+                self.num_sending -= 1
+            else:  # cancelled just as a lease arrived
+                pages = _unclaimed_lease(stream.kv_lease, outputs)
+            if pages:
+                self.engine.call_soon(functools.partial(Engine.free_pages, pages=pages))
         timing.transfer_done_ns = time.time_ns()
         return prefill_pb2.PrefillResponse(
             first_token_id=first_token,
@@ -118,6 +141,44 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             num_cached_tokens=final.num_cached_tokens,
             timing=timing,
         )
+
+    async def _send(
+        self, session: SendSession, pages: list[int], progress: LayerProgress | None, deadline: int,
+        timing: common_pb2.TimingMarks,
+    ) -> None:  # fmt: skip
+        """Every layer of ``pages``: each as soon as the step computing it has (``progress``), or,
+        once the prefill finished, from this rank's pool (one rank) or gathered (tensor parallel)."""
+        if self.tp == 1:
+            for layer in range(self.model_config.num_layers):
+                if progress is not None:
+                    try:
+                        await asyncio.wait_for(progress.wait(layer), remaining_s(deadline))
+                    except TimeoutError:
+                        raise TransferError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during the prefill"
+                        ) from None
+                timing.transfer_started_ns = timing.transfer_started_ns or time.time_ns()
+                await session.send_layer(layer)
+            return
+        # rank 0's pool is a shard: every rank's heads, joined (Engine.read_kv)
+        timing.transfer_started_ns = time.time_ns()
+        for layers in layer_ranges(self.model_config, self.page_size, len(pages)):
+            kv = await self._read_kv(layers, pages)  # [layers, 2, pages, page_size, heads, dim]
+            for i, layer in enumerate(layers):
+                await session.send_layer(layer, kv[i])
+
+    async def _final(
+        self, outputs: asyncio.Future[tuple[list[RequestOutput], int]], request_id: str, context: Any
+    ) -> RequestOutput:
+        """The request's final output (its first token), or the gRPC error it ended with."""
+        final = (await outputs)[0][-1]
+        if final.finish_reason == "error" and self.engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {self.engine.failure!r}")
+        if final.finish_reason in EARLY_END_STATUS:
+            await context.abort(
+                EARLY_END_STATUS[final.finish_reason], f"prefill of {request_id}: {final.finish_reason}"
+            )
+        return final
 
     async def _read_kv(self, layers: range, pages: list[int]) -> torch.Tensor:
         try:
@@ -164,6 +225,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return load_report(
             self.engine.engine, "prefill", self.num_leased_pages, self.num_sending, self.sender.num_bytes_sent
         )
+
+
+async def _collect(stream: RequestStream) -> tuple[list[RequestOutput], int]:
+    """The request's outputs and when the last (the first token) arrived (unix ns)."""
+    outputs = [out async for out in stream]
+    return outputs, time.time_ns()
+
+
+def _unclaimed_lease(
+    lease: asyncio.Future[KVLease] | None, outputs: asyncio.Future[tuple[list[RequestOutput], int]]
+) -> list[int]:
+    """Pages leased to a handler that was cancelled before it took them."""
+    if lease is not None and lease.done() and not lease.cancelled():
+        return lease.result().pages
+    if outputs.done() and not outputs.cancelled() and outputs.exception() is None:
+        return outputs.result()[0][-1].kv_pages or []
+    return []
 
 
 class _EngineDown(Exception):

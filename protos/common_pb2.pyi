@@ -43,7 +43,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TimingMarks(_message.Message):
-    __slots__ = ("decode_received_ns", "decode_admitted_ns", "prefill_received_ns", "prefill_started_ns", "prefill_done_ns", "transfer_done_ns", "first_decode_token_ns", "finished_ns")
+    __slots__ = ("decode_received_ns", "decode_admitted_ns", "prefill_received_ns", "prefill_started_ns", "prefill_done_ns", "transfer_done_ns", "first_decode_token_ns", "finished_ns", "transfer_started_ns")
     DECODE_RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
     DECODE_ADMITTED_NS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_RECEIVED_NS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class TimingMarks(_message.Message):
     TRANSFER_DONE_NS_FIELD_NUMBER: _ClassVar[int]
     FIRST_DECODE_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_NS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_STARTED_NS_FIELD_NUMBER: _ClassVar[int]
     decode_received_ns: int
     decode_admitted_ns: int
     prefill_received_ns: int
@@ -60,7 +61,8 @@ class TimingMarks(_message.Message):
     transfer_done_ns: int
     first_decode_token_ns: int
     finished_ns: int
-    def __init__(self, decode_received_ns: _Optional[int] = ..., decode_admitted_ns: _Optional[int] = ..., prefill_received_ns: _Optional[int] = ..., prefill_started_ns: _Optional[int] = ..., prefill_done_ns: _Optional[int] = ..., transfer_done_ns: _Optional[int] = ..., first_decode_token_ns: _Optional[int] = ..., finished_ns: _Optional[int] = ...) -> None: ...
+    transfer_started_ns: int
+    def __init__(self, decode_received_ns: _Optional[int] = ..., decode_admitted_ns: _Optional[int] = ..., prefill_received_ns: _Optional[int] = ..., prefill_started_ns: _Optional[int] = ..., prefill_done_ns: _Optional[int] = ..., transfer_done_ns: _Optional[int] = ..., first_decode_token_ns: _Optional[int] = ..., finished_ns: _Optional[int] = ..., transfer_started_ns: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

@@ -54,3 +54,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_model(model_dirs: dict[str, Path]) -> Path:
     return model_dirs["qwen3"]
+
+
+@pytest.fixture(scope="session")
+def deep_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """More layers and width than ``tiny_model``: prefilling a chunk of a few hundred tokens takes
+    tens of ms on a CPU, long enough to watch a step's layers complete one by one."""
+    return make_model(
+        tmp_path_factory.mktemp("deep"), arch="qwen3", num_layers=8, hidden_size=256,
+        intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=64, seed=7,
+    )  # fmt: skip

@@ -30,6 +30,7 @@ Backends are registered by name in ``engine.attention`` and chosen once at start
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,9 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     attn_metadata: Any = None
     cp: CPExchange | None = None  # set on a context-parallel split step only
+    # Called with each layer's id right after its attention, in layer order (the layer's new K/V
+    # are in the pool then); eager code only, never inside a graph. ``engine.kv_stream``.
+    on_layer_done: Callable[[int], None] | None = None
 
     @property
     def batch_size(self) -> int:

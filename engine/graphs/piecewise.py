@@ -147,6 +147,8 @@ class PiecewiseGraphRunner:
             piece.replay()
             out = self.attn_backend.forward(layer.self_attn, self.q[:n], self.k[:n], self.v[:n], fb)
             self.attn_out[:n].copy_(out)  # [n, num_heads * head_dim]
+            if fb.on_layer_done is not None:
+                fb.on_layer_done(layer.self_attn.layer_id)
         pieces[-1].replay()
         return self.model.lm_head(self.hidden[:n][fb.logits_indices]).float()  # [batch, vocab]
 

@@ -67,6 +67,8 @@ class DecoderLayer(nn.Module):
         all-reduce (attention output, MLP output) and returns what ``forward`` returns."""
         q, k, v, residual = self.pre_attention(positions, x, residual, batch.kv_pool, batch.out_cache_loc)
         out = batch.attn_backend.forward(self.self_attn, q, k, v, batch)  # [T, local heads * head_dim]
+        if batch.on_layer_done is not None:
+            batch.on_layer_done(self.self_attn.layer_id)
         return (yield from self.post_attention_stages(out, residual))
 
     # The two halves around attention, for piecewise CUDA graphs (``engine.graphs.piecewise``).

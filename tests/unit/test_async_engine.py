@@ -7,9 +7,9 @@ import asyncio
 import time
 
 import pytest
+from async_driver import all_pages_back, run
 
 from engine import LLM, SamplingParams
-from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
 
@@ -28,19 +28,6 @@ def make_engine(model, overlap: bool) -> Engine:
             model=str(model), page_size=4, max_num_batched_tokens=16, kv_cache_bytes=4 << 20, overlap=overlap
         )
     )
-
-
-def all_pages_back(engine: Engine) -> bool:
-    return engine.allocator.num_free + engine.prefix_cache.num_cached_pages == engine.allocator.num_total
-
-
-async def run(engine: Engine, body):
-    driver = AsyncEngine(engine)
-    driver.start()
-    try:
-        return await asyncio.wait_for(body(driver), timeout=60)
-    finally:
-        await driver.stop()
 
 
 def test_concurrent_streams_equal_offline_generate(tiny_model, overlap):

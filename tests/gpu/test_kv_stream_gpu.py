@@ -1,0 +1,72 @@
+"""Layer-by-layer KV hand-off on CUDA (GPU box only): each layer read on a side stream as soon as
+its event says so equals the pool after the step, through piecewise graphs (a last chunk within
+the piecewise limit) and the eager forward (above it); the layers become ready over the step's
+device time, not all at its end. Oracle: the pool's own content once the request finished."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from engine import SamplingParams  # noqa: E402
+from engine.async_engine import AsyncEngine  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.make_model import make_model  # noqa: E402
+
+SHAPE = dict(arch="qwen3", num_layers=12, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=4,
+             head_dim=64, max_position_embeddings=8192)  # fmt: skip
+FIRST_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = make_model(tmp_path_factory.mktemp("kvstream") / "qwen3", seed=5, **SHAPE)
+    cfg = EngineConfig(
+        model=str(path), device="cuda", dtype="bfloat16", attention_backend="triton",
+        kv_cache_bytes=1 << 30, max_num_batched_tokens=2048, max_piecewise_tokens=512,
+    )  # fmt: skip
+    engine = Engine(cfg)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("prompt_len", [300, 2048 + 1500], ids=["piecewise", "eager"])
+def test_each_layer_read_when_ready_equals_the_final_pool(engine, prompt_len):
+    prompt = [(13 * i) % 1000 + 7 for i in range(prompt_len)]
+    layers_n = engine.model_config.num_layers
+    side = torch.cuda.Stream()
+
+    async def body():
+        driver = AsyncEngine(engine)
+        driver.start()
+        try:
+            stream = await driver.generate(f"r{prompt_len}", prompt, FIRST_ONLY, stream_kv=True)
+            lease = await asyncio.wait_for(stream.kv_lease, 60)
+            pages = torch.tensor(lease.pages, device="cuda")
+            early, ready_s = [], []
+            for layer in range(layers_n):
+                await asyncio.wait_for(lease.progress.wait(layer), 60)
+                ready_s.append(time.perf_counter())
+                with torch.cuda.stream(side):  # not the engine's stream: no implicit ordering
+                    early.append(engine.runner.kv_pool.read_pages(layer, pages).clone())
+            side.synchronize()
+            outputs = [out async for out in stream]
+            late = [engine.runner.kv_pool.read_pages(layer, pages) for layer in range(layers_n)]
+            await driver.call(lambda e: e.free_pages(lease.pages))
+            return early, late, ready_s, outputs
+        finally:
+            await driver.stop()
+
+    early, late, ready_s, outputs = asyncio.run(body())
+    assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+    for layer, (a, b) in enumerate(zip(early, late, strict=True)):
+        assert torch.equal(a, b), f"layer {layer} changed after it was handed out"
+    spread_ms = (ready_s[-1] - ready_s[0]) * 1e3
+    print(f"prompt {prompt_len}: layers ready over {spread_ms:.2f} ms")
+    assert ready_s[0] < ready_s[-1]
