@@ -50,11 +50,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
         if role == "prefill":
             svc.add_argument("--kv-fault-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
             svc.add_argument("--max-queued-requests", type=int, default=4096, help="more waiting are refused")
-            svc.add_argument(
-                "--kv-after-prefill", action="store_true",
-                help="send a prompt's KV once its prefill finished (default: layer by layer, overlapped with "
-                "the prefill; tensor-parallel instances always send after)",
-            )  # fmt: skip
+            add_kv_after_prefill(svc)
         else:
             svc.add_argument(
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
@@ -92,6 +88,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     upp.add_argument("--decode-device", default=None, help="the same for the decode instances, e.g. cuda:1")
     upp.add_argument("--kv-backend", default="tcp", help=KV_BACKEND_HELP)
+    add_kv_after_prefill(upp)
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
@@ -107,6 +104,14 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
 
     add_soak_arguments(soak)
     soak.set_defaults(func=_soak)
+
+
+def add_kv_after_prefill(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-after-prefill", action="store_true",
+        help="prefill sends a prompt's KV once its prefill finished (default: layer by layer, overlapped "
+        "with the prefill; tensor-parallel prefill always sends after)",
+    )  # fmt: skip
 
 
 def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) -> None:
@@ -181,7 +186,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """Each prefill and decode instance's arguments: the shared engine flags, its device, the KV
-    backend — checked here, so a bad combination fails before any process starts."""
+    backend (and when prefill sends it) — checked here, so a bad combination fails before any process starts."""
     from engine.config import rank_device
     from kvtransfer import check_kv_backend
 
@@ -203,8 +208,12 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
         devices = instance_devices(f"--{role}-device", value, args.device, count)
         for device in devices:
             check_kv_backend(args.kv_backend, device)
+        own = ["--kv-after-prefill"] if role == "prefill" and args.kv_after_prefill else []
         per_role.append(
-            [[*engine, "--device", d, "--kv-backend", args.kv_backend, "--tp", str(tp)] for d in devices]
+            [
+                [*engine, "--device", d, "--kv-backend", args.kv_backend, "--tp", str(tp), *own]
+                for d in devices
+            ]
         )
         roles_devices.append({rank_device(d, r) for d in devices for r in range(tp)})
     if args.kv_backend == "nccl" and len(roles_devices) == 2 and roles_devices[0] & roles_devices[1]:

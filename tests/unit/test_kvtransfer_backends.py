@@ -183,6 +183,8 @@ def test_up_places_prefill_and_decode_on_their_devices_with_the_backend():
     prefill, decode = up_instance_args(args, [])
     assert [p[1] for p in prefill] == ["cuda:0", "cuda:2"] and decode[0][1] == "cuda:3"
     assert up_instance_args(up_args(), [])[0] == [["--device", "cpu", "--kv-backend", "tcp", "--tp", "1"]]
+    prefill, decode = up_instance_args(up_args("--kv-after-prefill"), [])
+    assert prefill[0][-1] == "--kv-after-prefill" and "--kv-after-prefill" not in decode[0]
     prefill, decode = up_instance_args(up_args("--decode-tp", "2"), [])
     assert prefill[0][-2:] == ["--tp", "1"] and decode[0][-2:] == ["--tp", "2"]
 
