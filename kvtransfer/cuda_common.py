@@ -107,7 +107,13 @@ async def wait_stream(stream: torch.cuda.Stream, deadline_ns: int, what: str) ->
 
 # CUDA IPC handles travel as torch's own rebuild arguments, pickled; the unpickler resolves only
 # the few torch names those arguments hold, so a peer cannot make it run anything else.
-_IPC_GLOBALS = {("torch", "Tensor"), ("torch", "Size"), ("torch.storage", "UntypedStorage")}
+# reduce_tensor names the storage class of ``tensor._typed_storage()``: TypedStorage.
+_IPC_GLOBALS = {
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch.storage", "TypedStorage"),
+    ("torch.storage", "UntypedStorage"),
+}
 
 
 class _IpcUnpickler(pickle.Unpickler):

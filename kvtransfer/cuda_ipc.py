@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,7 +128,7 @@ class CudaIpcReceiver(GpuReceiverMixin, StreamReceiver):
         src_device = check_same_gpu_numbering(peer.device, peer.device_uuid)
         try:
             pool = decode_ipc(peer.cuda_ipc_pool)
-        except (RuntimeError, ValueError, TypeError, EOFError) as e:
+        except (RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
             raise TransferError(FAILED_PRECONDITION, f"cannot map the sender's KV pool: {e}") from None
         ours = self.pool.kv_gpu
         if pool.device != src_device or pool.dtype != ours.dtype or pool.shape[:2] != ours.shape[:2] or (

@@ -19,7 +19,8 @@ overlap) reduce on channels 0 and 1 concurrently from two streams. Every rank mu
 channel's all-reduces in the same order, as with any collective.
 
 ``SymmetricAllReduce.create`` returns None, with the reason logged, where this cannot work: one
-rank, not CUDA, or the symm_mem ops missing from this torch build.
+rank, not CUDA, the symm_mem ops missing from this torch build, or a dtype their kernels do not
+take (float16: they dispatch bfloat16 and float32 only).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class SymmetricAllReduce:
             why = f"device {device} is not CUDA"
         elif not hasattr(torch.ops, "symm_mem") or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
             why = "this torch build has no symm_mem all-reduce ops"
+        elif dtype not in (torch.bfloat16, torch.float32):  # the ops' kernels dispatch these two only
+            why = f"the symm_mem all-reduce ops do not take {dtype}"
         if why is not None:
             log.info("symmetric-memory all-reduce off (%s): NCCL all-reduce", why)
             return None

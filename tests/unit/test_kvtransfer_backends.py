@@ -91,7 +91,9 @@ def test_handshake_refuses_a_different_backend():
 
 
 def test_ipc_handle_unpickler_allows_only_torch_rebuild_arguments():
-    args = (torch.Tensor, torch.Size([2, 3]), (3, 1), 0, torch.UntypedStorage, torch.bfloat16, 0, b"h", 12, 0,
+    # What reduce_tensor passes for a CUDA tensor; its storage class is that of _typed_storage().
+    storage_cls = type(torch.empty(0)._typed_storage())
+    args = (torch.Tensor, torch.Size([2, 3]), (3, 1), 0, storage_cls, torch.bfloat16, 0, b"h", 12, 0,
             False, b"r", 0, b"e", True)  # fmt: skip
     import io
 
