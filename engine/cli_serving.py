@@ -89,6 +89,10 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     upp.add_argument("--decode-device", default=None, help="the same for the decode instances, e.g. cuda:1")
     upp.add_argument("--kv-backend", default="tcp", help=KV_BACKEND_HELP)
     add_kv_after_prefill(upp)
+    upp.add_argument(
+        "--start-timeout-s", type=float, default=600.0,
+        help="every instance loads and the gateway is healthy within this, or everything stops",
+    )  # fmt: skip
     add_gateway_args(upp, with_model_len=False)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
@@ -181,7 +185,9 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     gateway += tls
     model = args.model or str(default_model_dir(env))
     prefill, decode = up_instance_args(args, engine)
-    return up(model, prefill, decode, gateway, args.host, args.port, args.grpc_port)
+    if args.start_timeout_s <= 0:
+        raise ValueError(f"--start-timeout-s: must be > 0, got {args.start_timeout_s}")
+    return up(model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s)
 
 
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-START_TIMEOUT_S = 180.0
+START_TIMEOUT_S = 600.0  # default of --start-timeout-s: loading a large checkpoint takes minutes
 STOP_GRACE_S = 10.0
 _PR_SET_PDEATHSIG = 1
 
@@ -57,7 +57,7 @@ class Child:
             self.lines.put(line)
             print(f"[{self.name}] {line}", end="", flush=True)
 
-    def wait_listening(self, deadline: float, stop: threading.Event) -> str:
+    def wait_listening(self, deadline: float, stop: threading.Event, timeout_s: float) -> str:
         while time.monotonic() < deadline:
             if stop.is_set():
                 raise RuntimeError("stopped during startup")
@@ -71,7 +71,9 @@ class Child:
                 self.rest = line.split("listening on", 1)[1].strip()
                 self.address = self.rest.split()[0]
                 return self.address
-        raise TimeoutError(f"{self.name} did not start listening within {START_TIMEOUT_S:.0f}s")
+        raise TimeoutError(
+            f"{self.name} did not start listening within {timeout_s:.0f} s (raise --start-timeout-s for a large model)"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -82,7 +84,9 @@ def _pdserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine.cli", *args]
 
 
-def _wait_ready(url: str, deadline: float, children: Sequence[Child], stop: threading.Event) -> None:
+def _wait_ready(
+    url: str, deadline: float, children: Sequence[Child], stop: threading.Event, timeout_s: float
+) -> None:
     last = ""
     while time.monotonic() < deadline:
         if stop.is_set():
@@ -97,7 +101,7 @@ def _wait_ready(url: str, deadline: float, children: Sequence[Child], stop: thre
         except OSError as e:  # 503 while starting arrives as HTTPError, a subclass
             last = e.read().decode() if hasattr(e, "read") else str(e)
         time.sleep(0.25)
-    raise TimeoutError(f"gateway not ready within {START_TIMEOUT_S:.0f}s: {last}")
+    raise TimeoutError(f"gateway not ready within {timeout_s:.0f} s: {last}")
 
 
 def stop_all(children: Sequence[Child]) -> None:
@@ -122,8 +126,10 @@ def up(
     host: str,
     port: int,
     grpc_port: int,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> int:
-    """``prefill_args`` / ``decode_args``: one argument list per instance (engine flags, device, KV backend)."""
+    """``prefill_args`` / ``decode_args``: one argument list per instance (engine flags, device, KV
+    backend). Every instance must listen, and the gateway report healthy, within ``start_timeout_s``."""
     children = [
         Child(f"{role}-{i}", _pdserve(role, "--model", model, "--port", "0", *args))
         for role, instances in (("prefill", prefill_args), ("decode", decode_args))
@@ -133,20 +139,20 @@ def up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout_s
         for c in children:
             c.start()
         for c in children:
-            c.wait_listening(deadline, stop)
+            c.wait_listening(deadline, stop, start_timeout_s)
         routes = [arg for c in children for arg in (f"--{c.name.split('-')[0]}", c.address)]
         gateway = Child("gateway", _pdserve("gateway", "--model", model, "--host", host, "--port", str(port),
                                             "--grpc-port", str(grpc_port), *routes, *gateway_args))  # fmt: skip
         children.append(gateway)
         gateway.start()
-        gateway.wait_listening(deadline, stop)
+        gateway.wait_listening(deadline, stop, start_timeout_s)
         base = gateway.address
         grpc_address = gateway.rest.split("(grpc ", 1)[-1].split(")")[0]
-        _wait_ready(f"{base}/health", deadline, children, stop)
+        _wait_ready(f"{base}/health", deadline, children, stop, start_timeout_s)
         print(json.dumps({"status": "up", "openai_base_url": f"{base}/v1", "grpc": grpc_address}), flush=True)
         print(f"pdserve is up: OpenAI API at {base}/v1 — try\n  curl {base}/v1/completions -H 'Content-Type: "
               f"application/json' -d '{{\"model\": \"{os.path.basename(model.rstrip('/'))}\", \"prompt\": \"Hello\", "

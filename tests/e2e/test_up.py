@@ -100,3 +100,41 @@ def test_killing_up_takes_its_children_down(tmp_path):
     proc.kill()  # no chance to clean up: the parent-death signal must do it
     proc.wait(timeout=10)
     assert wait_gone(kids, 30) == []
+
+
+def test_an_instance_too_slow_to_start_stops_everything_with_a_clear_error(tmp_path):
+    env = os.environ | {"PDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "up",
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--start-timeout-s",
+        "0.5",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, err = proc.communicate(timeout=120)  # importing torch alone takes longer than 0.5 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "did not start listening within 0 s (raise --start-timeout-s" in err, err[-2000:]
+    assert not wait_gone(with_env(f"PDSERVE_CACHE_DIR={tmp_path / 'cache'}"), 10), "instances left running"
+
+
+def with_env(entry: str) -> list[int]:
+    """Live processes whose environment holds ``entry`` (this test's children and theirs)."""
+    pids = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.encode() in (proc_dir / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc_dir.name))
+        except OSError:  # gone, or not ours
+            continue
+    return [p for p in pids if alive(p)]
