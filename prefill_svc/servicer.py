@@ -103,7 +103,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             sending = True
             assert len(pages) == len(dest.page_ids), "a lease holds one page per destination page"
             async with await self.sender.open(dest, pages, len(prompt), deadline) as session:
-                await self._send(session, pages, progress, deadline, timing)
+                await self._send(
+                    session, pages, progress, deadline, timing, outputs, request.request_id, context
+                )
                 final = await self._final(outputs, request.request_id, context)
                 timing.prefill_started_ns, timing.prefill_done_ns = final.admitted_ns, outputs.result()[1]
                 first_token = final.new_token_ids[0]
@@ -144,19 +146,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def _send(
         self, session: SendSession, pages: list[int], progress: LayerProgress | None, deadline: int,
-        timing: common_pb2.TimingMarks,
+        timing: common_pb2.TimingMarks, outputs: asyncio.Future[tuple[list[RequestOutput], int]],
+        request_id: str, context: Any,
     ) -> None:  # fmt: skip
         """Every layer of ``pages``: each as soon as the step computing it has (``progress``), or,
         once the prefill finished, from this rank's pool (one rank) or gathered (tensor parallel)."""
         if self.tp == 1:
             for layer in range(self.model_config.num_layers):
                 if progress is not None:
-                    try:
-                        await asyncio.wait_for(progress.wait(layer), remaining_s(deadline))
-                    except TimeoutError:
-                        raise TransferError(
-                            grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during the prefill"
-                        ) from None
+                    await self._computed(progress, layer, deadline, outputs, request_id, context)
                 timing.transfer_started_ns = timing.transfer_started_ns or time.time_ns()
                 await session.send_layer(layer)
             return
@@ -166,6 +164,28 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             kv = await self._read_kv(layers, pages)  # [layers, 2, pages, page_size, heads, dim]
             for i, layer in enumerate(layers):
                 await session.send_layer(layer, kv[i])
+
+    async def _computed(
+        self, progress: LayerProgress, layer: int, deadline: int,
+        outputs: asyncio.Future[tuple[list[RequestOutput], int]], request_id: str, context: Any,
+    ) -> None:  # fmt: skip
+        """Wait until the step has computed ``layer``, or the request ended with an error status
+        first: the engine loop died while that step never returns (a context-parallel rank died
+        in its collective) ends the stream, not the step; the deadline bounds the rest."""
+        computed = asyncio.ensure_future(progress.wait(layer))
+        try:
+            waiting: set[asyncio.Future[Any]] = {computed, outputs}
+            done, _ = await asyncio.wait(
+                waiting, timeout=remaining_s(deadline), return_when=asyncio.FIRST_COMPLETED
+            )
+            if computed not in done and outputs in done:
+                await self._final(outputs, request_id, context)  # aborts unless it finished normally
+                done, _ = await asyncio.wait({computed}, timeout=remaining_s(deadline))  # then it is (CUDA)
+            if computed not in done:
+                raise TransferError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during the prefill")
+            computed.result()  # StepFailed
+        finally:
+            computed.cancel()
 
     async def _final(
         self, outputs: asyncio.Future[tuple[list[RequestOutput], int]], request_id: str, context: Any
