@@ -36,6 +36,7 @@ class LayerProgress:
 
     def __init__(self, num_layers: int, device: torch.device) -> None:
         self.num_layers = num_layers
+        self.device = device
         self._cuda = device.type == "cuda"
         self._lock = threading.Lock()
         self._events: list[torch.cuda.Event | None] = []  # one per finished layer (None on CPU)
@@ -52,7 +53,9 @@ class LayerProgress:
         event = None
         if self._cuda:
             event = torch.cuda.Event()
-            event.record()  # the step's current stream: after this layer's K/V store
+            # The step's stream on the engine's device (not the thread's current device: an engine
+            # on cuda:1 runs from threads whose current device is cuda:0): after this layer's K/V.
+            event.record(torch.cuda.current_stream(self.device))
         with self._lock:
             assert layer == len(self._events), f"layer {layer} done after {len(self._events)} layers"
             self._events.append(event)

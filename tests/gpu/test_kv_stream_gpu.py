@@ -22,13 +22,16 @@ from engine.make_model import make_model  # noqa: E402
 SHAPE = dict(arch="qwen3", num_layers=12, hidden_size=1024, intermediate_size=3072, num_heads=16, num_kv_heads=4,
              head_dim=64, max_position_embeddings=8192)  # fmt: skip
 FIRST_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+# The last GPU: with two or more, not the current device of the engine's threads (events must follow
+# the engine's device).
+DEVICE = f"cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else "cuda"
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = make_model(tmp_path_factory.mktemp("kvstream") / "qwen3", seed=5, **SHAPE)
     cfg = EngineConfig(
-        model=str(path), device="cuda", dtype="bfloat16", attention_backend="triton",
+        model=str(path), device=DEVICE, dtype="bfloat16", attention_backend="triton",
         kv_cache_bytes=1 << 30, max_num_batched_tokens=2048, max_piecewise_tokens=512,
     )  # fmt: skip
     engine = Engine(cfg)
@@ -40,7 +43,7 @@ def engine(tmp_path_factory):
 def test_each_layer_read_when_ready_equals_the_final_pool(engine, prompt_len):
     prompt = [(13 * i) % 1000 + 7 for i in range(prompt_len)]
     layers_n = engine.model_config.num_layers
-    side = torch.cuda.Stream()
+    side = torch.cuda.Stream(DEVICE)
 
     async def body():
         driver = AsyncEngine(engine)
@@ -48,7 +51,7 @@ def test_each_layer_read_when_ready_equals_the_final_pool(engine, prompt_len):
         try:
             stream = await driver.generate(f"r{prompt_len}", prompt, FIRST_ONLY, stream_kv=True)
             lease = await asyncio.wait_for(stream.kv_lease, 60)
-            pages = torch.tensor(lease.pages, device="cuda")
+            pages = torch.tensor(lease.pages, device=DEVICE)
             early, ready_s = [], []
             for layer in range(layers_n):
                 await asyncio.wait_for(lease.progress.wait(layer), 60)

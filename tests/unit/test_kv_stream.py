@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
-from engine.kv_stream import StepFailed
+from engine.kv_stream import LayerProgress, StepFailed
 
 FIRST_ONLY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 PAGE = 16
@@ -103,3 +103,25 @@ def test_a_failing_step_wakes_every_layer_waiter(engine, monkeypatch):
     final = asyncio.run(run(engine, body))
     assert final.finished and final.finish_reason == "error"
     assert all_pages_back(engine)
+
+
+def test_a_layer_event_follows_the_engines_device_not_the_threads(monkeypatch):
+    """An engine on cuda:1 (``pdserve up --prefill-device cuda:1``) steps from a thread whose current
+    device is cuda:0: an event recorded on that device's stream says nothing about the layer, and
+    the layer would be sent before it is written. CUDA faked: ``Event.record()`` with no stream takes
+    the current device's, as torch's does."""
+    recorded = []
+
+    def current_stream(device=None):
+        return f"stream of {torch.device('cuda', 0) if device is None else torch.device(device)}"
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(current_stream() if stream is None else stream)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    progress = LayerProgress(2, torch.device("cuda", 1))
+    progress.layer_done(0)
+    progress.layer_done(1)
+    assert recorded == ["stream of cuda:1"] * 2
