@@ -246,8 +246,8 @@ class ModelRunner:
             if out.top_token_ids is not None and out.top_logprobs is not None:
                 pending.top_token_ids = out.top_token_ids.to("cpu", non_blocking=True)
                 pending.top_logprobs = out.top_logprobs.to("cpu", non_blocking=True)
-        if pending.ready is not None:
-            pending.ready.record()
+        if pending.ready is not None:  # this device's stream: the thread's current device may be another
+            pending.ready.record(torch.cuda.current_stream(self.device))
         return pending
 
     # -- sizing --------------------------------------------------------------------------------------
