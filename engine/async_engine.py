@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from engine.engine import Engine
 from engine.kv_stream import KVLease
+from engine.model_runner import use_device
 from engine.output import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -90,7 +91,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._deadlines: dict[str, int] = {}
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="engine-step", initializer=use_device, initargs=(engine.runner.device,)
+        )
         self._task: asyncio.Task | None = None
         self.failure: BaseException | None = None  # set if the loop itself died (a bug): serve nothing
 

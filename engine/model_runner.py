@@ -80,6 +80,15 @@ class PendingTokens:
         return SampledTokens(token_ids, self.logprobs.tolist(), top)
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device (a no-op elsewhere). What names no
+    device — ``torch.cuda.current_stream()``, an event's ``record()``, a bare "cuda" — means the
+    current device, which is per thread and 0 by default: every thread that runs an engine's steps
+    calls this, so an engine on cuda:1 never queues on cuda:0 (``AsyncEngine``'s step thread too)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 class ModelRunner:
     def __init__(
         self, cfg: EngineConfig, model_cfg: ModelConfig, tp: TPGroup | None = None, cp: CPGroup | None = None
@@ -89,6 +98,7 @@ class ModelRunner:
         assert tp is None or cp is None, "tp and cp do not combine yet"
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device = torch.device(cfg.device)
+        use_device(self.device)
         if tp is not None and cfg.symmetric_memory and cfg.cuda_graphs and self.device.type == "cuda":
             # Every all-reduce inside a graph fits: the largest decode batch or piecewise step.
             rows = max(cfg.graph_batch_limit, cfg.piecewise_token_limit)

@@ -182,7 +182,7 @@ class DecodeGraphRunner:
         for gpu, cpu in self._copies:
             gpu[:padded].copy_(cpu[:padded], non_blocking=True)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))  # where the copies went
         self._staged = self._static_batch(n, self._staging[4][:n].tolist())
         return self._staged
 
