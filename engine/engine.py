@@ -282,6 +282,10 @@ class Engine:
             if progress is not None:
                 progress.fail(e)
             raise
+        if progress is not None and progress.num_done != progress.num_layers:  # a path without the hook
+            progress.fail(
+                RuntimeError(f"the forward reported {progress.num_done} of {progress.num_layers} layers")
+            )
         pending = self.runner.sample_async(logits, batch)
         return _Launched(self.scheduler.commit(batch), pending)
 

@@ -32,43 +32,78 @@ class StepFailed(RuntimeError):
 
 
 class LayerProgress:
-    """How far one launched step has written its new K/V, layer by layer (module docstring)."""
+    """How far one launched step has written its new K/V, layer by layer (module docstring).
+
+    On CUDA one thread per step follows the device through the layers' events (whatever the
+    number of waiters: a prefill step may complete hundreds of prompts) and wakes the waiters of
+    each layer the device has passed."""
 
     def __init__(self, num_layers: int, device: torch.device) -> None:
         self.num_layers = num_layers
         self.device = device
         self._cuda = device.type == "cuda"
-        self._lock = threading.Lock()
-        self._events: list[torch.cuda.Event | None] = []  # one per finished layer (None on CPU)
+        self._cond = threading.Condition()
+        self._num_done = 0  # layers the step has passed on the host (CUDA: launched)
+        self._events: list[torch.cuda.Event] = []  # CUDA: one per launched layer
+        self._num_ready = 0  # layers complete on the device
         self._error: BaseException | None = None
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._watcher: threading.Thread | None = None
 
     @property
     def num_done(self) -> int:
         """Layers whose K/V the step has written (on CUDA: launched; ``wait`` waits for the device)."""
-        return len(self._events)
+        return self._num_done
+
+    def is_ready(self, layer: int) -> bool:
+        """Layer ``layer``'s K/V are complete in the pool (on the device), without waiting."""
+        return layer < self._num_ready
 
     def layer_done(self, layer: int) -> None:
         """The step's thread, right after layer ``layer``'s attention (layers in order)."""
-        event = None
-        if self._cuda:
-            event = torch.cuda.Event()
-            # The step's stream on the engine's device (not the thread's current device: an engine
-            # on cuda:1 runs from threads whose current device is cuda:0): after this layer's K/V.
-            event.record(torch.cuda.current_stream(self.device))
-        with self._lock:
-            assert layer == len(self._events), f"layer {layer} done after {len(self._events)} layers"
+        with self._cond:
+            assert layer == self._num_done, f"layer {layer} done after {self._num_done} layers"
+            self._num_done = layer + 1
+        if not self._cuda:  # the forward ran it: it is written
+            self._set_ready(layer + 1)
+            return
+        event = torch.cuda.Event()
+        # The step's stream on the engine's device (not the thread's current device: an engine
+        # on cuda:1 may run from a thread whose current device is cuda:0): after this layer's K/V.
+        event.record(torch.cuda.current_stream(self.device))
+        with self._cond:
             self._events.append(event)
-            ready = [w for w in self._waiters if w[0] <= layer]
-            self._waiters = [w for w in self._waiters if w[0] > layer]
+            self._cond.notify_all()
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._follow_device, name="kv-layers", daemon=True)
+                self._watcher.start()
+
+    def fail(self, error: BaseException) -> None:
+        """The step raised (or reported too few layers): every waiter, now and later, gets
+        ``StepFailed``."""
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+            ready, self._waiters = self._waiters, []
         for _, loop, future in ready:
             loop.call_soon_threadsafe(_resolve, future)
 
-    def fail(self, error: BaseException) -> None:
-        """The step raised: every waiter, now and later, gets ``StepFailed``."""
-        with self._lock:
-            self._error = error
-            ready, self._waiters = self._waiters, []
+    def _follow_device(self) -> None:
+        for layer in range(self.num_layers):
+            with self._cond:
+                while layer >= len(self._events) and self._error is None:
+                    self._cond.wait()
+                if self._error is not None:
+                    return
+                event = self._events[layer]
+            event.synchronize()
+            self._set_ready(layer + 1)
+
+    def _set_ready(self, num_ready: int) -> None:
+        with self._cond:
+            self._num_ready = num_ready
+            ready = [w for w in self._waiters if w[0] < num_ready]
+            self._waiters = [w for w in self._waiters if w[0] >= num_ready]
         for _, loop, future in ready:
             loop.call_soon_threadsafe(_resolve, future)
 
@@ -78,22 +113,19 @@ class LayerProgress:
         assert 0 <= layer < self.num_layers, f"layer {layer} of {self.num_layers}"
         loop = asyncio.get_running_loop()
         waiter = None
-        with self._lock:
-            if self._error is None and layer >= len(self._events):
+        with self._cond:
+            if self._error is None and layer >= self._num_ready:
                 waiter = (layer, loop, loop.create_future())
                 self._waiters.append(waiter)
         if waiter is not None:
             try:
                 await waiter[2]
             finally:
-                with self._lock:
+                with self._cond:
                     if waiter in self._waiters:
                         self._waiters.remove(waiter)
         if self._error is not None:
             raise StepFailed(f"the step computing this KV failed: {self._error!r}")
-        event = self._events[layer]
-        if event is not None and not event.query():
-            await asyncio.to_thread(event.synchronize)
 
 
 @dataclass(frozen=True)

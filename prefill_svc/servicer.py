@@ -114,9 +114,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         except _EngineDown as e:  # a tensor-parallel rank died while its KV was read
             log.error("request %s: reading its KV failed: %s", request.request_id, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine: {e}")
-        except StepFailed:  # the step computing the KV raised: the final output says how
+        except StepFailed as e:  # the step computing the KV raised: the final output says how
             await self._final(outputs, request.request_id, context)
-            raise  # not reached: that output ends with an error status
+            # It finished normally, yet its KV was never reported complete (a forward path that
+            # skipped the layer hook: a bug, never a wrong transfer).
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill of {request.request_id}: {e}")
         except Exception as exc:  # a transfer error, or a backend's own (CUDA, NCCL): the transfer failed
             if isinstance(exc, grpc.aio.AbortError):
                 raise

@@ -8,6 +8,8 @@ layers were still being computed) and the allocator's counts (every page free or
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 import pytest
 import torch
@@ -119,9 +121,36 @@ def test_a_layer_event_follows_the_engines_device_not_the_threads(monkeypatch):
         def record(self, stream=None):
             recorded.append(current_stream() if stream is None else stream)
 
+        def synchronize(self):
+            pass
+
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     progress = LayerProgress(2, torch.device("cuda", 1))
     progress.layer_done(0)
     progress.layer_done(1)
     assert recorded == ["stream of cuda:1"] * 2
+    deadline = time.monotonic() + 10
+    while not progress.is_ready(1) and time.monotonic() < deadline:  # its thread follows the events
+        time.sleep(0.01)
+    assert progress.is_ready(0) and progress.is_ready(1)
+
+
+def test_a_forward_path_that_skips_the_layer_hook_fails_the_waiters_not_hangs(engine, monkeypatch):
+    forward = engine.runner.forward
+    monkeypatch.setattr(
+        engine.runner, "forward", lambda fb: forward(dataclasses.replace(fb, on_layer_done=None))
+    )
+
+    async def body(driver):
+        stream = await driver.generate("r", list(range(3, 100)), FIRST_ONLY, stream_kv=True)
+        lease = await asyncio.wait_for(stream.kv_lease, 30)
+        with pytest.raises(StepFailed, match="reported 0 of 8 layers"):
+            await asyncio.wait_for(lease.progress.wait(0), 30)
+        final = [out async for out in stream][-1]
+        await driver.call(lambda e: e.free_pages(lease.pages))
+        return final
+
+    final = asyncio.run(run(engine, body))
+    assert final.finished and final.finish_reason == "length"  # the step itself was fine
+    assert all_pages_back(engine)
