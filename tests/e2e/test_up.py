@@ -41,24 +41,15 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def start_up(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+def up_process(tmp_path, *args: str, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``pdserve up`` on free ports, its model cache (the embedded tiny model) under ``tmp_path``."""
     env = os.environ | {"PDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "up",
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--kv-cache-mib",
-        "32",
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
+    cmd = [sys.executable, "-m", "engine.cli", "up", "--port", "0", "--grpc-port", "0", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
+
+
+def start_up(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
+    proc = up_process(tmp_path, "--kv-cache-mib", "32", *args)
     deadline = time.monotonic() + START_TIMEOUT_S
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -103,22 +94,7 @@ def test_killing_up_takes_its_children_down(tmp_path):
 
 
 def test_an_instance_too_slow_to_start_stops_everything_with_a_clear_error(tmp_path):
-    env = os.environ | {"PDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "engine.cli",
-        "up",
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--start-timeout-s",
-        "0.5",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    proc = up_process(tmp_path, "--start-timeout-s", "0.5", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, err = proc.communicate(timeout=120)  # importing torch alone takes longer than 0.5 s
     finally:
