@@ -190,6 +190,8 @@ class Generator:
             m.queue.observe((t.prefill_started_ns - t.prefill_received_ns) / 1e9)
             m.prefill.observe((t.prefill_done_ns - t.prefill_started_ns) / 1e9)
             m.kv_transfer.observe((t.transfer_done_ns - t.prefill_done_ns) / 1e9)
+        if t.transfer_started_ns and t.prefill_done_ns:  # disaggregated (colocated transfers nothing)
+            m.kv_transfer_hidden.observe(max(0, t.prefill_done_ns - t.transfer_started_ns) / 1e9)
         if num_out > 1 and t.transfer_done_ns and t.finished_ns:
             m.tpot.observe((t.finished_ns - t.transfer_done_ns) / 1e9 / (num_out - 1))
         m.output_tokens.inc(num_out)

@@ -46,8 +46,14 @@ class Metrics:
         )
         self.prefill = Histogram("pdserve_prefill_seconds", "Prefill compute", buckets=_LATENCY, registry=r)
         self.kv_transfer = Histogram(
-            "pdserve_kv_transfer_seconds", "KV transfer, prefill done to ack", buckets=_LATENCY, registry=r
-        )
+            "pdserve_kv_transfer_seconds", "KV transfer left after the first token: prefill done to ack",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.kv_transfer_hidden = Histogram(
+            "pdserve_kv_transfer_hidden_seconds",
+            "KV sending under the prefill (layer by layer): first layer sent to prefill done",
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
         self.retries = Counter(
             "pdserve_routing_retries",
             "Requests sent elsewhere after a refusal",

@@ -17,6 +17,7 @@ import time
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from services import REPO, Service, prefix_group_hits, start_all
 
 from engine import LLM, SamplingParams
@@ -223,6 +224,16 @@ def test_health_and_metrics(gateway, instances):
     for s in instances["decode"]:
         assert f'pdserve_instance_healthy{{address="{s.address}",role="decode"}} 1.0' in text
     assert "pdserve_kv_transfer_bytes_total" in text
+    counts = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    # Every completed request so far went through prefill: each left a transfer and a hidden part.
+    assert (
+        counts["pdserve_kv_transfer_hidden_seconds_count"] == counts["pdserve_kv_transfer_seconds_count"] >= 1
+    )
 
 
 def hold_streams(gw: Service, n: int) -> tuple[list, list]:
