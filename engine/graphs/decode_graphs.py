@@ -199,9 +199,9 @@ class DecodeGraphRunner:
     def capture(self) -> None:
         """Capture every size, largest first, into one pool; logs the time and the memory taken."""
 
-        def capture(pool: Any) -> None:
+        def capture(pool: Any, stream: torch.cuda.Stream) -> None:
             for bs in reversed(self.batch_sizes):
-                self._graphs[bs] = self._capture(bs, pool)
+                self._graphs[bs] = self._capture(bs, pool, stream)
 
         self.capture_seconds, self.graph_memory_bytes = capture_all(self.device, capture)
         tbo = [bs for bs in self.batch_sizes if self.uses_tbo(bs)]
@@ -216,11 +216,11 @@ class DecodeGraphRunner:
             self.static_bytes / 2**20,
         )
 
-    def _capture(self, bs: int, pool: Any) -> torch.cuda.CUDAGraph:
+    def _capture(self, bs: int, pool: Any, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         self.run_static(bs)  # warm-up: compiles the Triton variants, sets up cuBLAS outside capture
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.run_static(bs)
         return graph
 

@@ -173,12 +173,12 @@ class PiecewiseGraphRunner:
     def capture(self) -> None:
         """Capture every bucket's pieces, largest bucket first, into one pool; logs time and memory."""
 
-        def capture(pool: Any) -> None:
+        def capture(pool: Any, stream: torch.cuda.Stream) -> None:
             for t in reversed(self.buckets):
                 for i in range(self.num_pieces):
                     self.run_piece(i, t)  # warm-up: Triton variants for this shape, cuBLAS setup
                 torch.cuda.synchronize(self.device)
-                self._graphs[t] = [self._capture(i, t, pool) for i in range(self.num_pieces)]
+                self._graphs[t] = [self._capture(i, t, pool, stream) for i in range(self.num_pieces)]
 
         self.capture_seconds, self.graph_memory_bytes = capture_all(self.device, capture)
         log.info(
@@ -192,8 +192,8 @@ class PiecewiseGraphRunner:
             self.static_bytes / 2**20,
         )
 
-    def _capture(self, i: int, t: int, pool: Any) -> torch.cuda.CUDAGraph:
+    def _capture(self, i: int, t: int, pool: Any, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.run_piece(i, t)
         return graph
