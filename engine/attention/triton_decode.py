@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.layers.triton_ops import on_device
+
 BLOCK_N = 64  # keys per inner-loop tile; a split is a whole number of tiles
 
 
@@ -122,20 +124,21 @@ def paged_decode_attention(
     part_out = torch.empty(bs, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(bs, num_heads, num_splits, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q) if out is None else out
-    _split_kernel[(bs, num_kv_heads, num_splits)](
-        q, k_pages, v_pages, page_table, seq_lens, part_out, part_lse,
-        q.stride(0), q.stride(1), page_table.stride(0), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        scale,
-        PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages,
-        # float32 models are the exactness reference: no TF32 rounding in their dots
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )  # fmt: skip
-    _merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-    )  # fmt: skip
+    with on_device(q):  # Triton launches on the current device
+        _split_kernel[(bs, num_kv_heads, num_splits)](
+            q, k_pages, v_pages, page_table, seq_lens, part_out, part_lse,
+            q.stride(0), q.stride(1), page_table.stride(0), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            scale,
+            PAGE_SIZE=page_size, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages,
+            # float32 models are the exactness reference: no TF32 rounding in their dots
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )  # fmt: skip
+        _merge_kernel[(bs, num_heads)](
+            part_out, part_lse, out,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        )  # fmt: skip
     return out

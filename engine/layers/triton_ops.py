@@ -19,6 +19,8 @@ positions and weights are read on the device; nothing syncs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -146,6 +148,14 @@ def _qk_norm_rope_kernel(
         )  # fmt: skip
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Around a Triton launch: Triton launches on the thread's current CUDA device and its current
+    stream, not on the tensors' device; this makes ``t``'s device current (a no-op off CUDA). Else an
+    engine on cuda:1 stepped from a thread whose current device is cuda:0 (two engines in one
+    thread: each constructor makes its own device current) runs its kernels on cuda:0's stream."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _row_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
@@ -173,12 +183,13 @@ def rms_norm(
         res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
         res_out2 = res_out.view(rows, dim)
     block = triton.next_power_of_2(dim)
-    _rms_norm_kernel[(rows,)](
-        x2, r2, weight, out2, res_out2,
-        x2.stride(0), r2.stride(0), out2.stride(0), res_out2.stride(0),
-        dim, 1.0 / dim, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block), **_LAUNCH,
-    )  # fmt: skip
+    with on_device(x):
+        _rms_norm_kernel[(rows,)](
+            x2, r2, weight, out2, res_out2,
+            x2.stride(0), r2.stride(0), out2.stride(0), res_out2.stride(0),
+            dim, 1.0 / dim, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block), **_LAUNCH,
+        )  # fmt: skip
     return out, res_out
 
 
@@ -190,7 +201,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
     grid = (rows, triton.cdiv(inter, block))
-    _silu_mul_kernel[grid](g2, out.view(rows, inter), g2.stride(0), inter, inter, BLOCK=block, **_LAUNCH)
+    with on_device(gate_up):
+        _silu_mul_kernel[grid](g2, out.view(rows, inter), g2.stride(0), inter, inter, BLOCK=block, **_LAUNCH)
     return out
 
 
@@ -227,16 +239,17 @@ def qk_norm_rope(
         for cache in (k_cache, v_cache):
             assert cache.is_contiguous() and cache.shape[1:] == k.shape[1:] and cache.dtype == k.dtype
     grid = (num_tokens, 3 if kv_store is not None else 2)
-    _qk_norm_rope_kernel[grid](
-        q, k, v, q_out, k_out, k_cache, v_cache, slots, q_weight if has_norm else q, k_weight if has_norm else k,
-        positions, cos_cache, sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
-        eps,
-        NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_Q=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE_KV=kv_store is not None,
-        num_warps=4 if num_heads * head_dim >= 2048 else 2, **_LAUNCH,
-    )  # fmt: skip
+    with on_device(q):
+        _qk_norm_rope_kernel[grid](
+            q, k, v, q_out, k_out, k_cache, v_cache, slots, q_weight if has_norm else q,
+            k_weight if has_norm else k, positions, cos_cache, sin_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
+            eps,
+            NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            BLOCK_Q=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE_KV=kv_store is not None,
+            num_warps=4 if num_heads * head_dim >= 2048 else 2, **_LAUNCH,
+        )  # fmt: skip
     return q_out, k_out
 
 

@@ -70,6 +70,25 @@ def test_rms_norm(dtype, rows, dim):
     _check(f"add_rms_norm {dtype} {rows}x{dim}", got[0], want[0])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ops_run_on_their_tensors_device_not_the_threads_current_one():
+    """An engine on cuda:1 stepped from a thread whose current device is cuda:0 (Triton launches on
+    the current device's stream unless guarded): the op must follow cuda:1's stream, so it sees
+    the input written there after a long sleep, not the stale zeros."""
+    ref, fused = _ops()
+    dev = torch.device("cuda", 1)
+    src = torch.randn(7, 1024, device=dev)
+    weight = 1 + 0.1 * torch.randn(1024, device=dev)
+    with torch.cuda.device(0):
+        x = torch.zeros(7, 1024, device=dev)
+        torch.cuda.synchronize(dev)
+        with torch.cuda.stream(torch.cuda.current_stream(dev)):
+            torch.cuda._sleep(200_000_000)  # cuda:1's stream is busy for a while
+            x.copy_(src)
+        got = fused.rms_norm(x, weight, 1e-6)
+    _check("rms_norm on cuda:1 from cuda:0", got, ref.rms_norm(src, weight, 1e-6))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_over_heads(dtype):
     """The per-head norm shape: [tokens, heads, head_dim], a view into a packed projection."""
