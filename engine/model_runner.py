@@ -97,8 +97,11 @@ class ModelRunner:
         ``cp``: its context-parallel group (the whole model; long prefills split). None: one rank."""
         assert tp is None or cp is None, "tp and cp do not combine yet"
         self.cfg, self.model_cfg = cfg, model_cfg
-        self.device = torch.device(cfg.device)
-        use_device(self.device)
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:  # "cuda": the current GPU, fixed from now on
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        use_device(device)
         if tp is not None and cfg.symmetric_memory and cfg.cuda_graphs and self.device.type == "cuda":
             # Every all-reduce inside a graph fits: the largest decode batch or piecewise step.
             rows = max(cfg.graph_batch_limit, cfg.piecewise_token_limit)
