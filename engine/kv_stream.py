@@ -89,6 +89,7 @@ class LayerProgress:
             loop.call_soon_threadsafe(_resolve, future)
 
     def _follow_device(self) -> None:
+        torch.cuda.set_device(self.device)  # not cuda:0's context: a new thread's current device
         for layer in range(self.num_layers):
             with self._cond:
                 while layer >= len(self._events) and self._error is None:

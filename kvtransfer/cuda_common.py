@@ -84,10 +84,13 @@ class GpuReceiverMixin(KVReceiver):
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
-async def wait_until(done: Any, deadline_ns: int, what: str) -> None:
-    """Poll ``done()`` on a worker thread until true; DEADLINE_EXCEEDED at the deadline."""
+async def wait_until(done: Any, deadline_ns: int, what: str, device: torch.device) -> None:
+    """Poll ``done()`` on a worker thread until true; DEADLINE_EXCEEDED at the deadline. The thread
+    makes ``device`` current first: a CUDA call from a thread left on cuda:0 would create a context
+    there (memory another instance on cuda:0 counted on)."""
 
     def poll() -> bool:
+        torch.cuda.set_device(device)
         while not done():
             if time.time_ns() > deadline_ns:
                 return False
@@ -102,7 +105,7 @@ async def wait_stream(stream: torch.cuda.Stream, deadline_ns: int, what: str) ->
     """Until the work queued on ``stream`` so far is done (off the event loop)."""
     event = torch.cuda.Event()
     event.record(stream)
-    await wait_until(event.query, deadline_ns, what)
+    await wait_until(event.query, deadline_ns, what, stream.device)
 
 
 # CUDA IPC handles travel as torch's own rebuild arguments, pickled; the unpickler resolves only

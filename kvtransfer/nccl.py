@@ -182,7 +182,7 @@ class NcclReceiver(GpuReceiverMixin, StreamReceiver):
     async def _scatter(self, inc: _Incoming, keep: int) -> None:
         while len(inc.posted) > keep:
             work, staging, data, pending = inc.posted[0]
-            await wait_until(work.is_completed, inc.deadline_ns, "NCCL receive")
+            await wait_until(work.is_completed, inc.deadline_ns, "NCCL receive", self.device)
             inc.posted.popleft()
             with torch.cuda.stream(self.stream):
                 try:

@@ -124,7 +124,9 @@ def test_a_layer_event_follows_the_engines_device_not_the_threads(monkeypatch):
         def synchronize(self):
             pass
 
+    bound = []
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     progress = LayerProgress(2, torch.device("cuda", 1))
     progress.layer_done(0)
@@ -134,6 +136,7 @@ def test_a_layer_event_follows_the_engines_device_not_the_threads(monkeypatch):
     while not progress.is_ready(1) and time.monotonic() < deadline:  # its thread follows the events
         time.sleep(0.01)
     assert progress.is_ready(0) and progress.is_ready(1)
+    assert bound == [torch.device("cuda", 1)]  # the thread following the events is on cuda:1 too
 
 
 def test_a_forward_path_that_skips_the_layer_hook_fails_the_waiters_not_hangs(engine, monkeypatch):
