@@ -91,15 +91,15 @@ class Engine:
         self._ranks_failure = "closed"  # why the ranks were stopped (``check_ranks``)
 
     def close(self) -> None:
-        """Stop the other tensor- or context-parallel ranks, if any (idempotent). The engine is unusable
-        after."""
+        """Free the model, KV pool and graphs, and stop the other tensor- or context-parallel ranks,
+        if any (idempotent). The engine is unusable after."""
+        if self.workers is not None and self.cfg.cp > 1 and hasattr(self, "runner"):
+            log.info(
+                "context parallel: %d steps split over %d ranks", self.runner.num_split_steps, self.cfg.cp
+            )
+        self._inflight = None
+        self._drop_runner()
         if self.workers is not None:
-            if self.cfg.cp > 1 and hasattr(self, "runner"):
-                log.info(
-                    "context parallel: %d steps split over %d ranks", self.runner.num_split_steps, self.cfg.cp
-                )
-            self._inflight = None
-            self._drop_runner()
             self.workers.close()
 
     def _drop_runner(self) -> None:

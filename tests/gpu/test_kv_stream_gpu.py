@@ -30,16 +30,22 @@ DEVICE = f"cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() el
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_model(tmp_path_factory.mktemp("kvstream") / "qwen3", seed=5, **SHAPE)
+def model_dir(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("kvstream") / "qwen3", seed=5, **SHAPE)
+
+
+@pytest.fixture
+def engine(model_dir):
+    """One engine per test: the test's ``AsyncEngine.stop`` closes it (and frees its memory)."""
     cfg = EngineConfig(
-        model=str(path), device=DEVICE, dtype="bfloat16", attention_backend="triton", load_format="dummy",
+        model=str(model_dir), device=DEVICE, dtype="bfloat16", attention_backend="triton", load_format="dummy",
         kv_cache_bytes=1 << 30, max_num_batched_tokens=2048, max_piecewise_tokens=512,
     )  # fmt: skip
     previous = torch.cuda.current_device()
     engine = Engine(cfg)  # makes DEVICE this thread's current device (``use_device``)
     yield engine
-    engine.close()
+    engine.close()  # idempotent; frees its GPU memory: later tests size their KV pools from what is free
+    torch.cuda.empty_cache()
     torch.cuda.set_device(previous)  # the tests after this one expect the default
 
 
