@@ -185,15 +185,14 @@ class AsyncEngine:
 
         def deliver(lease: KVLease) -> None:  # on the event loop
             future = stream.kv_lease
-            if future is None or future.done() or self._streams.get(stream.request_id) is not stream:
-                # refused, or the stream is gone: nobody would free it
+            assert future is not None, "a watcher is made for a stream_kv request only"
+            if future.done() or self._streams.get(stream.request_id) is not stream:  # nobody would free it
                 self.call_soon(functools.partial(Engine.free_pages, pages=lease.pages))
             else:
                 future.set_result(lease)
 
-        # On the step's thread, before the forward: only hand over (a loop callback runs in order,
-        # so the lease reaches the stream before any output of that step).
-        def watch(lease: KVLease) -> None:
+        def watch(lease: KVLease) -> None:  # step thread, before the forward: loop callbacks keep
+            # their order, so the lease reaches the stream before any output of that step
             loop.call_soon_threadsafe(deliver, lease)
 
         return watch
