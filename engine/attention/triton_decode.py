@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.layers.triton_ops import on_device
+from engine.layers.triton_common import on_device
 
 BLOCK_N = 64  # keys per inner-loop tile; a split is a whole number of tiles
 

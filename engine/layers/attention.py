@@ -59,7 +59,7 @@ class SelfAttention(nn.Module):
             Part("v", cfg.kv_size, num_kv_shards),
         ]
         self.qkv_proj = PackedLinear(cfg.hidden_size, parts, bias=opts.qkv_bias, tp=tp)
-        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias, tp=tp)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, bias=opts.o_bias, tp=tp, ops=ops)
         # Weight holders for the checkpoint's q_norm / k_norm; applied inside ops.qk_norm_rope.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if opts.qk_norm else None
@@ -67,12 +67,22 @@ class SelfAttention(nn.Module):
         self.rotary, self.ops = rotary, ops
 
     def qkv(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_pool: KVPagePool, slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything before attention: x [T, hidden] -> q [T, num_heads, head_dim] and k, v
-        [T, num_kv_heads, head_dim] (this rank's heads), normalized and rotated; K and V are also
-        stored into ``kv_pool`` at ``slots`` [T] (this layer's pages), in the same kernel on CUDA."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
+        kv_pool: KVPagePool,
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before attention: the layer's input ``norm`` of x [T, hidden] (after adding
+        ``residual``, when given) and the qkv projection (one ``LayerOps.norm_linear``), then q
+        [T, num_heads, head_dim] and k, v [T, num_kv_heads, head_dim] (this rank's heads),
+        normalized and rotated; K and V are also stored into ``kv_pool`` at ``slots`` [T] (this
+        layer's pages), in the same kernel on CUDA. Returns q, k, v and the residual stream."""
+        bias = self.qkv_proj.bias
+        qkv, residual = self.ops.norm_linear(x, residual, norm.weight, norm.eps, self.qkv_proj.weight, bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -93,4 +103,4 @@ class SelfAttention(nn.Module):
             v_cache,
             slots,
         )
-        return q, k, v
+        return q, k, v, residual

@@ -5,7 +5,10 @@ Why: eager torch spends ~50 small kernels per layer on RMSNorm (casts, pow, mean
 rotary (gather, casts, rotate-half, muls, adds), SiLU·up and residual adds; inside a decode CUDA
 graph those launches are free but each still costs a few µs of GPU time, which at batch 1 is more
 than the weights take to read. The ``triton`` ops do each group in one kernel: 4 per layer, the
-KV-cache store included (``qk_norm_rope_store`` writes K and V into the pool as it rotates).
+KV-cache store included (``qk_norm_rope_store`` writes K and V into the pool as it rotates). At a
+few rows (decode at small batches) the projections are theirs too (``linear``, ``norm_linear``,
+``norm_gate_up``: ``engine.layers.triton_gemv``), the norm before a projection and the SiLU·up
+after gate/up fused into the projection's kernel: 5 kernels per layer besides attention.
 
 Contract (``LayerOps``): every op takes and returns device tensors, reads nothing back to the host
 and sizes its launch from tensor shapes only, so it can run inside a CUDA graph. Results have the
@@ -48,6 +51,44 @@ class LayerOps:
         the dtype, as a separate add would be), returns ``(rms_norm(s), s)``. x, residual [T, dim]."""
         residual = x + residual
         return self.rms_norm(residual, weight, eps), residual
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear``: x [T, in] -> [T, out] with weight [out, in]."""
+        return F.linear(x, weight, bias)
+
+    def norm_linear(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's entry: ``s = x + residual`` (``x`` itself when residual is None), then
+        the projection of ``rms_norm(s)``; returns ``(linear(rms_norm(s), weight, bias), s)``."""
+        h, summed = self._pre_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight, bias), summed
+
+    def norm_gate_up(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm_linear`` into the packed gate/up projection [2 * inter, in], then the activation:
+        returns ``(silu(gate) * up [T, inter], s)``."""
+        gate_up, summed = self.norm_linear(x, residual, norm_weight, eps, weight)
+        return self.silu_and_mul(gate_up), summed
+
+    def _pre_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.rms_norm(x, weight, eps), x
+        return self.add_rms_norm(x, residual, weight, eps)
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The gated MLP's activation on the packed projection: [T, 2 * inter] -> [T, inter]."""

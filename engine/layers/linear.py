@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
+from engine.layers.kernels import LayerOps
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
@@ -109,10 +110,16 @@ class RowParallelLinear(nn.Module):
     the sum, so it counts once."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        tp: TPGroup | None = None,
+        ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
         self.tp = TPGroup() if tp is None else tp
+        self.ops = LayerOps() if ops is None else ops  # the GEMM: ``ops.linear``
         assert in_features % self.tp.world_size == 0, f"{in_features} inputs over {self.tp.world_size} ranks"
         self.weight = nn.Parameter(torch.empty(out_features, in_features // self.tp.world_size))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -123,7 +130,7 @@ class RowParallelLinear(nn.Module):
         """x [T, in / tp] -> [T, out]; ``reduce=False`` returns this rank's partial product, for a
         caller that schedules the all-reduce itself (two-batch overlap)."""
         bias = self.bias if self.tp.rank == 0 else None
-        out = F.linear(x, self.weight, bias)
+        out = self.ops.linear(x, self.weight, bias)
         return self.tp.all_reduce(out) if reduce else out
 
     def load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from engine.distributed import TPGroup
 from engine.layers.kernels import LayerOps
 from engine.layers.linear import PackedLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
 
 
 class GatedMLP(nn.Module):
@@ -26,9 +27,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = PackedLinear(
             hidden_size, [("gate", intermediate_size), ("up", intermediate_size)], tp=tp
         )
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp=tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp=tp, ops=ops)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        # x [T, hidden] -> gate_up [T, 2 * inter / tp] -> [T, inter / tp] -> [T, hidden]
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)), reduce)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, reduce: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's pre-norm ``norm`` of ``x + residual`` [T, hidden], then the MLP: returns
+        (the MLP output [T, hidden], the residual stream ``x + residual``). gate/up, the norm
+        before it and the activation after it are one ``LayerOps.norm_gate_up``."""
+        act, residual = self.ops.norm_gate_up(x, residual, norm.weight, norm.eps, self.gate_up_proj.weight)
+        return self.down_proj(act, reduce), residual  # act [T, inter / tp]

@@ -19,21 +19,13 @@ positions and weights are read on the device; nothing syncs.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from engine.layers import triton_gemv
 from engine.layers.kernels import LayerOps
-
-_LAUNCH = dict(enable_fp_fusion=False)
-
-
-@triton.jit
-def _rnd(x, dtype: tl.constexpr):
-    """Round float32 ``x`` to ``dtype`` and back: the value torch stores between two ops."""
-    return x.to(dtype).to(tl.float32)
+from engine.layers.triton_common import _LAUNCH, _rnd, on_device
 
 
 @triton.jit
@@ -146,14 +138,6 @@ def _qk_norm_rope_kernel(
             K + t * stride_kt, stride_kh, KOut + t * NUM_KV_HEADS * HEAD_DIM, k_cache, KW,
             cos1, cos2, sin1, sin2, hk, d, (hk < NUM_KV_HEADS) & in_half, eps, HEAD_DIM, HAS_NORM, STORE_KV,
         )  # fmt: skip
-
-
-def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Around a Triton launch: Triton launches on the thread's current CUDA device and its current
-    stream, not on the tensors' device; this makes ``t``'s device current (a no-op off CUDA). Else an
-    engine on cuda:1 stepped from a thread whose current device is cuda:0 (two engines in one
-    thread: each constructor makes its own device current) runs its kernels on cuda:0's stream."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_warps(block: int) -> int:
@@ -270,6 +254,40 @@ class TritonOps(LayerOps):
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)
+
+    # Projections: one GEMV kernel with its norm / activation at a few rows, cuBLAS above.
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if triton_gemv.takes(x, weight):
+            return triton_gemv.gemv(x, weight, bias)[0]
+        return super().linear(x, weight, bias)
+
+    def norm_linear(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if triton_gemv.takes(x, weight):
+            y, summed = triton_gemv.gemv(x, weight, bias, triton_gemv.NormIn(norm_weight, eps, residual))
+            return y, x if summed is None else summed
+        return super().norm_linear(x, residual, norm_weight, eps, weight, bias)
+
+    def norm_gate_up(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if triton_gemv.takes(x, weight):
+            norm = triton_gemv.NormIn(norm_weight, eps, residual)
+            act, summed = triton_gemv.gemv(x, weight, norm=norm, gated=True)
+            return act, x if summed is None else summed
+        return super().norm_gate_up(x, residual, norm_weight, eps, weight)
 
     def qk_norm_rope(
         self,

@@ -82,12 +82,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input norm (+ residual add) and q/k/v, K/V stored at ``slots``: returns q, k, v
         (``SelfAttention.qkv``) and the residual stream [T, hidden]."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        q, k, v = self.self_attn.qkv(positions, h, kv_pool, slots)
-        return q, k, v, residual
+        return self.self_attn.qkv(positions, x, residual, self.input_layernorm, kv_pool, slots)
 
     def post_attention(
         self, attn_out: torch.Tensor, residual: torch.Tensor
@@ -99,8 +94,8 @@ class DecoderLayer(nn.Module):
         self, attn_out: torch.Tensor, residual: torch.Tensor
     ) -> Stages[tuple[torch.Tensor, torch.Tensor]]:
         attn_sum = yield self.self_attn.o_proj(attn_out, reduce=False)  # [T, hidden]
-        h, residual = self.post_attention_layernorm(attn_sum, residual)
-        mlp_sum = yield self.mlp(h, reduce=False)  # [T, hidden]
+        mlp_out, residual = self.mlp(attn_sum, residual, self.post_attention_layernorm, reduce=False)
+        mlp_sum = yield mlp_out  # [T, hidden]
         return mlp_sum, residual
 
 

@@ -1,0 +1,141 @@
+"""The decode layer's projections at a few rows: the fused Triton GEMV (``engine.layers.triton_gemv``)
+against what it replaces (cuBLAS ``F.linear`` plus the separate norm / SiLU·up kernels), with the
+read bandwidth each reaches, and a sweep of the GEMV's launch parameters.
+
+    python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--sweep] [--out runs]
+
+Per model the four projections of a layer as the decode step runs them: input norm (+ residual add)
+→ qkv; o_proj; post-attention norm (+ residual add) → gate/up → SiLU·up; down_proj. Each is timed
+inside one CUDA graph that runs it over enough distinct weight copies (≥ 256 MB together) that no
+copy is still in the 50 MB L2 when its turn comes again, as in a real step. "GB/s" is the weight
+bytes over the time; the copy bandwidth of the same GPU is printed first (read + write counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch
+
+from bench.runner_timing import SHAPES, cuda_time_ms, measure_ceilings, write_results
+from engine.layers import triton_gemv
+from engine.layers.kernels import LayerOps
+from engine.layers.triton_gemv import GemvConfig, NormIn
+from engine.layers.triton_ops import TritonOps
+
+L2_DEFEAT_BYTES = 256 << 20
+
+
+class CublasProjections(TritonOps):
+    """The decode step before the GEMV: the fused norm / SiLU·up kernels around cuBLAS."""
+
+    linear = LayerOps.linear
+    norm_linear = LayerOps.norm_linear
+    norm_gate_up = LayerOps.norm_gate_up
+
+
+def projections(shape: dict) -> list[tuple[str, int, int, str]]:
+    """(name, N, K, kind) of one layer; N counts both halves for the gated gate/up."""
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    return [
+        ("qkv", q + 2 * kv, hidden, "norm"),
+        ("o", hidden, q, "plain"),
+        ("gate_up", 2 * inter, hidden, "gated"),
+        ("down", hidden, inter, "plain"),
+    ]
+
+
+def make_call(ops: LayerOps, kind: str, x, residual, norm_w, config: GemvConfig | None = None):
+    """A closure over (weight) running the projection the decode layer runs: through ``ops``
+    (torch: separate norm / cuBLAS / SiLU kernels) or, with ``config``, the GEMV with that config."""
+    if config is not None:
+        norm = NormIn(norm_w, 1e-6, residual) if kind != "plain" else None
+        return lambda w: triton_gemv.gemv(x, w, norm=norm, gated=kind == "gated", config=config)
+    if kind == "plain":
+        return lambda w: ops.linear(x, w)
+    if kind == "gated":
+        return lambda w: ops.norm_gate_up(x, residual, norm_w, 1e-6, w)
+    return lambda w: ops.norm_linear(x, residual, norm_w, 1e-6, w)
+
+
+def time_us(call, weights: list[torch.Tensor], reps: int = 20) -> float:
+    """µs per call, the calls over ``weights`` replayed from one CUDA graph."""
+    for w in weights[:2]:
+        call(w)  # compile, warm the allocator
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            call(w)
+    ms = cuda_time_ms(graph.replay, warmup=2, reps=reps)
+    del graph
+    return ms * 1e3 / len(weights)
+
+
+def sweep_configs(rows: int) -> list[GemvConfig]:
+    if rows == 1:
+        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
+    else:
+        grid = itertools.product((1, 2, 4), (128, 256), (4,))
+    return [GemvConfig(*c) for c in grid]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
+    p.add_argument("--rows", default="1,2,4,8")
+    p.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
+    p.add_argument("--out", default="runs")
+    args = p.parse_args()
+    bw, _ = measure_ceilings()
+    lines = [f"GPU {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)"]
+    print(lines[0], flush=True)
+    header = "| model | proj | rows | N x K | cuBLAS + norm/act µs | GB/s | gemv µs | GB/s | speedup | best config | best µs |"
+    lines += [header, "|" + "---|" * 11]
+    print(header, flush=True)
+    results = []
+    before, fused_ops = CublasProjections(), TritonOps()
+    for model in args.models.split(","):
+        shape = SHAPES[model]
+        for (name, n, k, kind), rows in itertools.product(projections(shape), map(int, args.rows.split(","))):
+            dtype, dev = torch.bfloat16, "cuda"
+            copies = max(2, math.ceil(L2_DEFEAT_BYTES / (n * k * 2)))
+            weights = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(copies)]
+            x = torch.randn(rows, k, device=dev, dtype=dtype)
+            residual = torch.randn(rows, k, device=dev, dtype=dtype)
+            norm_w = torch.rand(k, device=dev, dtype=dtype) + 0.5
+            gbytes = n * k * 2 / 1e3  # per µs -> GB/s
+            base = time_us(make_call(before, kind, x, residual, norm_w), weights)
+            gemv = None
+            if rows <= triton_gemv.KERNEL_MAX_ROWS:
+                cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
+                gemv = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights)
+            best: tuple[GemvConfig | None, float] = (None, math.inf)
+            if args.sweep and rows <= triton_gemv.KERNEL_MAX_ROWS:
+                for cfg in sweep_configs(rows):
+                    try:
+                        us = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights, reps=10)
+                    except Exception as e:  # a config the compiler refuses (registers, shared memory)
+                        print(f"  {cfg}: {type(e).__name__}", flush=True)
+                        continue
+                    best = min(best, (cfg, us), key=lambda b: b[1])
+            row = dict(model=model, proj=name, rows=rows, n=n, k=k, torch_us=base, gemv_us=gemv,
+                       best=best[0]._asdict() if best[0] else None, best_us=best[1] if best[0] else None)  # fmt: skip
+            results.append(row)
+            line = (
+                f"| {model} | {name} | {rows} | {n} x {k} | {base:.2f} | {gbytes / base:.0f} | "
+                + (f"{gemv:.2f} | {gbytes / gemv:.0f} | {base / gemv:.2f} | " if gemv else "- | - | - | ")
+                + (f"{tuple(best[0])} | {best[1]:.2f} |" if best[0] else "- | - |")
+            )
+            lines.append(line)
+            print(line, flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    write_results(args.out, "gemv_bench", lines, results)
+
+
+if __name__ == "__main__":
+    main()
