@@ -12,8 +12,9 @@ waited for); and the graph replays alone, back to back ("gpu ms": the device tim
 ``--ctx 1024,4096`` repeats the decode rows per context length (rows whose KV does not fit are
 skipped, with a line saying so).
 
-Norms, rotary and SiLU run as fused Triton kernels (``EngineConfig.fused_kernels``, the default);
-``--no-fused-kernels`` runs them as torch ops, to compare.
+Norms, rotary and SiLU run as fused Triton kernels, and batch-1 projections as fused Triton GEMVs
+(``EngineConfig.fused_kernels``, the default); ``--no-fused-kernels`` runs them as torch ops and
+cuBLAS, to compare.
 
 Random bf16 weights of the real shapes (no checkpoint read). A step is what the engine does per
 iteration: prepare (host → device), forward, sample (greedy) incl. the token read-back; timed with

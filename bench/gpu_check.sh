@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command on the GPU box: GPU tests, the engine benchmark, the KV transfer benchmark (>= 2 GPUs), (Triton attention, decode graphs,
-# fused kernels — the CUDA defaults), the offline/HF benchmark. Results go to $OUT (or ./runs).
+# One command on the GPU box: GPU tests, the engine benchmark (Triton attention, decode graphs, fused
+# kernels — the CUDA defaults), the offline/HF benchmark, the batch-1 GEMV benchmark, the KV transfer
+# benchmark (>= 2 GPUs). Results go to $OUT (or ./runs).
 # Usage: bash bench/gpu_check.sh [extra engine_bench.py args, e.g. --prefill 512 --decode-bs 1,64]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,12 @@ python3 bench/engine_bench.py --attention-backend triton --cuda-graphs --out "$O
 bench_rc=${PIPESTATUS[0]}
 python3 bench/offline_bench.py --out "$OUT" 2>&1 | tee "$OUT/offline.log"
 offline_rc=${PIPESTATUS[0]}
+python3 bench/gemv_bench.py --rows 1,2 --out "$OUT" 2>&1 | tee "$OUT/gemv.log"
+gemv_rc=${PIPESTATUS[0]}
 kv_rc=0
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   python3 bench/kv_transfer_bench.py --backends cuda_ipc,nccl,tcp --out "$OUT" 2>&1 | tee "$OUT/kv_transfer.log"
   kv_rc=${PIPESTATUS[0]}
 fi
-echo "gpu tests rc=$tests_rc bench rc=$bench_rc offline rc=$offline_rc kv transfer rc=$kv_rc"
-exit $(( tests_rc || bench_rc || offline_rc || kv_rc ))
+echo "gpu tests rc=$tests_rc bench rc=$bench_rc offline rc=$offline_rc gemv rc=$gemv_rc kv transfer rc=$kv_rc"
+exit $(( tests_rc || bench_rc || offline_rc || gemv_rc || kv_rc ))
