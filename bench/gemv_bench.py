@@ -32,8 +32,7 @@ class CublasProjections(TritonOps):
     """The decode step before the GEMV: the fused norm / SiLU·up kernels around cuBLAS."""
 
     linear = LayerOps.linear
-    norm_linear = LayerOps.norm_linear
-    norm_gate_up = LayerOps.norm_gate_up
+    norm_project = LayerOps.norm_project
 
 
 def projections(shape: dict) -> list[tuple[str, int, int, str]]:

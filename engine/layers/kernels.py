@@ -67,8 +67,7 @@ class LayerOps:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A pre-norm block's entry: ``s = x + residual`` (``x`` itself when residual is None), then
         the projection of ``rms_norm(s)``; returns ``(linear(rms_norm(s), weight, bias), s)``."""
-        h, summed = self._pre_norm(x, residual, norm_weight, eps)
-        return self.linear(h, weight, bias), summed
+        return self.norm_project(x, residual, norm_weight, eps, weight, bias, gated=False)
 
     def norm_gate_up(
         self,
@@ -80,15 +79,26 @@ class LayerOps:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``norm_linear`` into the packed gate/up projection [2 * inter, in], then the activation:
         returns ``(silu(gate) * up [T, inter], s)``."""
-        gate_up, summed = self.norm_linear(x, residual, norm_weight, eps, weight)
-        return self.silu_and_mul(gate_up), summed
+        return self.norm_project(x, residual, norm_weight, eps, weight, None, gated=True)
 
-    def _pre_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    def norm_project(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gated: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``norm_linear`` (``gated=False``) and ``norm_gate_up`` (``gated=True``) run; the one
+        method an implementation overrides for both."""
         if residual is None:
-            return self.rms_norm(x, weight, eps), x
-        return self.add_rms_norm(x, residual, weight, eps)
+            h, summed = self.rms_norm(x, norm_weight, eps), x
+        else:
+            h, summed = self.add_rms_norm(x, residual, norm_weight, eps)
+        y = self.linear(h, weight, bias)
+        return (self.silu_and_mul(y) if gated else y), summed
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The gated MLP's activation on the packed projection: [T, 2 * inter] -> [T, inter]."""

@@ -10,7 +10,7 @@ multiplies its slice of the input features; an all-reduce sums the partial produ
 tensors are always whole: a loader checks the whole shape, then narrows to its rank's slice. Each
 parameter also records the whole tensor's shape per part (``checkpoint_shapes``), so
 ``init_dummy_weights`` can draw one whole random tensor and load it like a checkpoint's. With one
-rank (``tp=None``) every layer runs exactly the single ``F.linear`` it always ran.
+rank (``tp=None``) every layer runs exactly the single projection (``LayerOps``) it always ran.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
@@ -61,8 +60,9 @@ class Part(NamedTuple):
 
 class PackedLinear(nn.Module):
     """Several linears with the same input, run as one, column-parallel: parts are named (e.g. "q",
-    "k", "v"); this rank's slice of each is stacked along the output dim. Returns
-    [T, sum of local part sizes] (no communication)."""
+    "k", "v"); this rank's slice of each is stacked along the output dim, [sum of local part sizes,
+    in] (no communication). The layers run it through ``LayerOps.norm_linear`` / ``norm_gate_up``,
+    with the norm before it."""
 
     def __init__(
         self,
@@ -92,9 +92,6 @@ class PackedLinear(nn.Module):
             p.weight_loader = self.load_part  # type: ignore[attr-defined]
             p.packed_parts = tuple(self.offsets)  # type: ignore[attr-defined]
             p.checkpoint_shapes = {k: (n, *p.shape[1:]) for k, n in whole_sizes.items()}  # type: ignore[attr-defined]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # [T, in] -> [T, local out]
 
     def load_part(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
         assert shard in self.offsets, f"unknown part {shard!r}; parts are {list(self.offsets)}"

@@ -255,39 +255,27 @@ class TritonOps(LayerOps):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(gate_up)
 
-    # Projections: one GEMV kernel with its norm / activation at a few rows, cuBLAS above.
+    # Projections: one GEMV kernel with its norm / activation at one row, cuBLAS otherwise.
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if triton_gemv.takes(x, weight):
             return triton_gemv.gemv(x, weight, bias)[0]
         return super().linear(x, weight, bias)
 
-    def norm_linear(
+    def norm_project(
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
         norm_weight: torch.Tensor,
         eps: float,
         weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if triton_gemv.takes(x, weight):
-            y, summed = triton_gemv.gemv(x, weight, bias, triton_gemv.NormIn(norm_weight, eps, residual))
-            return y, x if summed is None else summed
-        return super().norm_linear(x, residual, norm_weight, eps, weight, bias)
-
-    def norm_gate_up(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        norm_weight: torch.Tensor,
-        eps: float,
-        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gated: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if triton_gemv.takes(x, weight):
             norm = triton_gemv.NormIn(norm_weight, eps, residual)
-            act, summed = triton_gemv.gemv(x, weight, norm=norm, gated=True)
-            return act, x if summed is None else summed
-        return super().norm_gate_up(x, residual, norm_weight, eps, weight)
+            y, summed = triton_gemv.gemv(x, weight, bias, norm, gated)
+            return y, x if summed is None else summed
+        return super().norm_project(x, residual, norm_weight, eps, weight, bias, gated)
 
     def qk_norm_rope(
         self,
