@@ -46,11 +46,15 @@ class TorchNativeBackend(AttentionBackend):
             num_pages = -(-max(batch.seq_lens_cpu[lo:hi]) // page_size)
             table = batch.page_table[lo:hi, :num_pages]
             length = num_pages * page_size
-            k = k_pages[table].view(hi - lo, length, num_kv_heads, head_dim).transpose(1, 2)
-            v = v_pages[table].view(hi - lo, length, num_kv_heads, head_dim).transpose(1, 2)
             valid = (
                 torch.arange(length, device=q.device)[None, :] < batch.seq_lens[lo:hi, None]
             )  # [rows, length]
+            # The gather is a copy: zero its positions past each row's length in place. A padded
+            # row reads the dummy page 0, which padded writes fill with anything (even NaN), and a
+            # masked NaN still poisons SDPA (-inf + NaN scores; 0 * NaN values).
+            hide, shape = ~valid[:, :, None, None], (hi - lo, length, num_kv_heads, head_dim)
+            k = k_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
+            v = v_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
             out = F.scaled_dot_product_attention(
                 q[lo:hi].unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
             )  # [rows, num_heads, 1, head_dim]

@@ -130,6 +130,23 @@ def test_replayed_logits_equal_eager(engine, bs):
     assert graph_vs_eager(engine, mixed_lens(bs, 4, seed=bs, longest=400), seed=bs) < 1e-5
 
 
+def test_eager_decode_ignores_the_dummy_page(engine):
+    """Padded writes land on page 0 (graph padding rows, a context-parallel step's padding rows)
+    with any values, NaN included; a short row's gather reads page 0 through its page-table padding
+    and must come out exactly as if page 0 held zeros."""
+    runner = engine.runner
+    pool = runner.kv_pool.kv_gpu
+    pool.normal_()
+    pool[:, :, 0] = 0
+    batch = decode_batch(engine, [5, 40, 100], seed=3)
+    clean = runner.forward(runner.prepare(batch, use_graphs=False)).clone()
+    pool[:, :, 0] = float("nan")
+    poisoned = runner.forward(runner.prepare(batch, use_graphs=False)).clone()
+    release(engine, batch)
+    assert not poisoned.isnan().any()
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
+
+
 def test_padded_rows_keep_live_kv(engine):
     check_padding_keeps_live_kv(engine, tol=1e-5)
 
