@@ -82,44 +82,11 @@ def sweep_configs(rows: int) -> list[GemvConfig]:
     return [GemvConfig(*c) for c in grid]
 
 
-def variant_configs(base: GemvConfig) -> dict[str, GemvConfig]:
-    """The default config with the L2 prefetch / programmatic dependent launch switched on."""
-    return {
-        "prefetch2": base._replace(prefetch=2),
-        "prefetch4": base._replace(prefetch=4),
-        "pdl": base._replace(pdl=True),
-        "prefetch2+pdl": base._replace(prefetch=2, pdl=True),
-        "bn8+prefetch2+pdl": base._replace(block_n=8, num_warps=8, prefetch=2, pdl=True),
-    }
-
-
-def time_variants(
-    ops: LayerOps, kind: str, x, residual, norm_w, weights, base: GemvConfig
-) -> dict[str, float]:
-    """µs of each ``variant_configs`` variant; NaN where it fails or its output differs from the
-    default config's in any bit (the variants change when bytes move, not the arithmetic)."""
-    want = make_call(ops, kind, x, residual, norm_w, base)(weights[0])
-    out = {}
-    for name, cfg in variant_configs(base).items():
-        call = make_call(ops, kind, x, residual, norm_w, cfg)
-        try:
-            got = call(weights[0])
-            same = all(a is b or torch.equal(a, b) for a, b in zip(got, want, strict=True))
-            out[name] = time_us(call, weights) if same else math.nan
-            if not same:
-                print(f"  {name}: output differs from the default config's", flush=True)
-        except Exception as e:  # a launch this GPU / driver refuses
-            print(f"  {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            out[name] = math.nan
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
-    p.add_argument("--variants", action="store_true", help="also time the prefetch / PDL variants (1 row)")
     p.add_argument("--out", default="runs")
     args = p.parse_args()
     bw, _ = measure_ceilings()
@@ -154,15 +121,8 @@ def main() -> None:
                         print(f"  {cfg}: {type(e).__name__}", flush=True)
                         continue
                     best = min(best, (cfg, us), key=lambda b: b[1])
-            variants = {}
-            if args.variants and rows == 1:
-                variants = time_variants(fused_ops, kind, x, residual, norm_w, weights, cfg)
-                text = f"  {model} {name}: gemv {gemv:.2f} µs; " + ", ".join(
-                    f"{v} {us:.2f} ({gbytes / us:.0f} GB/s)" for v, us in variants.items())  # fmt: skip
-                print(text, flush=True)
             row = dict(model=model, proj=name, rows=rows, n=n, k=k, torch_us=base, gemv_us=gemv,
-                       best=best[0]._asdict() if best[0] else None, best_us=best[1] if best[0] else None,
-                       variants=variants)  # fmt: skip
+                       best=best[0]._asdict() if best[0] else None, best_us=best[1] if best[0] else None)  # fmt: skip
             results.append(row)
             line = (
                 f"| {model} | {name} | {rows} | {n} x {k} | {base:.2f} | {gbytes / base:.0f} | "
@@ -171,8 +131,6 @@ def main() -> None:
             )
             lines.append(line)
             print(line, flush=True)
-            if variants:
-                lines.append(text)
             del weights
             torch.cuda.empty_cache()
     write_results(args.out, "gemv_bench", lines, results)

@@ -43,33 +43,6 @@ KERNEL_MAX_ROWS = 16  # what the kernel takes (its accumulators grow with the ro
 
 
 @triton.jit
-def _prefetch_l2(ptr, nbytes):
-    """One thread of the program asks the copy engine to pull ``nbytes`` (a multiple of 16) from
-    ``ptr`` (16-byte aligned) into L2 (Hopper's ``cp.async.bulk.prefetch.L2``), without waiting."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .pred p;
-        .reg .b32 t;
-        mov.u32 t, %tid.x;
-        setp.eq.u32 p, t, 0;
-        @p cp.async.bulk.prefetch.L2.global [$1], $2;
-        mov.u32 $0, 0;
-        }""",
-        "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _prefetch_rows(W, row0, N, K, stride_wn, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """L2 prefetch of columns [k0, k0 + BLOCK_K) of weight rows [row0, row0 + BLOCK_N) (rows past N
-    re-fetch row N - 1), when k0 < K."""
-    if k0 < K:
-        nbytes = (tl.minimum(K - k0, BLOCK_K) * W.dtype.element_ty.primitive_bitwidth // 8).to(tl.int32)
-        for r in tl.static_range(BLOCK_N):
-            _prefetch_l2(W + tl.minimum(row0 + r, N - 1).to(tl.int64) * stride_wn + k0, nbytes)
-
-
-@triton.jit
 def _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr):  # fmt: skip
     """Columns ``kk`` of the projection's input rows ``m`` as float32 [BLOCK_M, BLOCK_K]: x, or
@@ -89,27 +62,10 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_offset, inv_k, eps,
     NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N),): program p computes output features [p * BLOCK_N, +BLOCK_N) of all
-    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads).
-    ``PREFETCH`` > 0: the program's first PREFETCH weight chunks go to L2 before anything else, and
-    each loop step prefetches the chunk PREFETCH steps ahead. ``PDL`` (launched as a programmatic
-    dependent): the next kernel may launch as this one's programs start, and this one reads its
-    inputs (what the previous kernel wrote) only after ``gdc_wait``; the weight prefetch before it
-    overlaps the previous kernel's tail."""
+    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads)."""
     pid = tl.program_id(0)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH > 0:
-        for j in tl.static_range(PREFETCH):
-            _prefetch_rows(W, pid * BLOCK_N, N, K, stride_wn, j * BLOCK_K, BLOCK_N, BLOCK_K)
-            if GATED:
-                _prefetch_rows(
-                    W, up_offset + pid * BLOCK_N, up_offset + N, K, stride_wn, j * BLOCK_K, BLOCK_N, BLOCK_K
-                )
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     dtype = Out.dtype.element_ty
     m = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
     m_ok = m < M
@@ -131,13 +87,6 @@ def _gemv_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if PREFETCH > 0:
-            ahead = k0 + PREFETCH * BLOCK_K
-            _prefetch_rows(W, pid * BLOCK_N, N, K, stride_wn, ahead, BLOCK_N, BLOCK_K)
-            if GATED:
-                _prefetch_rows(
-                    W, up_offset + pid * BLOCK_N, up_offset + N, K, stride_wn, ahead, BLOCK_N, BLOCK_K
-                )
         kk = k0 + k
         x_mask = m_ok & (kk < K)
         xv = _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype, NORM, RESIDUAL)
@@ -183,8 +132,6 @@ class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    prefetch: int = 0  # weight chunks prefetched into L2 ahead of the loop (0: none; CUDA sm_90+)
-    pdl: bool = False  # launch as a programmatic dependent of the previous kernel (sm_90+)
 
 
 def gemv_config(rows: int, n: int, k: int, gated: bool) -> GemvConfig:
@@ -234,8 +181,6 @@ def gemv(
             "norm weight [K] in the model dtype"
         )
     cfg = config or gemv_config(rows, n, k, gated)
-    if cfg.prefetch:
-        assert (k * x.element_size()) % 16 == 0, "the L2 prefetch moves whole 16-byte units of a row"
     grid = triton.cdiv(n, cfg.block_n)
     placeholder = x  # pointer arguments a variant does not read
     with on_device(x):
@@ -248,6 +193,6 @@ def gemv(
             NORM=norm is not None, RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
             BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            PREFETCH=cfg.prefetch, PDL=cfg.pdl, num_warps=cfg.num_warps, launch_pdl=cfg.pdl, **_LAUNCH,
+            num_warps=cfg.num_warps, **_LAUNCH,
         )  # fmt: skip
     return out, res_out
