@@ -86,7 +86,9 @@ class CPGroup:
             return
         self.max_rows = max_rows
         shape = (self.world_size * max_rows, 2, num_kv_heads, head_dim)
-        self._send = torch.empty(max_rows, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # Zeroed once: a rank's padding rows travel too and land on the dummy page 0, so they are
+        # finite (zeros, later stale K/V) rather than whatever the allocator held.
+        self._send = torch.zeros(max_rows, 2, num_kv_heads, head_dim, dtype=dtype, device=device)
         self._recv = None
         if symmetric and device.type == "cuda":
             try:
@@ -96,18 +98,18 @@ class CPGroup:
             else:
                 group = self.group if self.group is not None else dist.group.WORLD
                 assert group is not None, "the default process group exists"
-                self._recv = symm_mem.empty(shape, dtype=dtype, device=device)
+                self._recv = symm_mem.empty(shape, dtype=dtype, device=device).zero_()
                 self._symm = symm_mem.rendezvous(self._recv, group)
                 self._peers = [self._symm.get_buffer(r, shape, dtype) for r in range(self.world_size)]
                 log.info("cp: K/V all-gather through symmetric memory (%.1f MiB)", self._recv.nbytes / 2**20)
         if self._recv is None:
-            self._recv = torch.empty(shape, dtype=dtype, device=device)
+            self._recv = torch.zeros(shape, dtype=dtype, device=device)
 
     def all_gather_kv(self, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
         """Every rank's new K and V (``k``, ``v``: ``[n, num_kv_heads, head_dim]``, ``n <= rows``),
         each padded to ``rows`` rows, rank after rank: a view ``[world_size * rows, 2, num_kv_heads,
         head_dim]`` of the receive buffer, valid until the next call. Rows past a rank's ``n`` hold
-        stale values."""
+        stale (finite) values."""
         assert self._send is not None and self._recv is not None, "reserve() the buffers first"
         n = k.shape[0]
         assert n <= rows <= self.max_rows, f"{n} rows of {rows} (buffers hold {self.max_rows})"

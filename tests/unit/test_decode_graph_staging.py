@@ -44,9 +44,10 @@ class StaticDecodeBackend(TorchNativeBackend):
     def decode(self, q, k_pages, v_pages, batch, scale):
         _, page_size, num_kv_heads, head_dim = k_pages.shape
         bs, width = batch.page_table.shape
-        k = k_pages[batch.page_table].view(bs, width * page_size, num_kv_heads, head_dim).transpose(1, 2)
-        v = v_pages[batch.page_table].view(bs, width * page_size, num_kv_heads, head_dim).transpose(1, 2)
         valid = torch.arange(width * page_size)[None, :] < batch.seq_lens[:, None]  # [bs, length]
+        hide, shape = ~valid[:, :, None, None], (bs, width * page_size, num_kv_heads, head_dim)
+        k = k_pages[batch.page_table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
+        v = v_pages[batch.page_table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
         )  # [bs, num_heads, 1, head_dim]
@@ -141,8 +142,11 @@ def test_eager_decode_ignores_the_dummy_page(engine):
     batch = decode_batch(engine, [5, 40, 100], seed=3)
     clean = runner.forward(runner.prepare(batch, use_graphs=False)).clone()
     pool[:, :, 0] = float("nan")
-    poisoned = runner.forward(runner.prepare(batch, use_graphs=False)).clone()
-    release(engine, batch)
+    try:
+        poisoned = runner.forward(runner.prepare(batch, use_graphs=False)).clone()
+    finally:
+        pool[:, :, 0] = 0  # the module's engine is shared
+        release(engine, batch)
     assert not poisoned.isnan().any()
     torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
 
