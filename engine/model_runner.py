@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import ForwardBatch, ForwardMode, create_backend
@@ -39,6 +40,7 @@ from engine.graphs import (
 from engine.kvcache.page_pool import KVPagePool
 from engine.layers.kernels import create_layer_ops, layer_ops_name
 from engine.loader import load_model
+from engine.packing import pack
 from engine.sampling import Sampler, SamplingTensors
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -174,35 +176,19 @@ class ModelRunner:
         graphs = self.graphs if use_graphs else None
         if graphs is not None and batch.is_decode and len(batch.seqs) <= graphs.max_batch_size:
             return graphs.prepare(batch)
-        ps = self.cfg.page_size
-        input_ids: list[int] = []
-        input_rows: list[int] = []  # row of last_tokens holding a token the host lacks, else -1
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        for seq, n in zip(batch.seqs, batch.extend_lens, strict=True):
-            start, end = seq.num_computed, seq.num_computed + n
-            known = seq.token_ids[start:end]  # all but an in-flight last token
-            input_ids += known + [0] * (n - len(known))
-            input_rows += [-1] * len(known) + [seq.inflight_row] * (n - len(known))
-            positions += range(start, end)
-            slots += [seq.pages[p // ps] * ps + p % ps for p in range(start, end)]
-            seq_lens.append(end)
-        max_pages = max(len(seq.pages) for seq in batch.seqs)
-        page_table = [seq.pages + [0] * (max_pages - len(seq.pages)) for seq in batch.seqs]
-        last_rows = torch.tensor(batch.extend_lens).cumsum(0) - 1
-        ids = self._to_device(input_ids)
-        if any(r >= 0 for r in input_rows):
-            ids = resolve_input_ids(ids, self._to_device(input_rows), self.last_tokens)
+        packed = pack(batch.seqs, batch.extend_lens, self.cfg.page_size)
+        ids = self._to_device(packed.input_ids)
+        if packed.input_rows is not None:
+            ids = resolve_input_ids(ids, self._to_device(packed.input_rows), self.last_tokens)
         fb = ForwardBatch(
             mode=ForwardMode.DECODE if batch.is_decode else ForwardMode.EXTEND,
             input_ids=ids,
-            positions=self._to_device(positions),
-            out_cache_loc=self._to_device(slots),
-            page_table=self._to_device(page_table),
-            seq_lens=self._to_device(seq_lens),
-            logits_indices=last_rows.to(self.device, non_blocking=True),
-            seq_lens_cpu=seq_lens,
+            positions=self._to_device(packed.positions),
+            out_cache_loc=self._to_device(packed.slots),
+            page_table=self._to_device(packed.page_table),
+            seq_lens=self._to_device(packed.seq_lens),
+            logits_indices=self._to_device(packed.last_rows),
+            seq_lens_cpu=packed.seq_lens.tolist(),
             extend_lens_cpu=list(batch.extend_lens),
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
@@ -272,8 +258,8 @@ class ModelRunner:
             )
         return self.cfg.max_model_len or limit
 
-    def _to_device(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+    def _to_device(self, values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(values).to(self.device, non_blocking=True)
 
     def _bytes_per_page(self) -> int:
         m = self.model_cfg

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import logging
 from collections.abc import Sequence as Seq
 from typing import Any, cast
@@ -43,6 +42,7 @@ from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.graphs.capture import capture_all
 from engine.graphs.two_batch import run_overlapped, split_batch, tbo_split
 from engine.kvcache.page_pool import KVPagePool
+from engine.packing import page_entries
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -74,12 +74,9 @@ def stage_decode(
     ``padded``. Page-table entries past a row's last page keep stale ids: nothing reads them."""
     n = len(seqs)
     pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n] position of the new token
-    num_pages = np.fromiter((len(s.pages) for s in seqs), np.int64, n)  # [n]
-    assert num_pages.max() <= page_table.shape[1], "a sequence has more pages than max_model_len allows"
-    flat = np.fromiter(itertools.chain.from_iterable(s.pages for s in seqs), np.int64)  # [sum pages]
-    rows = np.repeat(np.arange(n), num_pages)  # [sum pages]
-    cols = np.arange(flat.size) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
-    page_table[rows, cols] = flat
+    rows, cols, pages = page_entries(seqs)
+    assert cols.max() < page_table.shape[1], "a sequence has more pages than max_model_len allows"
+    page_table[rows, cols] = pages
     rows_in = np.fromiter((s.next_input_row for s in seqs), np.int64, n)  # [n]
     input_rows[:n] = rows_in
     input_ids[:n] = [s.token_ids[s.num_computed] if r < 0 else 0 for s, r in zip(seqs, rows_in, strict=True)]
