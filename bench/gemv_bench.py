@@ -74,7 +74,13 @@ def time_us(call, weights: list[torch.Tensor], reps: int = 20) -> float:
     return ms * 1e3 / len(weights)
 
 
-def sweep_configs(rows: int) -> list[GemvConfig]:
+def sweep_configs(rows: int, dot: bool = False) -> list[GemvConfig]:
+    """The launch parameters ``--sweep`` tries: the elementwise kernel's, or (``dot``) those of its
+    ``tl.dot`` path, whose weight tiles Triton stages through shared memory ``num_stages`` deep."""
+    if dot:
+        return [
+            GemvConfig(n, k, 4, True, s) for n, k, s in itertools.product((16, 32, 64), (128, 256), (3, 5))
+        ]
     if rows == 1:
         grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
     else:
@@ -87,6 +93,7 @@ def main() -> None:
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
+    p.add_argument("--sweep-dot", action="store_true", help="sweep the GEMV's tl.dot path instead")
     p.add_argument("--out", default="runs")
     args = p.parse_args()
     bw, _ = measure_ceilings()
@@ -113,8 +120,8 @@ def main() -> None:
                 cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
                 gemv = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights)
             best: tuple[GemvConfig | None, float] = (None, math.inf)
-            if args.sweep and rows <= triton_gemv.KERNEL_MAX_ROWS:
-                for cfg in sweep_configs(rows):
+            if (args.sweep or args.sweep_dot) and rows <= triton_gemv.KERNEL_MAX_ROWS:
+                for cfg in sweep_configs(rows, dot=args.sweep_dot):
                     try:
                         us = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights, reps=10)
                     except Exception as e:  # a config the compiler refuses (registers, shared memory)

@@ -57,14 +57,26 @@ def _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype: tl.
 
 
 @triton.jit
+def _weight_chunk(w_rows, kk, n_ok, K, EVEN: tl.constexpr):
+    """Columns ``kk`` [1, BK] of the weight rows ``w_rows`` [BN, 1]: [BN, BK], zero past N and K."""
+    if EVEN:
+        return tl.load(w_rows + kk)
+    return tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0)
+
+
+@triton.jit
 def _gemv_kernel(
     X, R, NW, W, B, Out, ResOut,
     M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_offset, inv_k, eps,
     NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N),): program p computes output features [p * BLOCK_N, +BLOCK_N) of all
-    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads)."""
+    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads).
+    ``DOT``: each weight tile goes through ``tl.dot`` (tensor cores; BLOCK_M, BLOCK_N, BLOCK_K >= 16,
+    16-bit dtypes) instead of register-resident elementwise products, which lets Triton's software
+    pipeliner stage the weight tiles through shared memory ``num_stages`` deep."""
     pid = tl.program_id(0)
     dtype = Out.dtype.element_ty
     m = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
@@ -84,33 +96,33 @@ def _gemv_kernel(
             ss += tl.sum(xv * xv, axis=1, keep_dims=True)
         rstd = tl.math.rsqrt(ss * inv_k + eps)
     w_rows = W + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)  # elementwise products (not DOT)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    mm = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # DOT: the tile products
+    mm_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
         x_mask = m_ok & (kk < K)
         xv = _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype, NORM, RESIDUAL)
-        xv = xv[:, None, :]  # [BM, 1, BK]
-        if EVEN:
-            wv = tl.load(w_rows + kk).to(tl.float32)
+        wv = _weight_chunk(w_rows, kk, n_ok, K, EVEN)  # [BN, BK] in the model dtype
+        if DOT:
+            mm = tl.dot(xv.to(dtype), tl.trans(wv), mm)
         else:
-            wv = tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0).to(tl.float32)
-        acc += xv * wv[None, :, :]
+            acc += xv[:, None, :] * wv.to(tl.float32)[None, :, :]
         if GATED:
-            if EVEN:
-                uv = tl.load(w_rows + up_offset * stride_wn + kk).to(tl.float32)
+            uv = _weight_chunk(w_rows + up_offset * stride_wn, kk, n_ok, K, EVEN)
+            if DOT:
+                mm_up = tl.dot(xv.to(dtype), tl.trans(uv), mm_up)
             else:
-                uv = tl.load(w_rows + up_offset * stride_wn + kk, mask=n_ok & (kk < K), other=0.0).to(
-                    tl.float32
-                )
-            acc_up += xv * uv[None, :, :]
-    y = tl.sum(acc, axis=2)  # [BM, BN]
+                acc_up += xv[:, None, :] * uv.to(tl.float32)[None, :, :]
+    y = mm if DOT else tl.sum(acc, axis=2)  # [BM, BN]
+    y_up = mm_up if DOT else tl.sum(acc_up, axis=2)
     if HAS_BIAS:
         y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     if GATED:  # silu(gate) * up, each rounded where torch stores it (gate_up, then F.silu)
         gate = _rnd(y, dtype)
         act = _rnd(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)
-        y = act * _rnd(tl.sum(acc_up, axis=2), dtype)
+        y = act * _rnd(y_up, dtype)
     tl.store(Out + m * stride_om + n[None, :], y.to(dtype), mask=m_ok & (n < N)[None, :])
 
 
@@ -132,6 +144,8 @@ class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
+    dot: bool = False  # tile products through tl.dot (the kernel's ``DOT``), 16-bit dtypes only
+    num_stages: int = 3  # Triton's software-pipelining depth (what it stages: loads feeding tl.dot)
 
 
 def gemv_config(rows: int, n: int, k: int, gated: bool) -> GemvConfig:
@@ -181,6 +195,10 @@ def gemv(
             "norm weight [K] in the model dtype"
         )
     cfg = config or gemv_config(rows, n, k, gated)
+    if cfg.dot:
+        assert x.dtype in (torch.float16, torch.bfloat16), "tl.dot here takes 16-bit inputs only"
+        assert min(cfg.block_n, cfg.block_k) >= 16, "tl.dot tiles are at least 16 wide"
+    block_m = max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows)
     grid = triton.cdiv(n, cfg.block_n)
     placeholder = x  # pointer arguments a variant does not read
     with on_device(x):
@@ -192,7 +210,7 @@ def gemv(
             norm.eps if norm is not None else 0.0,
             NORM=norm is not None, RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
-            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, **_LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH,
         )  # fmt: skip
     return out, res_out
