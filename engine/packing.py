@@ -48,9 +48,12 @@ def pack(seqs: Seq[Sequence], extend_lens: Seq[int], page_size: int) -> PackedBa
     lens = np.asarray(extend_lens, dtype=np.int64)  # [n]
     starts = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n]
     first = np.cumsum(lens) - lens  # [n] first row of each sequence
+    assert (lens > 0).all(), "every scheduled sequence computes at least one token"
     rows, cols, pages = page_entries(seqs)
     page_table = np.zeros((n, int(cols.max()) + 1 if cols.size else 0), np.int64)
     page_table[rows, cols] = pages
+    num_pages = np.bincount(rows, minlength=n)  # [n]
+    assert (starts + lens <= num_pages * page_size).all(), "a sequence's new tokens run past its pages"
     seq_of_row = np.repeat(np.arange(n), lens)  # [tokens]
     positions = np.arange(int(lens.sum())) - first[seq_of_row] + starts[seq_of_row]
     slots = page_table[seq_of_row, positions // page_size] * page_size + positions % page_size

@@ -75,7 +75,7 @@ def stage_decode(
     n = len(seqs)
     pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n] position of the new token
     rows, cols, pages = page_entries(seqs)
-    assert cols.max() < page_table.shape[1], "a sequence has more pages than max_model_len allows"
+    assert not cols.size or cols.max() < page_table.shape[1], "more pages than max_model_len allows"
     page_table[rows, cols] = pages
     rows_in = np.fromiter((s.next_input_row for s in seqs), np.int64, n)  # [n]
     input_rows[:n] = rows_in

@@ -5,7 +5,8 @@ Why: at batch 1 a decode step reads every weight once; cuBLAS's GEMV kernels rea
 at ~1.4 TB/s (Qwen3-0.6B, H100) and a split-K one adds a reduce kernel, and the RMSNorm before a
 projection and the SiLU·up after ``gate_up`` are kernels of their own that cost a few µs each
 whatever their size. This kernel streams ``weight`` [N, K] once, ``BLOCK_N`` rows per program and
-many programs per SM (occupancy hides the memory latency; there is no shared-memory staging), with:
+many programs per SM (occupancy hides the memory latency; no shared-memory staging except on the
+``DOT`` path, see ``_gemv_kernel``), with:
 - ``NORM``: the pre-norm RMSNorm of the input computed in the prologue (each program reads the few
   input rows, a few KB from L2, for the statistics), optionally after the residual add, whose sum
   program 0 writes out (``ResOut``) for the residual stream;

@@ -53,3 +53,10 @@ def test_pack_equals_the_per_token_definition(in_flight):
     assert got.last_rows.tolist() == [10, 17, 18]
     assert got.page_table.tolist() == [[7, 3, 9, 0, 0], [1, 5, 6, 11, 12], [2, 8, 4, 0, 0]]
     assert all(a.dtype == np.int64 for a in (got.input_ids, got.positions, got.slots, got.page_table))
+
+
+def test_pack_refuses_tokens_past_a_sequences_pages():
+    """A page-allocation slip must fail loudly, not write KV into the page-table padding (page 0)."""
+    seqs = [_seq("short", 6, 0, [3]), _seq("long", 12, 0, [4, 5, 6])]
+    with pytest.raises(AssertionError, match="past its pages"):
+        pack(seqs, [6, 12], PAGE)
