@@ -36,7 +36,7 @@ class TorchNativeBackend(AttentionBackend):
 
     def decode(self, q, k_pages, v_pages, batch: ForwardBatch, scale: float) -> torch.Tensor:
         """Decode attention over the pool (new K/V already stored): [batch, num_heads, head_dim]."""
-        _, page_size, num_kv_heads, head_dim = k_pages.shape
+        page_size = k_pages.shape[1]
         bs = batch.batch_size
         max_len = -(-max(batch.seq_lens_cpu) // page_size) * page_size
         rows = max(1, self.max_gather_tokens // max_len)
@@ -45,20 +45,7 @@ class TorchNativeBackend(AttentionBackend):
             hi = min(lo + rows, bs)
             num_pages = -(-max(batch.seq_lens_cpu[lo:hi]) // page_size)
             table = batch.page_table[lo:hi, :num_pages]
-            length = num_pages * page_size
-            valid = (
-                torch.arange(length, device=q.device)[None, :] < batch.seq_lens[lo:hi, None]
-            )  # [rows, length]
-            # The gather is a copy: zero its positions past each row's length in place. A padded
-            # row reads the dummy page 0, which padded writes fill with anything (even NaN), and a
-            # masked NaN still poisons SDPA (-inf + NaN scores; 0 * NaN values).
-            hide, shape = ~valid[:, :, None, None], (hi - lo, length, num_kv_heads, head_dim)
-            k = k_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
-            v = v_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q[lo:hi].unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-            )  # [rows, num_heads, 1, head_dim]
-            outs.append(out.squeeze(2))
+            outs.append(paged_decode(q[lo:hi], k_pages, v_pages, table, batch.seq_lens[lo:hi], scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @staticmethod
@@ -88,3 +75,29 @@ class TorchNativeBackend(AttentionBackend):
             outs.append(o.transpose(0, 1))  # [ext, num_heads, head_dim]
             start += ext
         return torch.cat(outs, dim=0)
+
+
+def paged_decode(
+    q: torch.Tensor,  # [rows, num_heads, head_dim]
+    k_pages: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    v_pages: torch.Tensor,
+    table: torch.Tensor,  # [rows, width] page ids; entries past a row's pages: any page
+    seq_lens: torch.Tensor,  # [rows] KV lengths, at most width * page_size
+    scale: float,
+) -> torch.Tensor:
+    """One decode query per row over its ``seq_lens`` keys, gathered through ``table``:
+    [rows, num_heads, head_dim]."""
+    rows, width = table.shape
+    _, page_size, num_kv_heads, head_dim = k_pages.shape
+    length = width * page_size
+    valid = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None]  # [rows, length]
+    # The gather is a copy: zero its positions past each row's length in place. A padded row reads
+    # the dummy page 0, which padded writes fill with anything (even NaN), and a masked NaN still
+    # poisons SDPA (-inf + NaN scores; 0 * NaN values).
+    hide, shape = ~valid[:, :, None, None], (rows, length, num_kv_heads, head_dim)
+    k = k_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
+    v = v_pages[table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [rows, num_heads, 1, head_dim]
+    return out.squeeze(2)

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.packing import slot_of
+
 _varlen_attn: Callable[..., Any] | None
 try:
     from torch.nn.attention import varlen as _varlen_module
@@ -97,7 +99,7 @@ def key_slots(page_table: torch.Tensor, seq_lens: list[int], page_size: int) -> 
     keys = torch.arange(sum(seq_lens), device=device)  # [num_keys]
     seq = torch.searchsorted(cu[1:], keys, right=True)  # [num_keys] owning sequence
     pos = keys - cu[seq]  # [num_keys] position in its sequence
-    return page_table[seq, pos // page_size] * page_size + pos % page_size
+    return slot_of(page_table, seq, pos, page_size)
 
 
 def build_extend_metadata(

@@ -42,7 +42,7 @@ from engine.attention.base import AttentionBackend, ForwardBatch, ForwardMode
 from engine.graphs.capture import capture_all
 from engine.graphs.two_batch import run_overlapped, split_batch, tbo_split
 from engine.kvcache.page_pool import KVPagePool
-from engine.packing import page_entries
+from engine.packing import page_entries, slot_of
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
@@ -74,15 +74,15 @@ def stage_decode(
     ``padded``. Page-table entries past a row's last page keep stale ids: nothing reads them."""
     n = len(seqs)
     pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n] position of the new token
-    rows, cols, pages = page_entries(seqs)
-    assert not cols.size or cols.max() < page_table.shape[1], "more pages than max_model_len allows"
+    rows, cols, pages, num_pages = page_entries(seqs)
+    assert num_pages.max(initial=0) <= page_table.shape[1], "more pages than max_model_len allows"
     page_table[rows, cols] = pages
     rows_in = np.fromiter((s.next_input_row for s in seqs), np.int64, n)  # [n]
     input_rows[:n] = rows_in
     input_ids[:n] = [s.token_ids[s.num_computed] if r < 0 else 0 for s, r in zip(seqs, rows_in, strict=True)]
     positions[:n] = pos
     seq_lens[:n] = pos + 1
-    out_cache_loc[:n] = page_table[np.arange(n), pos // page_size] * page_size + pos % page_size
+    out_cache_loc[:n] = slot_of(page_table, np.arange(n), pos, page_size)
     input_ids[n:padded] = 0
     input_rows[n:padded] = -1
     positions[n:padded] = 0

@@ -15,7 +15,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from decode_batches import (
     StandInGraph,
     check_padding_keeps_live_kv,
@@ -26,7 +25,7 @@ from decode_batches import (
 )
 
 from engine import LLM
-from engine.attention.torch_native import TorchNativeBackend
+from engine.attention.torch_native import TorchNativeBackend, paged_decode
 from engine.config import EngineConfig
 from engine.graphs import DecodeGraphRunner, graph_batch_sizes
 from engine.graphs.decode_graphs import stage_decode
@@ -42,16 +41,7 @@ class StaticDecodeBackend(TorchNativeBackend):
         pass
 
     def decode(self, q, k_pages, v_pages, batch, scale):
-        _, page_size, num_kv_heads, head_dim = k_pages.shape
-        bs, width = batch.page_table.shape
-        valid = torch.arange(width * page_size)[None, :] < batch.seq_lens[:, None]  # [bs, length]
-        hide, shape = ~valid[:, :, None, None], (bs, width * page_size, num_kv_heads, head_dim)
-        k = k_pages[batch.page_table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
-        v = v_pages[batch.page_table].view(shape).masked_fill_(hide, 0).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-        )  # [bs, num_heads, 1, head_dim]
-        return out.squeeze(2)
+        return paged_decode(q, k_pages, v_pages, batch.page_table, batch.seq_lens, scale)
 
 
 def with_stand_in_graphs(engine, tbo_min_batch: int = 0):
