@@ -9,7 +9,10 @@ at a time ("graph ms": prepare, replay, sample, wait for the tokens); pipelined 
 with overlap scheduling ("overlap ms": step N+1 staged and launched before step N's tokens are
 waited for); and the graph replays alone, back to back ("gpu ms": the device time, no host work). Prefill rows get "graph ms" from piecewise CUDA graphs
 (``engine.graphs.piecewise``, captured up to the largest ``--prefill``) against eager "step ms".
-``--ctx 1024,4096`` repeats the decode rows per context length (rows whose KV does not fit are
+``--idle-before S`` adds "isolated ms" to prefill rows: the eager step with the GPU idle S seconds
+before each one, as a lone request meets it (back-to-back long prefills heat an H100 into its
+power cap, which lowers the SM clock: "step ms" is the sustained figure). ``--profile`` prints where
+one step's time goes and the GPU's idle gaps inside it. ``--ctx 1024,4096`` repeats the decode rows per context length (rows whose KV does not fit are
 skipped, with a line saying so).
 
 Norms, rotary and SiLU run as fused Triton kernels, and batch-1 projections as fused Triton GEMVs
@@ -32,10 +35,12 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.autograd import DeviceType
 
 from bench.runner_timing import (
     VOCAB,
     gpu_step_ms,
+    isolated_step_ms,
     make_runner,
     measure_ceilings,
     model_config,
@@ -60,6 +65,7 @@ class Row:
     graph_ms: float | None = None  # decode step replayed from a CUDA graph (--cuda-graphs)
     overlap_ms: float | None = None  # graph steps pipelined as with overlap scheduling
     gpu_ms: float | None = None  # graph replays back to back: device time alone
+    isolated_ms: float | None = None  # eager prefill after the GPU idled (--idle-before)
 
     @property
     def ratio(self) -> float:
@@ -109,6 +115,8 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
         attn = 2 * n * n * cfg.num_heads * cfg.head_dim * cfg.num_layers  # causal QK^T + PV
         floor = (2 * matmul_params * n + 2 * lm_head + attn) / flops * 1e3
         rows.append(Row(name, "prefill", 1, n, ms, floor))
+        if args.idle_before > 0:
+            rows[-1].isolated_ms = isolated_step_ms(runner, seqs, [n], False, args.reps, args.idle_before)
         if runner.piecewise is not None and n <= runner.piecewise.max_tokens:
             rows[-1].graph_ms = step_ms(runner, seqs, [n], decode=False, reps=args.reps, graphs=True)
         print(rows[-1], flush=True)
@@ -160,38 +168,64 @@ def profile_step(
         # Triton launches through cuLaunchKernelEx
         if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
     )
-    gpu_us = sum(e.self_device_time_total for e in events)
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
     print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
+    print_gpu_gaps(prof.events())
     print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=25), flush=True)
 
 
+def print_gpu_gaps(events, top: int = 5) -> None:
+    """From first to last kernel of the profiled step: how long the GPU ran kernels and the largest
+    idle gaps between them (with the kernels on either side): where the device waited on the host."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA
+    )
+    if not spans:
+        return
+    busy, gaps, end, before = 0.0, [], spans[0][0], ""
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, before, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    span = end - spans[0][0]
+    print(f"  GPU span {span / 1e3:.2f} ms, kernels running {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
+          f"in {len(gaps)} gaps; largest:", flush=True)  # fmt: skip
+    for gap, prev, nxt in sorted(gaps, reverse=True)[:top]:
+        print(f"    {gap / 1e3:.3f} ms after {prev[:60]} before {nxt[:60]}", flush=True)
+
+
 def table(rows: list[Row], graph_columns: bool) -> list[str]:
     """The markdown table; the graph columns ("-" where a row has no graph time) only if asked for."""
-    if not graph_columns:
-        return [
-            "| model | phase | batch | tokens / ctx | step ms | floor ms | x floor |",
-            "|---|---|---|---|---|---|---|",
-            *(
-                f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {r.floor_ms:.2f} | {r.ratio:.1f} |"
-                for r in rows
-            ),
-        ]
-    lines = [
-        "| model | phase | batch | tokens / ctx | step ms | graph ms | graph speedup | overlap ms | gpu ms "
-        "| floor ms | x floor | best x floor | tok/s (overlap) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
+    if not graph_columns:
+        return [
+            "| model | phase | batch | tokens / ctx | step ms | isolated ms | floor ms | x floor |",
+            "|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {ms(r.isolated_ms)} "
+                f"| {r.floor_ms:.2f} | {r.ratio:.1f} |"
+                for r in rows
+            ),
+        ]
+    lines = [
+        "| model | phase | batch | tokens / ctx | step ms | isolated ms | graph ms | graph speedup | overlap ms | gpu ms "
+        "| floor ms | x floor | best x floor | tok/s (overlap) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
     for r in rows:
-        best = min(v for v in (r.ms, r.graph_ms, r.overlap_ms) if v is not None)
+        best = min(v for v in (r.ms, r.isolated_ms, r.graph_ms, r.overlap_ms) if v is not None)
         speedup = "-" if r.graph_ms is None else f"{r.ms / r.graph_ms:.2f}"
         tps = "-" if r.overlap_ms is None else f"{r.batch / r.overlap_ms * 1e3:,.0f}"
         lines.append(
-            f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {ms(r.graph_ms)} | {speedup} "
+            f"| {r.model} | {r.phase} | {r.batch} | {r.tokens_or_ctx} | {r.ms:.2f} | {ms(r.isolated_ms)} "
+            f"| {ms(r.graph_ms)} | {speedup} "
             f"| {ms(r.overlap_ms)} | {ms(r.gpu_ms)} | {r.floor_ms:.2f} | {r.ratio:.1f} | {best / r.floor_ms:.2f} "
             f"| {tps} |"
         )
@@ -215,6 +249,13 @@ def main() -> None:
         "--no-fused-kernels",
         action="store_true",
         help="norms, rotary and SiLU as torch ops instead of the fused Triton kernels",
+    )
+    p.add_argument(
+        "--idle-before",
+        type=float,
+        default=0.0,
+        help="also time each prefill row with the GPU idle this many seconds before every step "
+        "(isolated ms: a lone request's clocks; back-to-back steps power-cap the card)",
     )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler summary of a decode step")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))

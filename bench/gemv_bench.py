@@ -2,13 +2,17 @@
 against what it replaces (cuBLAS ``F.linear`` plus the separate norm / SiLU·up kernels), with the
 read bandwidth each reaches, and a sweep of the GEMV's launch parameters.
 
-    python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--sweep] [--out runs]
+    python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--read-floor]
+        [--sweep elementwise,dot,tma,tma-dot] [--out runs]
 
 Per model the four projections of a layer as the decode step runs them: input norm (+ residual add)
 → qkv; o_proj; post-attention norm (+ residual add) → gate/up → SiLU·up; down_proj. Each is timed
 inside one CUDA graph that runs it over enough distinct weight copies (≥ 256 MB together) that no
 copy is still in the 50 MB L2 when its turn comes again, as in a real step. "GB/s" is the weight
 bytes over the time; the copy bandwidth of the same GPU is printed first (read + write counted).
+``--read-floor`` adds the fastest pure read (a sum) of the same weights, timed the same way: how fast
+these bytes can stream at all. ``--sweep`` prints each swept path's best config as
+block_n/block_k/warps/stages.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+from collections.abc import Iterable
 
 import torch
+import triton
+import triton.language as tl
 
 from bench.runner_timing import SHAPES, cuda_time_ms, measure_ceilings, write_results
 from engine.layers import triton_gemv
@@ -74,34 +81,74 @@ def time_us(call, weights: list[torch.Tensor], reps: int = 20) -> float:
     return ms * 1e3 / len(weights)
 
 
-def sweep_configs(rows: int, dot: bool = False) -> list[GemvConfig]:
-    """The launch parameters ``--sweep`` tries: the elementwise kernel's, or (``dot``) those of its
-    ``tl.dot`` path, whose weight tiles Triton stages through shared memory ``num_stages`` deep."""
-    if dot:
-        return [
-            GemvConfig(n, k, 4, True, s) for n, k, s in itertools.product((16, 32, 64), (128, 256), (3, 5))
-        ]
-    if rows == 1:
-        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
+SWEEPS = ("elementwise", "dot", "tma", "tma-dot")
+
+
+def sweep_configs(rows: int, path: str) -> list[GemvConfig]:
+    """The launch parameters a sweep of ``path`` tries: the elementwise kernel's; its ``tl.dot``
+    path's, whose weight tiles Triton stages through shared memory ``num_stages`` deep; and both with
+    the tiles as TMA bulk copies (``tma``, ``tma-dot``; a TMA box is at most 256 wide)."""
+    tiles: Iterable[tuple]
+    if path == "dot":
+        tiles = itertools.product((16, 32, 64), (128, 256), (4,), (True,), (4,))
+    elif path == "tma-dot":
+        tiles = itertools.product((16, 32, 64), (128, 256), (4,), (True,), (4,), (True,))
+    elif path == "tma":
+        tiles = itertools.product((8, 16), (128, 256), (4,), (False,), (3,), (True,))
+    elif rows == 1:
+        tiles = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
     else:
-        grid = itertools.product((1, 2, 4), (128, 256), (4,))
-    return [GemvConfig(*c) for c in grid]
+        tiles = itertools.product((1, 2, 4), (128, 256), (4,))
+    return [GemvConfig(*c) for c in tiles]
+
+
+@triton.jit
+def _read_kernel(W, Out, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p sums elements [p * CHUNK, +CHUNK) of ``W``: a read of the bytes and nothing else."""
+    offs = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        acc += tl.load(W + offs + i).to(tl.float32)
+    tl.store(Out + tl.program_id(0), tl.sum(acc))
+
+
+def read_floor_us(weights: list[torch.Tensor]) -> float:
+    """The fastest pure read of one weight (µs): torch's sum and a streaming Triton sum over a few
+    chunk / block / warp sizes, timed as the projections are (one graph over all copies)."""
+    numel = weights[0].numel()
+    out = torch.empty(numel // 1024, device=weights[0].device, dtype=torch.float32)
+    best = time_us(lambda w: w.sum(dtype=torch.float32), weights)
+    for chunk, block, warps in itertools.product((1024, 4096, 16384), (1024, 2048), (4, 8)):
+        if numel % chunk or block > chunk:
+            continue
+
+        def read(w, chunk=chunk, block=block, warps=warps):
+            _read_kernel[(numel // chunk,)](w, out, CHUNK=chunk, BLOCK=block, num_warps=warps)
+
+        best = min(best, time_us(read, weights))
+    return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--rows", default="1,2,4,8")
-    sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
-    sweep.add_argument("--sweep-dot", action="store_true", help="also sweep its tl.dot path's instead")
+    p.add_argument(
+        "--sweep", default="", help=f"also sweep these GEMV paths' launch parameters: {','.join(SWEEPS)}"
+    )
+    p.add_argument("--read-floor", action="store_true", help="also time a pure read of each weight")
     p.add_argument("--out", default="runs")
     args = p.parse_args()
+    paths = [path for path in args.sweep.split(",") if path]
+    if unknown := set(paths) - set(SWEEPS):
+        p.error(f"--sweep takes {', '.join(SWEEPS)}; not {', '.join(sorted(unknown))}")
     bw, _ = measure_ceilings()
     lines = [f"GPU {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)"]
     print(lines[0], flush=True)
-    header = "| model | proj | rows | N x K | cuBLAS + norm/act µs | GB/s | gemv µs | GB/s | speedup | best config | best µs |"
-    lines += [header, "|" + "---|" * 11]
+    header = "| model | proj | rows | N x K | cuBLAS + norm/act µs | GB/s | gemv µs | GB/s | speedup |"
+    header += " read µs | GB/s |" if args.read_floor else ""
+    header += "".join(f" best {path} | µs | GB/s |" for path in paths)
+    lines += [header, "|" + "---|" * header.count(" |")]
     print(header, flush=True)
     results = []
     before, fused_ops = CublasProjections(), TritonOps()
@@ -116,27 +163,33 @@ def main() -> None:
             norm_w = torch.rand(k, device=dev, dtype=dtype) + 0.5
             gbytes = n * k * 2 / 1e3  # per µs -> GB/s
             base = time_us(make_call(before, kind, x, residual, norm_w), weights)
-            gemv = None
+            line = f"| {model} | {name} | {rows} | {n} x {k} | {base:.2f} | {gbytes / base:.0f} | "
+            row: dict = dict(model=model, proj=name, rows=rows, n=n, k=k, torch_us=base, gemv_us=None)
             if rows <= triton_gemv.KERNEL_MAX_ROWS:
                 cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
-                gemv = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights)
-            best: tuple[GemvConfig | None, float] = (None, math.inf)
-            if (args.sweep or args.sweep_dot) and rows <= triton_gemv.KERNEL_MAX_ROWS:
-                for cfg in sweep_configs(rows, dot=args.sweep_dot):
+                row["gemv_us"] = gemv = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights)
+                line += f"{gemv:.2f} | {gbytes / gemv:.0f} | {base / gemv:.2f} |"
+            else:
+                line += "- | - | - |"
+            if args.read_floor:
+                row["read_us"] = read = read_floor_us(weights)
+                line += f" {read:.2f} | {gbytes / read:.0f} |"
+            for path in paths if rows <= triton_gemv.KERNEL_MAX_ROWS else ():
+                best: tuple[GemvConfig | None, float] = (None, math.inf)
+                for cfg in sweep_configs(rows, path):
                     try:
                         us = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights, reps=10)
                     except Exception as e:  # a config the compiler refuses (registers, shared memory)
-                        print(f"  {cfg}: {type(e).__name__}", flush=True)
+                        print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
                     best = min(best, (cfg, us), key=lambda b: b[1])
-            row = dict(model=model, proj=name, rows=rows, n=n, k=k, torch_us=base, gemv_us=gemv,
-                       best=best[0]._asdict() if best[0] else None, best_us=best[1] if best[0] else None)  # fmt: skip
+                row[f"best_{path}"] = best[0]._asdict() if best[0] else None
+                row[f"best_{path}_us"] = best[1] if best[0] else None
+                cfg_text = "/".join(str(v) for v in best[0][:3] + best[0][4:5]) if best[0] else "-"
+                line += (
+                    f" {cfg_text} | {best[1]:.2f} | {gbytes / best[1]:.0f} |" if best[0] else " - | - | - |"
+                )
             results.append(row)
-            line = (
-                f"| {model} | {name} | {rows} | {n} x {k} | {base:.2f} | {gbytes / base:.0f} | "
-                + (f"{gemv:.2f} | {gbytes / gemv:.0f} | {base / gemv:.2f} | " if gemv else "- | - | - | ")
-                + (f"{tuple(best[0])} | {best[1]:.2f} |" if best[0] else "- | - |")
-            )
             lines.append(line)
             print(line, flush=True)
             del weights

@@ -133,6 +133,26 @@ def step_ms(
     )
 
 
+def isolated_step_ms(
+    runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, idle_s: float
+) -> float:
+    """``step_ms`` with the GPU idle for ``idle_s`` before each timed step: one request arriving at an
+    idle server. Back-to-back compute-bound steps (``step_ms``) heat the card until it caps its
+    power and lowers its clocks; this times the step at the clocks a lone request gets."""
+    batch = ScheduledBatch(seqs, lens, is_decode=decode)
+
+    def step() -> None:
+        runner.sample(runner.forward(runner.prepare(batch)), batch)
+
+    step()  # warm
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        time.sleep(idle_s)
+        times.append(cuda_time_ms(step, warmup=0, reps=1))
+    return statistics.median(times)
+
+
 def overlap_step_ms(runner: ModelRunner, seqs: list[Sequence], reps: int) -> float:
     """Graph decode steps as the overlapped engine runs them: step N+1 is prepared and launched before
     step N's tokens are waited for. Wall time per step over ``reps`` steps."""
