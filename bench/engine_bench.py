@@ -35,7 +35,6 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.autograd import DeviceType
 
 from bench.runner_timing import (
     VOCAB,
@@ -45,6 +44,7 @@ from bench.runner_timing import (
     measure_ceilings,
     model_config,
     overlap_step_ms,
+    print_gpu_gaps,
     sequences,
     step_ms,
     write_results,
@@ -168,33 +168,10 @@ def profile_step(
         # Triton launches through cuLaunchKernelEx
         if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
     )
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
-    print(f"profile {label}: {launches} kernel launches, GPU busy {gpu_us / 1e3:.2f} ms", flush=True)
+    print(f"profile {label}: {launches} kernel launches", flush=True)
     print_gpu_gaps(prof.events())
     print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     print(events.table(sort_by="self_device_time_total", row_limit=25), flush=True)
-
-
-def print_gpu_gaps(events, top: int = 5) -> None:
-    """From first to last kernel of the profiled step: how long the GPU ran kernels and the largest
-    idle gaps between them (with the kernels on either side): where the device waited on the host."""
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA
-    )
-    if not spans:
-        return
-    busy, gaps, end, before = 0.0, [], spans[0][0], ""
-    for start, stop, name in spans:
-        if start > end:
-            gaps.append((start - end, before, name))
-        busy += max(0.0, stop - max(start, end))
-        if stop > end:
-            end, before = stop, name
-    span = end - spans[0][0]
-    print(f"  GPU span {span / 1e3:.2f} ms, kernels running {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
-          f"in {len(gaps)} gaps; largest:", flush=True)  # fmt: skip
-    for gap, prev, nxt in sorted(gaps, reverse=True)[:top]:
-        print(f"    {gap / 1e3:.3f} ms after {prev[:60]} before {nxt[:60]}", flush=True)
 
 
 def table(rows: list[Row], graph_columns: bool) -> list[str]:

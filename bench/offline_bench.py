@@ -5,10 +5,12 @@
 1. Offline throughput: ``LLM.generate`` over ``--num-seqs`` sequences whose input and output lengths
    are uniform in ``[--min-len, --max-len]`` (seed 0, ``ignore_eos``), Qwen3-0.6B shape, bf16 random
    weights, the engine's defaults on CUDA (Triton attention, decode CUDA graphs, fused kernels).
-   Reports output tokens/s and total (input + output) tokens/s, end to end, with a warm-up run;
+   Reports output tokens/s and total (input + output) tokens/s, end to end, after a warm-up run of
+   the same workload (its time and the Triton kernels it compiled are reported too);
    once with overlap scheduling (the CUDA default) and once without, each with where the host's
    time went (wall time inside each engine phase, the wait for sampled tokens separately) and the
-   number of prefill and decode steps.
+   number of prefill and decode steps. ``--profile`` adds a third, overlapped run under
+   torch.profiler: the GPU's busy time and the kernels it went to.
 2. HF ``generate`` on the same shapes: per-token decode latency at batch 1 after a ``--ctx``-token
    prompt (greedy, HF's own KV cache, sdpa attention), next to our engine's decode step from
    ``bench/engine_bench.py`` — the comparison users make first.
@@ -17,15 +19,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
+from bench.runner_timing import gpu_gaps
 from engine.make_model import make_model
 
 SHAPES = {
@@ -102,21 +108,72 @@ class PhaseTimes:
         return out | self.steps
 
 
-def offline_throughput(path: Path, num_seqs: int, lo: int, hi: int, overlap: bool = True) -> dict:
+def triton_cache_entries() -> list[str]:
+    """The kernels in Triton's on-disk cache (a directory each, named by hash, holding
+    ``<kernel>.json``): what a run compiled, by name."""
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    if not cache.is_dir():
+        return []
+    return [
+        f"{d.name[:8]}:{j.stem}"
+        for d in cache.iterdir()
+        for j in d.glob("*.json")
+        if not j.stem.startswith("__grp__")
+    ]
+
+
+def gpu_time_by_kernel(events, top: int = 15) -> dict:
+    """Device time per kernel name over a profiled run (graph replays included), largest first, and
+    the device's idle time in each tenth of the run (from its first kernel to its last)."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            totals[e.name] = totals.get(e.name, 0.0) + e.time_range.elapsed_us()
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    span, busy, gaps = gpu_gaps(events)
+    idle = [0.0] * 10
+    for start, length, _, _ in gaps:
+        idle[min(9, int(10 * start / span))] += length
+    return {
+        "span_s": round(span / 1e6, 3),
+        "busy_s": round(busy / 1e6, 3),
+        "idle_s_by_tenth": [round(t / 1e6, 3) for t in idle],
+    } | {name[:70]: round(us / 1e6, 3) for name, us in ranked[:top]}
+
+
+def offline_throughput(
+    path: Path, num_seqs: int, lo: int, hi: int, overlap: bool = True, profile: bool = False
+) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(str(path), device="cuda", dtype="bfloat16", load_format="dummy", attention_backend="triton",
               max_num_seqs=256, max_num_batched_tokens=8192, overlap=overlap)  # fmt: skip
-    rng = random.Random(0)
-    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True) for _ in prompts]
-    llm.generate(prompts[:8], params[:8])  # warm-up: Triton compiles, allocator settles
-    torch.cuda.synchronize()
-    phases = PhaseTimes(llm.engine)
+
+    def workload(seed: int) -> tuple[list[list[int]], list]:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(num_seqs)]
+        params = [
+            SamplingParams(temperature=0, max_tokens=rng.randint(lo, hi), ignore_eos=True) for _ in prompts
+        ]
+        return prompts, params
+
+    # Warm-up: a workload of the same shape with other prompts (the same ones would hit the prefix
+    # cache and skip the timed run's prefill), timed on its own: its batches JIT-compile the Triton
+    # kernels the startup capture did not (shapes only this mix of prefill chunks and decode reaches).
+    compiled_before = set(triton_cache_entries())
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    llm.generate(*workload(1))
     torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    first_run = {"first_run_seconds": round(time.perf_counter() - start, 2),
+                 "first_run_triton_compiles": sorted(set(triton_cache_entries()) - compiled_before)}  # fmt: skip
+    prompts, params = workload(0)
+    phases = PhaseTimes(llm.engine)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    with profiler or contextlib.nullcontext():
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     host = phases.report()
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.token_ids) for o in outs)
@@ -124,9 +181,9 @@ def offline_throughput(path: Path, num_seqs: int, lo: int, hi: int, overlap: boo
     del llm, phases
     gc.collect()  # graph runners sit in reference cycles; the next engine needs their memory
     torch.cuda.empty_cache()
-    return {"overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
+    return first_run | {"overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
             "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed),
-            "host_seconds": host}  # fmt: skip
+            "host_seconds": host} | ({"gpu_seconds": gpu_time_by_kernel(profiler.events())} if profiler else {})  # fmt: skip
 
 
 @torch.inference_mode()
@@ -159,6 +216,12 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--hf-models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--skip-offline", action="store_true")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run the overlapped offline run under torch.profiler: GPU busy time and the top kernels "
+        "(the run is slower; its throughput is not comparable)",
+    )
     p.add_argument("--out", default="runs/offline")
     args = p.parse_args()
     results: dict = {"gpu": torch.cuda.get_device_name()}
@@ -170,7 +233,12 @@ def main() -> None:
                 key = "offline_qwen3_0.6b" + ("" if overlap else "_no_overlap")
                 results[key] = offline_throughput(path, args.num_seqs, args.min_len, args.max_len, overlap)
                 print("offline", results[key], flush=True)
-        for name in args.hf_models.split(","):
+            if args.profile:
+                results["offline_profiled"] = offline_throughput(
+                    path, args.num_seqs, args.min_len, args.max_len, True, profile=True
+                )
+                print("offline profiled", results["offline_profiled"], flush=True)
+        for name in filter(None, args.hf_models.split(",")):
             results[f"hf_generate_{name}_bs1_ctx{args.ctx}_ms_per_token"] = round(
                 hf_decode_ms(model_dir(root, name), args.ctx, 64), 2
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 from engine.config import EngineConfig, ModelConfig, RopeConfig
 from engine.distributed import TPGroup
@@ -204,3 +205,32 @@ def write_results(out_dir: str | Path, name: str, lines: list[str], payload: Any
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+
+
+def gpu_gaps(events) -> tuple[float, float, list[tuple[float, float, str, str]]]:
+    """Over profiled ``events`` (``prof.events()``), from the first kernel to the last: (span µs, µs
+    with a kernel running, the idle gaps as (start µs from the first kernel, length µs, kernel
+    before, kernel after)): where the device waited on the host."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA
+    )
+    if not spans:
+        return 0.0, 0.0, []
+    first = spans[0][0]
+    busy, gaps, end, before = 0.0, [], first, ""
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((end - first, start - end, before, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    return end - first, busy, gaps
+
+
+def print_gpu_gaps(events, top: int = 5) -> None:
+    """``gpu_gaps`` in a line, and the ``top`` largest gaps with the kernels on either side."""
+    span, busy, gaps = gpu_gaps(events)
+    print(f"  GPU span {span / 1e3:.2f} ms, kernels running {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms "
+          f"in {len(gaps)} gaps; largest:", flush=True)  # fmt: skip
+    for _, gap, prev, nxt in sorted(gaps, key=lambda g: -g[1])[:top]:
+        print(f"    {gap / 1e3:.3f} ms after {prev[:60]} before {nxt[:60]}", flush=True)
