@@ -3,7 +3,7 @@ against what it replaces (cuBLAS ``F.linear`` plus the separate norm / SiLU·up 
 read bandwidth each reaches, and a sweep of the GEMV's launch parameters.
 
     python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--read-floor]
-        [--sweep elementwise,dot,tma,tma-dot] [--out runs]
+        [--sweep] [--out runs]
 
 Per model the four projections of a layer as the decode step runs them: input norm (+ residual add)
 → qkv; o_proj; post-attention norm (+ residual add) → gate/up → SiLU·up; down_proj. Each is timed
@@ -11,8 +11,7 @@ inside one CUDA graph that runs it over enough distinct weight copies (≥ 256 M
 copy is still in the 50 MB L2 when its turn comes again, as in a real step. "GB/s" is the weight
 bytes over the time; the copy bandwidth of the same GPU is printed first (read + write counted).
 ``--read-floor`` adds the fastest pure read (a sum) of the same weights, timed the same way: how fast
-these bytes can stream at all. ``--sweep`` prints each swept path's best config as
-block_n/block_k/warps/stages.
+these bytes can stream at all. ``--sweep`` adds the best launch config as block_n/block_k/warps.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from collections.abc import Iterable
 
 import torch
 import triton
@@ -81,25 +79,11 @@ def time_us(call, weights: list[torch.Tensor], reps: int = 20) -> float:
     return ms * 1e3 / len(weights)
 
 
-SWEEPS = ("elementwise", "dot", "tma", "tma-dot")
-
-
-def sweep_configs(rows: int, path: str) -> list[GemvConfig]:
-    """The launch parameters a sweep of ``path`` tries: the elementwise kernel's; its ``tl.dot``
-    path's, whose weight tiles Triton stages through shared memory ``num_stages`` deep; and both with
-    the tiles as TMA bulk copies (``tma``, ``tma-dot``; a TMA box is at most 256 wide)."""
-    tiles: Iterable[tuple]
-    if path == "dot":
-        tiles = itertools.product((16, 32, 64), (128, 256), (4,), (True,), (4,))
-    elif path == "tma-dot":
-        tiles = itertools.product((16, 32, 64), (128, 256), (4,), (True,), (4,), (True,))
-    elif path == "tma":
-        tiles = itertools.product((8, 16), (128, 256), (4,), (False,), (3,), (True,))
-    elif rows == 1:
-        tiles = itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))
-    else:
-        tiles = itertools.product((1, 2, 4), (128, 256), (4,))
-    return [GemvConfig(*c) for c in tiles]
+def sweep_configs(rows: int) -> list[GemvConfig]:
+    """The launch parameters ``--sweep`` tries (block_n x block_k x warps)."""
+    if rows == 1:
+        return [GemvConfig(*c) for c in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))]
+    return [GemvConfig(*c) for c in itertools.product((1, 2, 4), (128, 256), (4,))]
 
 
 @triton.jit
@@ -133,21 +117,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--rows", default="1,2,4,8")
-    p.add_argument(
-        "--sweep", default="", help=f"also sweep these GEMV paths' launch parameters: {','.join(SWEEPS)}"
-    )
+    p.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
     p.add_argument("--read-floor", action="store_true", help="also time a pure read of each weight")
     p.add_argument("--out", default="runs")
     args = p.parse_args()
-    paths = [path for path in args.sweep.split(",") if path]
-    if unknown := set(paths) - set(SWEEPS):
-        p.error(f"--sweep takes {', '.join(SWEEPS)}; not {', '.join(sorted(unknown))}")
     bw, _ = measure_ceilings()
     lines = [f"GPU {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s (read + write)"]
     print(lines[0], flush=True)
     header = "| model | proj | rows | N x K | cuBLAS + norm/act µs | GB/s | gemv µs | GB/s | speedup |"
     header += " read µs | GB/s |" if args.read_floor else ""
-    header += "".join(f" best {path} | µs | GB/s |" for path in paths)
+    header += " best config | µs | GB/s |" if args.sweep else ""
     lines += [header, "|" + "---|" * header.count(" |")]
     print(header, flush=True)
     results = []
@@ -174,18 +153,18 @@ def main() -> None:
             if args.read_floor:
                 row["read_us"] = read = read_floor_us(weights)
                 line += f" {read:.2f} | {gbytes / read:.0f} |"
-            for path in paths if rows <= triton_gemv.KERNEL_MAX_ROWS else ():
+            if args.sweep and rows <= triton_gemv.KERNEL_MAX_ROWS:
                 best: tuple[GemvConfig | None, float] = (None, math.inf)
-                for cfg in sweep_configs(rows, path):
+                for cfg in sweep_configs(rows):
                     try:
                         us = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights, reps=10)
                     except Exception as e:  # a config the compiler refuses (registers, shared memory)
                         print(f"  {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
                     best = min(best, (cfg, us), key=lambda b: b[1])
-                row[f"best_{path}"] = best[0]._asdict() if best[0] else None
-                row[f"best_{path}_us"] = best[1] if best[0] else None
-                cfg_text = "/".join(str(v) for v in best[0][:3] + best[0][4:5]) if best[0] else "-"
+                row["best"] = best[0]._asdict() if best[0] else None
+                row["best_us"] = best[1] if best[0] else None
+                cfg_text = "/".join(map(str, best[0])) if best[0] else "-"
                 line += (
                     f" {cfg_text} | {best[1]:.2f} | {gbytes / best[1]:.0f} |" if best[0] else " - | - | - |"
                 )

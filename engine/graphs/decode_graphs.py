@@ -18,8 +18,9 @@ size in ``graph_batch_sizes`` and replayed. What makes a replay valid for any ba
 - Fixed attention metadata. The backend's ``prepare_graph`` derives it from the captured size and
   ``max_model_len`` only (for ``triton``, the KV split count); nothing is read from the host.
 - One memory pool. Graphs are captured largest first into one pool, so the smaller ones reuse the
-  largest one's activation memory (replays never overlap). Each graph ends by copying its logits
-  into one shared static ``[max_bs, vocab]`` buffer; holding every graph's own output instead would
+  largest one's activation memory (replays never overlap). Each graph's LM head output is
+  converted into one shared static float32 ``[max_bs, vocab]`` buffer as it is copied there (one
+  pass; no float32 temporary); holding every graph's own output instead would
   keep ``sum(sizes) * vocab`` floats alive (~1.4 GB for 152k vocab at 256).
 
 Sampling stays eager after the replay and reads the logits returned by ``replay``: a view of that
@@ -223,7 +224,7 @@ class DecodeGraphRunner:
 
     def run_static(self, bs: int) -> None:
         """What a graph of size ``bs`` holds: the model over the first ``bs`` static rows, its logits
-        copied into the shared static output. Reads the static buffers as they are now."""
+        converted into the shared static output. Reads the static buffers as they are now."""
         fb = self._static_batch(bs, [1] * bs)  # host lengths are capture-time placeholders
         fb.input_ids = resolve_input_ids(fb.input_ids, self.input_rows_gpu[:bs], self.last_tokens)
         if self.uses_tbo(bs):
@@ -232,11 +233,10 @@ class DecodeGraphRunner:
                 self.attn_backend.prepare_graph(half, self.max_model_len)
             model = cast(Any, self.model)  # a decoder with forward_two_batch (engine.models.llama)
             run = functools.partial(run_overlapped, reduce=model.tp.all_reduce, side_stream=self._side_stream)
-            logits = model.forward_two_batch(fb, halves, run)
+            model.forward_two_batch(fb, halves, run, out=self.logits_gpu[:bs])
         else:
             self.attn_backend.prepare_graph(fb, self.max_model_len)
-            logits = self.model(fb)
-        self.logits_gpu[:bs].copy_(logits)  # [bs, vocab] float32
+            self.model(fb, out=self.logits_gpu[:bs])  # [bs, vocab] float32, straight from the LM head
 
     def uses_tbo(self, bs: int) -> bool:
         return self.tbo_min_batch > 0 and bs >= max(2, self.tbo_min_batch)

@@ -5,8 +5,7 @@ Why: at batch 1 a decode step reads every weight once; cuBLAS's GEMV kernels rea
 at ~1.4 TB/s (Qwen3-0.6B, H100) and a split-K one adds a reduce kernel, and the RMSNorm before a
 projection and the SiLU·up after ``gate_up`` are kernels of their own that cost a few µs each
 whatever their size. This kernel streams ``weight`` [N, K] once, ``BLOCK_N`` rows per program and
-many programs per SM (occupancy hides the memory latency; no shared-memory staging except on the
-``DOT`` path, see ``_gemv_kernel``), with:
+many programs per SM (occupancy hides the memory latency; no shared-memory staging), with:
 - ``NORM``: the pre-norm RMSNorm of the input computed in the prologue (each program reads the few
   input rows, a few KB from L2, for the statistics), optionally after the residual add, whose sum
   program 0 writes out (``ResOut``) for the residual stream;
@@ -20,8 +19,12 @@ in float32 (as cuBLAS does, in another order).
 Where: the ``triton`` ops take it at ``M <= MAX_ROWS`` rows and weights up to ``MAX_WEIGHT_BYTES``
 (measured on an H100: 1.2-1.5x cuBLAS plus the separate norm / SiLU kernels on Qwen3-0.6B's
 matrices at one row; slower than cuBLAS's GEMMs from 2 rows, and no faster than its GEMV on
-Qwen3-8B's 50-200 MB matrices, which it reads at ~2.1-2.5 TB/s of the ~3 TB/s copy bandwidth).
-The kernel itself takes up to ``KERNEL_MAX_ROWS`` rows. ``x`` [M, K] with unit stride along K, ``weight`` [N, K] contiguous. Launch parameters are a
+Qwen3-8B's 50-200 MB matrices, which it reads at ~2.1-2.5 TB/s where a pure read of the same
+bytes reaches 2.6-3.0). Tried on those and dropped, each no faster (docs/BENCHMARKS.md): weight
+tiles through ``tl.dot`` staged in shared memory, as TMA bulk copies, an L2 bulk prefetch ahead of
+the loop, programmatic dependent launch, a persistent grid.
+The kernel itself takes up to ``KERNEL_MAX_ROWS`` rows. ``x`` [M, K] with unit stride along K,
+``weight`` [N, K] contiguous. Launch parameters are a
 function of the shapes only, outputs come from ``torch.empty`` and nothing reads back to the host,
 so the kernel runs inside CUDA graphs.
 """
@@ -33,7 +36,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine.layers.triton_common import _LAUNCH, _rnd, on_device
 
@@ -59,12 +61,8 @@ def _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype: tl.
 
 
 @triton.jit
-def _weight_chunk(w_rows, kk, n_ok, K, Wd, row0, k0, EVEN: tl.constexpr, TMA: tl.constexpr):
-    """Columns ``kk`` [1, BK] of the weight rows ``w_rows`` [BN, 1]: [BN, BK], zero past N and K.
-    ``TMA``: the same tile as one bulk tensor copy through the descriptor ``Wd`` (rows from ``row0``,
-    columns from ``k0``; the copy engine zero-fills past the tensor's end)."""
-    if TMA:
-        return Wd.load([row0, k0])
+def _weight_chunk(w_rows, kk, n_ok, K, EVEN: tl.constexpr):
+    """Columns ``kk`` [1, BK] of the weight rows ``w_rows`` [BN, 1]: [BN, BK], zero past N and K."""
     if EVEN:
         return tl.load(w_rows + kk)
     return tl.load(w_rows + kk, mask=n_ok & (kk < K), other=0.0)
@@ -72,19 +70,13 @@ def _weight_chunk(w_rows, kk, n_ok, K, Wd, row0, k0, EVEN: tl.constexpr, TMA: tl
 
 @triton.jit
 def _gemv_kernel(
-    X, R, NW, W, Wd, B, Out, ResOut,
+    X, R, NW, W, B, Out, ResOut,
     M, N, K, stride_xm, stride_rm, stride_wn, stride_om, stride_rom, up_offset, inv_k, eps,
     NORM: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N),): program p computes output features [p * BLOCK_N, +BLOCK_N) of all
-    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads).
-    ``DOT``: each weight tile goes through ``tl.dot`` (tensor cores; BLOCK_M, BLOCK_N, BLOCK_K >= 16,
-    16-bit dtypes) instead of register-resident elementwise products, which lets Triton's software
-    pipeliner stage the weight tiles through shared memory ``num_stages`` deep.
-    ``TMA``: weight tiles arrive as bulk tensor copies through the descriptor ``Wd`` over ``W``
-    (Hopper's copy engine: one instruction per tile instead of per-thread loads)."""
+    M rows. ``EVEN``: N % BLOCK_N == 0 and K % BLOCK_K == 0 (no masks on the weight loads)."""
     pid = tl.program_id(0)
     dtype = Out.dtype.element_ty
     m = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
@@ -104,29 +96,19 @@ def _gemv_kernel(
             ss += tl.sum(xv * xv, axis=1, keep_dims=True)
         rstd = tl.math.rsqrt(ss * inv_k + eps)
     w_rows = W + n[:, None].to(tl.int64) * stride_wn  # [BN, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)  # elementwise products (not DOT)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)  # elementwise products
     acc_up = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    mm = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # DOT: the tile products
-    mm_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
         x_mask = m_ok & (kk < K)
         xv = _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype, NORM, RESIDUAL)
-        wv = _weight_chunk(w_rows, kk, n_ok, K, Wd, pid * BLOCK_N, k0, EVEN, TMA)  # [BN, BK], model dtype
-        if DOT:
-            mm = tl.dot(xv.to(dtype), tl.trans(wv), mm)
-        else:
-            acc += xv[:, None, :] * wv.to(tl.float32)[None, :, :]
+        wv = _weight_chunk(w_rows, kk, n_ok, K, EVEN)  # [BN, BK] in the model dtype
+        acc += xv[:, None, :] * wv.to(tl.float32)[None, :, :]
         if GATED:
-            uv = _weight_chunk(
-                w_rows + up_offset * stride_wn, kk, n_ok, K, Wd, up_offset + pid * BLOCK_N, k0, EVEN, TMA
-            )
-            if DOT:
-                mm_up = tl.dot(xv.to(dtype), tl.trans(uv), mm_up)
-            else:
-                acc_up += xv[:, None, :] * uv.to(tl.float32)[None, :, :]
-    y = mm if DOT else tl.sum(acc, axis=2)  # [BM, BN]
-    y_up = mm_up if DOT else tl.sum(acc_up, axis=2)
+            uv = _weight_chunk(w_rows + up_offset * stride_wn, kk, n_ok, K, EVEN)
+            acc_up += xv[:, None, :] * uv.to(tl.float32)[None, :, :]
+    y = tl.sum(acc, axis=2)  # [BM, BN]
+    y_up = tl.sum(acc_up, axis=2)
     if HAS_BIAS:
         y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     if GATED:  # silu(gate) * up, each rounded where torch stores it (gate_up, then F.silu)
@@ -154,9 +136,6 @@ class GemvConfig(NamedTuple):
     block_n: int
     block_k: int
     num_warps: int
-    dot: bool = False  # tile products through tl.dot (the kernel's ``DOT``), 16-bit dtypes only
-    num_stages: int = 3  # Triton's software-pipelining depth (what it stages: loads feeding tl.dot)
-    tma: bool = False  # weight tiles as bulk tensor copies (Hopper TMA); block_n, block_k <= 256
 
 
 def gemv_config(rows: int, n: int, k: int, gated: bool) -> GemvConfig:
@@ -206,26 +185,19 @@ def gemv(
             "norm weight [K] in the model dtype"
         )
     cfg = config or gemv_config(rows, n, k, gated)
-    if cfg.dot:
-        assert x.dtype in (torch.float16, torch.bfloat16), "tl.dot here takes 16-bit inputs only"
-        assert min(cfg.block_n, cfg.block_k) >= 16, "tl.dot tiles are at least 16 wide"
-    w_desc = weight  # what the kernel's ``Wd`` gets where it does not read it
-    if cfg.tma:
-        assert max(cfg.block_n, cfg.block_k) <= 256 and weight.data_ptr() % 16 == 0, "TMA box, alignment"
-        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
-    block_m = max(16, triton.next_power_of_2(rows)) if cfg.dot else triton.next_power_of_2(rows)
+    block_m = triton.next_power_of_2(rows)
     grid = triton.cdiv(n, cfg.block_n)
     placeholder = x  # pointer arguments a variant does not read
     with on_device(x):
         _gemv_kernel[(grid,)](
             x, placeholder if residual is None else residual, placeholder if norm is None else norm.weight,
-            weight, w_desc, placeholder if bias is None else bias, out, placeholder if res_out is None else res_out,
+            weight, placeholder if bias is None else bias, out, placeholder if res_out is None else res_out,
             rows, n, k, x.stride(0), 0 if residual is None else residual.stride(0), weight.stride(0),
             out.stride(0), 0 if res_out is None else res_out.stride(0), n, 1.0 / k,
             norm.eps if norm is not None else 0.0,
             NORM=norm is not None, RESIDUAL=residual is not None, HAS_BIAS=bias is not None, GATED=gated,
             EVEN=n % cfg.block_n == 0 and k % cfg.block_k == 0,
-            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT=cfg.dot, TMA=cfg.tma,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, **_LAUNCH,
         )  # fmt: skip
     return out, res_out

@@ -157,16 +157,22 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Returns float32 logits of each sequence's last new token: [batch, vocab]."""
+    def forward(self, batch: ForwardBatch, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns float32 logits of each sequence's last new token: [batch, vocab] (``out``: written
+        into that float32 buffer, converted as they are copied, and returned)."""
         hidden = self.model(batch)
-        return self.lm_head(hidden[batch.logits_indices]).float()
+        return self._logits(hidden[batch.logits_indices], out)
+
+    def _logits(self, last_hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        logits = self.lm_head(last_hidden)  # [batch, vocab] in the model dtype
+        return logits.float() if out is None else out.copy_(logits)
 
     def forward_two_batch(
         self,
         batch: ForwardBatch,
         halves: tuple[ForwardBatch, ForwardBatch],
         run: Callable[[tuple[Stages[torch.Tensor], Stages[torch.Tensor]]], list[torch.Tensor]],
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``forward`` with the layers run as two micro-batches (``halves``: rows ``[0, n0)`` and
         ``[n0, n)`` of a decode ``batch``) whose stages ``run`` interleaves
@@ -175,4 +181,4 @@ class LlamaForCausalLM(nn.Module):
         parts = x.split([h.num_tokens for h in halves])
         stages = (self.model.layer_stages(parts[0], halves[0]), self.model.layer_stages(parts[1], halves[1]))
         hidden = torch.cat(run(stages))  # [bs, hidden]
-        return self.lm_head(hidden[batch.logits_indices]).float()
+        return self._logits(hidden[batch.logits_indices], out)

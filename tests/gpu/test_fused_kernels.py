@@ -185,12 +185,6 @@ def _llm(path, fused: bool, **kw):
 # with 3 more mantissa bits than bfloat16, flips ~8x as often: up to 3 % of elements seen).
 GEMV_BOUNDS = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GEMV_MAX_DIFFER = 0.05
-GEMV_PATHS = {
-    "elementwise": None,  # the default configuration
-    "dot": dict(block_n=32, block_k=128, num_warps=4, dot=True, num_stages=4),
-    "tma": dict(block_n=8, block_k=128, num_warps=4, num_stages=2, tma=True),
-    "tma-dot": dict(block_n=32, block_k=128, num_warps=4, dot=True, num_stages=4, tma=True),
-}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,18 +192,13 @@ GEMV_PATHS = {
     "rows,n,k", [(1, 4096, 1024), (2, 1024, 2048), (3, 1000, 3000), (4, 6144, 4096), (16, 512, 768)]
 )
 @pytest.mark.parametrize("variant", ["plain", "bias", "norm", "norm_residual", "gated"])
-@pytest.mark.parametrize("path", list(GEMV_PATHS))
-def test_gemv_matches_the_torch_ops(dtype, rows, n, k, variant, path):
+def test_gemv_matches_the_torch_ops(dtype, rows, n, k, variant):
     """The skinny projection with its fused norm / activation (engine/layers/triton_gemv.py) against
     the torch ops it replaces: norm (+ residual add), F.linear, SiLU·up. Odd sizes hit the masks
     (rows < the block's, N and K not multiples of theirs); outputs start as NaN where the allocator
-    can hand back freed memory. ``path``: the default configuration (elementwise products), the
-    kernel's ``tl.dot`` path (weight tiles staged through shared memory; 16-bit dtypes), and each
-    with the weight tiles as TMA bulk copies."""
+    can hand back freed memory."""
     from engine.layers import triton_gemv
 
-    if "dot" in path and dtype == torch.float32:
-        pytest.skip("the tl.dot path takes 16-bit inputs only")
     torch_ops, _ = _ops()
     gated = variant == "gated"
     x = _randn(rows, k, dtype=dtype, seed=rows * k, scale=2.0)
@@ -219,8 +208,7 @@ def test_gemv_matches_the_torch_ops(dtype, rows, n, k, variant, path):
     norm_w = (_randn(k, dtype=dtype, seed=5) * 0.2 + 1).to(dtype)
     norm = triton_gemv.NormIn(norm_w, 1e-6, residual) if variant not in ("plain", "bias") else None
     torch.empty(rows * (n + k) * 4, dtype=torch.float32, device=DEVICE).fill_(float("nan"))  # freed: poison
-    config = triton_gemv.GemvConfig(**GEMV_PATHS[path]) if GEMV_PATHS[path] else None
-    got, summed = triton_gemv.gemv(x, weight, bias, norm, gated, config)
+    got, summed = triton_gemv.gemv(x, weight, bias, norm, gated)
     if gated:
         want, want_sum = torch_ops.norm_gate_up(x, residual, norm_w, 1e-6, weight)
     elif norm is not None:
@@ -228,7 +216,7 @@ def test_gemv_matches_the_torch_ops(dtype, rows, n, k, variant, path):
     else:
         want, want_sum = torch_ops.linear(x, weight, bias), x
     _check(
-        f"gemv {path} {variant} {dtype} {rows}x{n}x{k}",
+        f"gemv {variant} {dtype} {rows}x{n}x{k}",
         got,
         want,
         GEMV_BOUNDS,
