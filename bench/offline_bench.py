@@ -6,11 +6,12 @@
    are uniform in ``[--min-len, --max-len]`` (seed 0, ``ignore_eos``), Qwen3-0.6B shape, bf16 random
    weights, the engine's defaults on CUDA (Triton attention, decode CUDA graphs, fused kernels).
    Reports output tokens/s and total (input + output) tokens/s, end to end, after a warm-up run of
-   the same workload (its time and the Triton kernels it compiled are reported too);
-   once with overlap scheduling (the CUDA default) and once without, each with where the host's
+   a same-shape workload of other prompts (its time and the Triton kernels it compiled are reported too);
+   by default once with overlap scheduling (the CUDA default) and once without, each with where the host's
    time went (wall time inside each engine phase, the wait for sampled tokens separately) and the
-   number of prefill and decode steps. ``--profile`` adds a third, overlapped run under
-   torch.profiler: the GPU's busy time and the kernels it went to.
+   number of prefill and decode steps. ``--runs`` picks the runs and their order, each on a fresh
+   engine in this process (``profiled``: overlapped, under torch.profiler, with the GPU's busy and
+   idle time and the kernels it went to).
 2. HF ``generate`` on the same shapes: per-token decode latency at batch 1 after a ``--ctx``-token
    prompt (greedy, HF's own KV cache, sdpa attention), next to our engine's decode step from
    ``bench/engine_bench.py`` — the comparison users make first.
@@ -108,6 +109,42 @@ class PhaseTimes:
         return out | self.steps
 
 
+class HostStalls:
+    """What can stall the host inside a run besides the engine's own work: Python's garbage
+    collector (seconds in collections of the oldest generation, and all) and the CUDA caching
+    allocator (device allocations, and retries after freeing its cache, which synchronise)."""
+
+    def __init__(self) -> None:
+        self.gc_seconds = {"gc gen2": 0.0, "gc all": 0.0}
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+        self._memory = self._allocator()
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._start
+        self.gc_seconds["gc all"] += took
+        if info.get("generation") == 2:
+            self.gc_seconds["gc gen2"] += took
+
+    @staticmethod
+    def _allocator() -> dict[str, int]:
+        stats = torch.cuda.memory_stats()
+        return {
+            "cuda mallocs": stats.get("num_device_alloc", 0),
+            "alloc retries": stats.get("num_alloc_retries", 0),
+        }
+
+    def report(self) -> dict:
+        gc.callbacks.remove(self._on_gc)
+        now = self._allocator()
+        return {k: round(v, 3) for k, v in self.gc_seconds.items()} | {
+            k: now[k] - self._memory[k] for k in now
+        }
+
+
 def triton_cache_entries() -> list[str]:
     """The kernels in Triton's on-disk cache (a directory each, named by hash, holding
     ``<kernel>.json``): what a run compiled, by name."""
@@ -168,20 +205,22 @@ def offline_throughput(
                  "first_run_triton_compiles": sorted(set(triton_cache_entries()) - compiled_before)}  # fmt: skip
     prompts, params = workload(0)
     phases = PhaseTimes(llm.engine)
+    stalls = HostStalls()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
     with profiler or contextlib.nullcontext():
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    host = phases.report()
+    host = phases.report() | stalls.report()
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.token_ids) for o in outs)
     assert num_out == sum(p.max_tokens for p in params), "ignore_eos: every sequence runs to max_tokens"
+    kv_pages = llm.engine.runner.num_pages
     del llm, phases
     gc.collect()  # graph runners sit in reference cycles; the next engine needs their memory
     torch.cuda.empty_cache()
-    return first_run | {"overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
+    return first_run | {"kv_pages": kv_pages, "overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
             "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed),
             "host_seconds": host} | ({"gpu_seconds": gpu_time_by_kernel(profiler.events())} if profiler else {})  # fmt: skip
 
@@ -217,10 +256,10 @@ def main() -> None:
     p.add_argument("--hf-models", default="qwen3-0.6b,qwen3-8b")
     p.add_argument("--skip-offline", action="store_true")
     p.add_argument(
-        "--profile",
-        action="store_true",
-        help="also run the overlapped offline run under torch.profiler: GPU busy time and the top kernels "
-        "(the run is slower; its throughput is not comparable)",
+        "--runs",
+        default="overlap,no-overlap",
+        help="the offline runs, in order, each on a fresh engine: overlap, no-overlap, or profiled "
+        "(overlap under torch.profiler: GPU busy/idle time and the top kernels)",
     )
     p.add_argument("--out", default="runs/offline")
     args = p.parse_args()
@@ -229,15 +268,14 @@ def main() -> None:
         root = Path(d)
         if not args.skip_offline:
             path = model_dir(root, "qwen3-0.6b")
-            for overlap in (True, False):
-                key = "offline_qwen3_0.6b" + ("" if overlap else "_no_overlap")
-                results[key] = offline_throughput(path, args.num_seqs, args.min_len, args.max_len, overlap)
-                print("offline", results[key], flush=True)
-            if args.profile:
-                results["offline_profiled"] = offline_throughput(
-                    path, args.num_seqs, args.min_len, args.max_len, True, profile=True
+            for i, run in enumerate(args.runs.split(",")):
+                if run not in ("overlap", "no-overlap", "profiled"):
+                    p.error(f"--runs: unknown run {run!r}")
+                key = f"offline_qwen3_0.6b_{i + 1}_{run}"
+                results[key] = offline_throughput(
+                    path, args.num_seqs, args.min_len, args.max_len, run != "no-overlap", run == "profiled"
                 )
-                print("offline profiled", results["offline_profiled"], flush=True)
+                print("offline", key, results[key], flush=True)
         for name in filter(None, args.hf_models.split(",")):
             results[f"hf_generate_{name}_bs1_ctx{args.ctx}_ms_per_token"] = round(
                 hf_decode_ms(model_dir(root, name), args.ctx, 64), 2

@@ -20,6 +20,7 @@ rank 0 samples (the others take its tokens).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,8 @@ class ModelRunner:
             model_cfg.vocab_size,
         )
         self.piecewise = create_piecewise_graphs(cfg, self.model, self.kv_pool, self.attn_backend)
+        if self.device.type == "cuda":
+            self._warm_up()
 
     @classmethod
     def of_rank(cls, cfg: EngineConfig, model_cfg: ModelConfig, ranks: TPGroup | None) -> ModelRunner:
@@ -310,6 +313,25 @@ class ModelRunner:
                 "raise kv_cache_bytes / gpu_memory_utilization or lower max_num_batched_tokens"
             )
         return num_pages
+
+    def _warm_up(self) -> None:
+        """One extend step of two short fresh sequences at startup (on free pages, which hold no
+        one's KV yet). The first multi-sequence extend in a process pulls in what torch registers
+        lazily behind its varlen attention op: ~5 s of imports on a host without cached bytecode
+        (measured on the GPU box), which would otherwise stall the first batch of real requests.
+        Decode paths are warm already: graph capture runs them."""
+        if self.num_pages < 3:
+            return
+        start, ps = time.perf_counter(), self.cfg.page_size
+        seqs = [
+            Sequence(f"warm-up-{i}", [0] * ps, SamplingParams(), seed=0, max_len=ps + 1) for i in range(2)
+        ]
+        for i, seq in enumerate(seqs):
+            seq.pages = [1 + i]
+        batch = ScheduledBatch(seqs, [ps, ps], is_decode=False)
+        self.sample(self.forward(self.prepare(batch)), batch)
+        torch.cuda.synchronize(self.device)
+        log.info("warm-up step (a two-sequence extend): %.2f s", time.perf_counter() - start)
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of the largest steps, measured, not guessed: a full-budget prefill (split into

@@ -7,6 +7,12 @@ per sequence, then batched decode steps that read the pool.
 
 from __future__ import annotations
 
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,3 +143,22 @@ def test_engine_starts_when_step_budget_exceeds_the_context(tmp_path):
         0
     ]
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_first_batch_after_startup_loads_no_torch_module(model_dir):
+    """A fresh process's engine serves its first multi-sequence prefill without importing anything
+    more from torch (or sympy / triton): the startup warm-up step has pulled in what torch registers
+    lazily behind its varlen attention op, seconds of imports that once stalled the first batch."""
+    code = f"""
+import sys
+from engine import LLM, SamplingParams
+llm = LLM({str(model_dir)!r}, device="cuda", dtype="bfloat16", attention_backend="triton", max_num_seqs=8)
+before = set(sys.modules)
+llm.generate([[1, 2, 3, 4, 5], [6, 7, 8]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+print(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "sympy", "triton")))
+"""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ast.literal_eval(run.stdout.strip().splitlines()[-1]) == []
