@@ -69,14 +69,18 @@ def stage_decode(
     positions: np.ndarray,  # [max_bs] int64
     out_cache_loc: np.ndarray,  # [max_bs] int64
     seq_lens: np.ndarray,  # [max_bs] int64
-    page_table: np.ndarray,  # [max_bs, max_pages] int64
-) -> None:
+    page_rows: np.ndarray,  # [>= padded * width] int64, flat
+) -> int:
     """Write a decode batch's inputs into rows ``[0, len(seqs))`` and padding into rows up to
-    ``padded``. Page-table entries past a row's last page keep stale ids: nothing reads them."""
+    ``padded``; its page table goes to the front of ``page_rows`` as ``[padded, width]``, ``width``
+    the batch's most pages (returned), so only those columns cross to the device. Entries past a
+    row's last page hold stale ids: nothing reads them."""
     n = len(seqs)
     pos = np.fromiter((s.num_computed for s in seqs), np.int64, n)  # [n] position of the new token
     rows, cols, pages, num_pages = page_entries(seqs)
-    assert num_pages.max(initial=0) <= page_table.shape[1], "more pages than max_model_len allows"
+    width = max(1, int(num_pages.max(initial=0)))
+    assert padded * width <= page_rows.size, "more pages than max_model_len allows"
+    page_table = page_rows[: padded * width].reshape(padded, width)
     page_table[rows, cols] = pages
     rows_in = np.fromiter((s.next_input_row for s in seqs), np.int64, n)  # [n]
     input_rows[:n] = rows_in
@@ -90,6 +94,7 @@ def stage_decode(
     out_cache_loc[n:padded] = 0
     seq_lens[n:padded] = 1
     page_table[n:padded, 0] = 0
+    return width
 
 
 def resolve_input_ids(
@@ -145,17 +150,20 @@ class DecodeGraphRunner:
             host(max_bs),
             host(max_bs),
             host(max_bs).fill_(1),
-            host(max_bs, max_pages),
+            host(max_bs * max_pages),  # the page table, [padded, width] at the front (stage_decode)
         ]
         self._staging = [t.numpy() for t in staging_cpu]  # numpy views of the pinned memory
         static = [torch.empty_like(t, device=device).copy_(t) for t in staging_cpu]
-        self._copies = list(zip(static, staging_cpu, strict=True))
+        self._copies = list(zip(static[:5], staging_cpu[:5], strict=True))
+        self._page_rows = (static[5], staging_cpu[5])  # the flat page-table staging: device, host
         self.input_ids_gpu, self.input_rows_gpu, self.positions_gpu = static[:3]  # [max_bs] each
         self.out_cache_loc_gpu, self.seq_lens_gpu = static[3:5]  # [max_bs] each
-        self.page_table_gpu = static[5]  # [max_bs, max_pages]
+        self.page_table_gpu = torch.zeros(max_bs, max_pages, dtype=torch.int64, device=device)
         self.logits_indices_gpu = torch.arange(max_bs, device=device)  # [max_bs]
         self.logits_gpu = torch.zeros(max_bs, vocab_size, dtype=torch.float32, device=device)
-        self.static_bytes = sum(t.nbytes for t in [*static, self.logits_indices_gpu, self.logits_gpu])
+        self.static_bytes = sum(
+            t.nbytes for t in [*static, self.page_table_gpu, self.logits_indices_gpu, self.logits_gpu]
+        )
         self._copied = torch.cuda.Event() if pin else None  # the staging buffers are free again
         self._graphs: dict[int, Any] = {}  # batch size -> torch.cuda.CUDAGraph
         self._staged: ForwardBatch | None = None
@@ -176,9 +184,15 @@ class DecodeGraphRunner:
         padded = self.padded_size(n)
         if self._copied is not None and not self._copied.query():
             self._copied.synchronize()  # the previous step's copies still read the staging buffers
-        stage_decode(batch.seqs, self.page_size, padded, *self._staging)
+        width = stage_decode(batch.seqs, self.page_size, padded, *self._staging)
         for gpu, cpu in self._copies:
             gpu[:padded].copy_(cpu[:padded], non_blocking=True)
+        # The page table: only the batch's [padded, width] entries cross PCIe (all max_pages
+        # columns were ~5 MB at bs 256 and a 40k context), then a device copy into the static table.
+        rows_gpu, rows_cpu = self._page_rows
+        flat = padded * width
+        rows_gpu[:flat].copy_(rows_cpu[:flat], non_blocking=True)
+        self.page_table_gpu[:padded, :width].copy_(rows_gpu[:flat].view(padded, width))
         if self._copied is not None:
             self._copied.record(torch.cuda.current_stream(self.device))  # where the copies went
         self._staged = self._static_batch(n, self._staging[4][:n].tolist())

@@ -100,8 +100,10 @@ def test_staging_matches_the_eager_prepare_and_pads_onto_page_zero(engine):
     batch = decode_batch(engine, mixed_lens(5, 4, seed=1, longest=300), seed=1)
     fb = runner.prepare(batch, use_graphs=False)
     ids, rows, pos, slots, lens = (np.full(8, -1, dtype=np.int64) for _ in range(5))
-    table = np.full((8, 128), -1, dtype=np.int64)
-    stage_decode(batch.seqs, 4, 8, ids, rows, pos, slots, lens, table)
+    flat = np.full(8 * 128, -1, dtype=np.int64)
+    width = stage_decode(batch.seqs, 4, 8, ids, rows, pos, slots, lens, flat)
+    assert width == max(len(seq.pages) for seq in batch.seqs), "the batch's most pages, no more"
+    table = flat[: 8 * width].reshape(8, width)
     assert ids[:5].tolist() == fb.input_ids.tolist()
     assert (rows == -1).all(), "every input token is known on the host"
     assert pos[:5].tolist() == fb.positions.tolist()
