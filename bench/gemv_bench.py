@@ -168,6 +168,8 @@ def main() -> None:
                 line += (
                     f" {cfg_text} | {best[1]:.2f} | {gbytes / best[1]:.0f} |" if best[0] else " - | - | - |"
                 )
+            elif args.sweep:  # more rows than the kernel takes: nothing swept
+                line += " - | - | - |"
             results.append(row)
             lines.append(line)
             print(line, flush=True)

@@ -110,24 +110,37 @@ class PhaseTimes:
 
 
 class HostStalls:
-    """What can stall the host inside a run besides the engine's own work: Python's garbage
-    collector (seconds in collections of the oldest generation, and all) and the CUDA caching
-    allocator (device allocations, and retries after freeing its cache, which synchronise)."""
+    """What can stall the host inside a run besides the engine's own work, counted inside the
+    ``with`` block: Python's garbage collector (seconds in collections of the oldest generation, and
+    all) and the CUDA caching allocator (device allocations, and retries after freeing its cache,
+    which synchronise). ``report`` after the block."""
 
     def __init__(self) -> None:
-        self.gc_seconds = {"gc gen2": 0.0, "gc all": 0.0}
+        self.report: dict = {}
+        self._gc = {"gc gen2": 0.0, "gc all": 0.0}
         self._start = 0.0
+        self._memory: dict[str, int] = {}
+
+    def __enter__(self) -> HostStalls:
         gc.callbacks.append(self._on_gc)
         self._memory = self._allocator()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._on_gc)
+        now = self._allocator()
+        self.report = {k: round(v, 3) for k, v in self._gc.items()} | {
+            k: now[k] - self._memory[k] for k in now
+        }
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
             return
         took = time.perf_counter() - self._start
-        self.gc_seconds["gc all"] += took
+        self._gc["gc all"] += took
         if info.get("generation") == 2:
-            self.gc_seconds["gc gen2"] += took
+            self._gc["gc gen2"] += took
 
     @staticmethod
     def _allocator() -> dict[str, int]:
@@ -135,13 +148,6 @@ class HostStalls:
         return {
             "cuda mallocs": stats.get("num_device_alloc", 0),
             "alloc retries": stats.get("num_alloc_retries", 0),
-        }
-
-    def report(self) -> dict:
-        gc.callbacks.remove(self._on_gc)
-        now = self._allocator()
-        return {k: round(v, 3) for k, v in self.gc_seconds.items()} | {
-            k: now[k] - self._memory[k] for k in now
         }
 
 
@@ -169,8 +175,10 @@ def gpu_time_by_kernel(events, top: int = 15) -> dict:
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
     span, busy, gaps = gpu_gaps(events)
     idle = [0.0] * 10
-    for start, length, _, _ in gaps:
-        idle[min(9, int(10 * start / span))] += length
+    for start, length, _, _ in gaps:  # each gap's time goes to the tenths it overlaps
+        for tenth in range(int(10 * start / span), min(10, int(10 * (start + length) / span) + 1)):
+            lo, hi = tenth * span / 10, (tenth + 1) * span / 10
+            idle[tenth] += max(0.0, min(hi, start + length) - max(lo, start))
     return {
         "span_s": round(span / 1e6, 3),
         "busy_s": round(busy / 1e6, 3),
@@ -205,14 +213,13 @@ def offline_throughput(
                  "first_run_triton_compiles": sorted(set(triton_cache_entries()) - compiled_before)}  # fmt: skip
     prompts, params = workload(0)
     phases = PhaseTimes(llm.engine)
-    stalls = HostStalls()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
-    with profiler or contextlib.nullcontext():
+    with HostStalls() as stalls, profiler or contextlib.nullcontext():
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-    host = phases.report() | stalls.report()
+    host = phases.report() | stalls.report
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.token_ids) for o in outs)
     assert num_out == sum(p.max_tokens for p in params), "ignore_eos: every sequence runs to max_tokens"

@@ -142,8 +142,8 @@ def isolated_step_ms(
     power and lowers its clocks; this times the step at the clocks a lone request gets."""
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
 
-    def step() -> None:
-        runner.sample(runner.forward(runner.prepare(batch)), batch)
+    def step() -> None:  # eager, as ``step_ms`` times it
+        runner.sample(runner.forward(runner.prepare(batch, use_graphs=False)), batch)
 
     step()  # warm
     times = []

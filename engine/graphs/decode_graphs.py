@@ -10,7 +10,9 @@ size in ``graph_batch_sizes`` and replayed. What makes a replay valid for any ba
   token is still on the device (overlap scheduling, ``engine.sequence``) has ``input_rows`` >= 0:
   the graph's first op reads that token from the runner's ``last_tokens`` (the latest step's samples). ``prepare`` fills one persistent
   pinned host buffer per field with numpy (no per-element torch ops) and copies the padded batch's
-  rows with ``non_blocking`` copies: nothing waits for the GPU.
+  rows with ``non_blocking`` copies: nothing waits for the GPU. The page table goes over as the
+  batch's ``[padded, its most pages]`` block only, then one device copy puts it into the static
+  table (whose later columns keep stale page ids nothing reads).
 - Padding. A batch of n sequences runs in the smallest captured size bs >= n. Rows n..bs-1 decode
   token 0 at position 0 as a length-1 sequence whose only page is the dummy page 0 (never
   allocated, see ``PageAllocator``): they write their K/V into slot 0 and read nothing else,
@@ -185,6 +187,7 @@ class DecodeGraphRunner:
         if self._copied is not None and not self._copied.query():
             self._copied.synchronize()  # the previous step's copies still read the staging buffers
         width = stage_decode(batch.seqs, self.page_size, padded, *self._staging)
+        assert width <= self.page_table_gpu.shape[1], "more pages than max_model_len allows"
         for gpu, cpu in self._copies:
             gpu[:padded].copy_(cpu[:padded], non_blocking=True)
         # The page table: only the batch's [padded, width] entries cross PCIe (all max_pages

@@ -60,3 +60,19 @@ def test_pack_refuses_tokens_past_a_sequences_pages():
     seqs = [_seq("short", 6, 0, [3]), _seq("long", 12, 0, [4, 5, 6])]
     with pytest.raises(AssertionError, match="past its pages"):
         pack(seqs, [6, 12], PAGE)
+
+
+def test_upload_buffer_keeps_every_part_16_byte_aligned():
+    """``engine.model_runner.pack_aligned``, the host side of a CUDA step's single upload: each
+    array comes back intact from its slice, and every slice starts on a 16-byte boundary (Triton
+    compiles a kernel per pointer alignment), whatever the lengths before it."""
+    from engine.model_runner import pack_aligned
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 1000, size, dtype=np.int64) for size in (3, 5, 0, 8, 1)]
+    arrays.append(rng.integers(0, 1000, (3, 7), dtype=np.int64))  # a page table
+    host, parts = pack_aligned(arrays, pin=False)
+    for part, a in zip(parts, arrays, strict=True):
+        assert np.array_equal(host[part].numpy().reshape(a.shape), a)
+        assert (host.data_ptr() + part.start * 8) % 16 == 0
+    assert parts[-1].stop <= host.numel() <= parts[-1].stop + 1
