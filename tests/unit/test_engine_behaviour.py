@@ -471,7 +471,11 @@ def test_startup_warm_up_step_fits_a_one_sequence_engine(tiny_model):
     engines skip it) run here on a ``max_num_seqs=1`` engine: its buffers hold the two rows, and
     the engine then generates exactly what an engine without the step does."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    want = LLM(str(tiny_model), max_num_seqs=1, max_num_batched_tokens=64).generate([[5, 6, 7, 8, 9]], params)[0].token_ids
+    want = (
+        LLM(str(tiny_model), max_num_seqs=1, max_num_batched_tokens=64)
+        .generate([[5, 6, 7, 8, 9]], params)[0]
+        .token_ids
+    )
     llm = LLM(str(tiny_model), max_num_seqs=1, max_num_batched_tokens=64)
     llm.engine.runner._warm_up()
     assert llm.generate([[5, 6, 7, 8, 9]], params)[0].token_ids == want
