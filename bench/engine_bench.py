@@ -45,6 +45,7 @@ from bench.runner_timing import (
     model_config,
     overlap_step_ms,
     print_gpu_gaps,
+    run_step,
     sequences,
     step_ms,
     write_results,
@@ -158,9 +159,9 @@ def profile_step(
     from torch.profiler import ProfilerActivity, profile
 
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
+    run_step(runner, batch, graphs)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
+        run_step(runner, batch, graphs)
     events = prof.key_averages()
     launches = sum(
         e.count

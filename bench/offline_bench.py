@@ -270,14 +270,15 @@ def main() -> None:
     )
     p.add_argument("--out", default="runs/offline")
     args = p.parse_args()
+    runs = args.runs.split(",")
+    if unknown := set(runs) - {"overlap", "no-overlap", "profiled"}:
+        p.error(f"--runs: unknown {', '.join(sorted(unknown))}")
     results: dict = {"gpu": torch.cuda.get_device_name()}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         if not args.skip_offline:
             path = model_dir(root, "qwen3-0.6b")
-            for i, run in enumerate(args.runs.split(",")):
-                if run not in ("overlap", "no-overlap", "profiled"):
-                    p.error(f"--runs: unknown run {run!r}")
+            for i, run in enumerate(runs):
                 key = f"offline_qwen3_0.6b_{i + 1}_{run}"
                 results[key] = offline_throughput(
                     path, args.num_seqs, args.min_len, args.max_len, run != "no-overlap", run == "profiled"

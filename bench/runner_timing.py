@@ -123,34 +123,32 @@ def make_runner(
     return runner
 
 
+def run_step(runner: ModelRunner, batch: ScheduledBatch, graphs: bool = False) -> None:
+    """One engine step of ``batch`` as the benches time it: prepare, forward, sample (greedy) and
+    the token read-back; ``graphs``: through the runner's CUDA graphs where they take the batch."""
+    runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch)
+
+
 def step_ms(
     runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, graphs: bool = False
 ) -> float:
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-    return cuda_time_ms(
-        lambda: runner.sample(runner.forward(runner.prepare(batch, use_graphs=graphs)), batch),
-        warmup=3,
-        reps=reps,
-    )
+    return cuda_time_ms(lambda: run_step(runner, batch, graphs), warmup=3, reps=reps)
 
 
 def isolated_step_ms(
     runner: ModelRunner, seqs: list[Sequence], lens: list[int], decode: bool, reps: int, idle_s: float
 ) -> float:
-    """``step_ms`` with the GPU idle for ``idle_s`` before each timed step: one request arriving at an
-    idle server. Back-to-back compute-bound steps (``step_ms``) heat the card until it caps its
-    power and lowers its clocks; this times the step at the clocks a lone request gets."""
+    """``step_ms`` (eager) with the GPU idle for ``idle_s`` before each timed step: one request
+    arriving at an idle server. Back-to-back compute-bound steps (``step_ms``) heat the card until it
+    caps its power and lowers its clocks; this times the step at the clocks a lone request gets."""
     batch = ScheduledBatch(seqs, lens, is_decode=decode)
-
-    def step() -> None:  # eager, as ``step_ms`` times it
-        runner.sample(runner.forward(runner.prepare(batch, use_graphs=False)), batch)
-
-    step()  # warm
+    run_step(runner, batch)  # warm
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         time.sleep(idle_s)
-        times.append(cuda_time_ms(step, warmup=0, reps=1))
+        times.append(cuda_time_ms(lambda: run_step(runner, batch), warmup=0, reps=1))
     return statistics.median(times)
 
 

@@ -328,6 +328,18 @@ class ModelRunner:
             )
         return num_pages
 
+    def _scratch_step(self, lens: list[int], name: str) -> None:
+        """One extend step of fresh sequences of ``lens`` tokens (token 0) on consecutive pages from
+        page 1 on, pages no request holds yet: the startup steps (memory profile, warm-up)."""
+        seqs, next_page = [], 1
+        for i, k in enumerate(lens):
+            seq = Sequence(f"{name}-{i}", [0] * k, SamplingParams(), seed=0, max_len=k + 1)
+            num_pages = -(-k // self.cfg.page_size)
+            seq.pages, next_page = list(range(next_page, next_page + num_pages)), next_page + num_pages
+            seqs.append(seq)
+        batch = ScheduledBatch(seqs, lens, is_decode=False)
+        self.sample(self.forward(self.prepare(batch)), batch)
+
     def _warm_up(self) -> None:
         """One extend step of two short fresh sequences at startup (on free pages, which hold no
         one's KV yet). The first multi-sequence extend in a process pulls in what torch registers
@@ -336,13 +348,7 @@ class ModelRunner:
         if self.num_pages < 3:
             return
         start, ps = time.perf_counter(), self.cfg.page_size
-        seqs = [
-            Sequence(f"warm-up-{i}", [0] * ps, SamplingParams(), seed=0, max_len=ps + 1) for i in range(2)
-        ]
-        for i, seq in enumerate(seqs):
-            seq.pages = [1 + i]
-        batch = ScheduledBatch(seqs, [ps, ps], is_decode=False)
-        self.sample(self.forward(self.prepare(batch)), batch)  # waits for the step's tokens
+        self._scratch_step([ps, ps], "warm-up")  # waits for the step's tokens
         log.info("warm-up step (a two-sequence extend): %.2f s", time.perf_counter() - start)
 
     def _profile_activation_bytes(self) -> int:
@@ -351,18 +357,11 @@ class ModelRunner:
         n, ps = self.cfg.max_num_batched_tokens, self.cfg.page_size
         per_seq = self.max_model_len - 1
         lens = [per_seq] * (n // per_seq) + ([n % per_seq] if n % per_seq else [])
-        pages_per_seq = [-(-k // ps) for k in lens]
-        self.kv_pool = self._make_pool(sum(pages_per_seq) + 1)
-        seqs, next_page = [], 1
-        for i, (k, num_pages) in enumerate(zip(lens, pages_per_seq, strict=True)):
-            seq = Sequence(f"profile-{i}", [0] * k, SamplingParams(), seed=0, max_len=k + 1)
-            seq.pages, next_page = list(range(next_page, next_page + num_pages)), next_page + num_pages
-            seqs.append(seq)
+        self.kv_pool = self._make_pool(sum(-(-k // ps) for k in lens) + 1)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        batch = ScheduledBatch(seqs, lens, is_decode=False)
-        self.sample(self.forward(self.prepare(batch)), batch)
+        self._scratch_step(lens, "profile")
         rows = min(self.cfg.max_num_seqs, n)
         logits = torch.randn(rows, self.model_cfg.vocab_size, device=self.device)
         random_params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=5)
