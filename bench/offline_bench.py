@@ -151,6 +151,51 @@ class HostStalls:
         }
 
 
+class StepTimeline:
+    """Each launched step's GPU time and the device's idle time before it, from two CUDA events per
+    step (recorded around ``Engine._launch``, no sync): where a run's GPU idle time falls, by step
+    kind, and the first steps one by one (the prefill chunks). Host launch time per step too."""
+
+    def __init__(self, engine) -> None:
+        self._t0 = time.perf_counter()
+        self._steps: list[tuple[str, int, int, float, float, torch.cuda.Event, torch.cuda.Event]] = []
+        launch = engine._launch
+
+        def timed(batch):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t = time.perf_counter()
+            start.record()
+            out = launch(batch)
+            end.record()
+            kind = "decode" if batch.is_decode else "extend"
+            self._steps.append((kind, batch.num_tokens, len(batch.seqs), t - self._t0,
+                                time.perf_counter() - t, start, end))  # fmt: skip
+            return out
+
+        engine._launch = timed
+
+    def report(self, first: int = 24) -> dict:
+        """Call after the run, the device synchronised."""
+        rows: list[str] = []
+        totals: dict[str, dict[str, float]] = {}
+        previous = None
+        for kind, tokens, seqs, at, host, start, end in self._steps:
+            gpu = start.elapsed_time(end)
+            idle = previous.elapsed_time(start) if previous is not None else 0.0
+            previous = end
+            t = totals.setdefault(
+                kind, {"steps": 0, "gpu_ms": 0.0, "idle_before_ms": 0.0, "host_launch_ms": 0.0}
+            )
+            t["steps"] += 1
+            t["gpu_ms"] += gpu
+            t["idle_before_ms"] += idle
+            t["host_launch_ms"] += host * 1e3
+            if len(rows) < first:
+                rows.append(f"{kind} tokens={tokens} seqs={seqs} launched_at={at * 1e3:.1f}ms "
+                            f"host={host * 1e3:.2f}ms gpu={gpu:.2f}ms idle_before={idle:.2f}ms")  # fmt: skip
+        return {k: {n: round(v, 1) for n, v in t.items()} for k, t in totals.items()} | {"first_steps": rows}
+
+
 def triton_cache_entries() -> list[str]:
     """The kernels in Triton's on-disk cache (a directory each, named by hash, holding
     ``<kernel>.json``): what a run compiled, by name."""
@@ -183,6 +228,10 @@ def gpu_time_by_kernel(events, top: int = 15) -> dict:
         "span_s": round(span / 1e6, 3),
         "busy_s": round(busy / 1e6, 3),
         "idle_s_by_tenth": [round(t / 1e6, 3) for t in idle],
+        "largest_gaps": [
+            f"{length / 1e3:.2f} ms at {start / 1e6:.3f} s after {before[:50]} before {after[:50]}"
+            for start, length, before, after in sorted(gaps, key=lambda g: -g[1])[:12]
+        ],
     } | {name[:70]: round(us / 1e6, 3) for name, us in ranked[:top]}
 
 
@@ -213,6 +262,7 @@ def offline_throughput(
                  "first_run_triton_compiles": sorted(set(triton_cache_entries()) - compiled_before)}  # fmt: skip
     prompts, params = workload(0)
     phases = PhaseTimes(llm.engine)
+    timeline = StepTimeline(llm.engine)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
     with HostStalls() as stalls, profiler or contextlib.nullcontext():
         start = time.perf_counter()
@@ -220,16 +270,17 @@ def offline_throughput(
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     host = phases.report() | stalls.report
+    steps = timeline.report()
     num_in = sum(len(p) for p in prompts)
     num_out = sum(len(o.token_ids) for o in outs)
     assert num_out == sum(p.max_tokens for p in params), "ignore_eos: every sequence runs to max_tokens"
     kv_pages = llm.engine.runner.num_pages
-    del llm, phases
+    del llm, phases, timeline
     gc.collect()  # graph runners sit in reference cycles; the next engine needs their memory
     torch.cuda.empty_cache()
     return first_run | {"kv_pages": kv_pages, "overlap": overlap, "seconds": round(elapsed, 2), "input_tokens": num_in, "output_tokens": num_out,
             "output_tok_s": round(num_out / elapsed), "total_tok_s": round((num_in + num_out) / elapsed),
-            "host_seconds": host} | ({"gpu_seconds": gpu_time_by_kernel(profiler.events())} if profiler else {})  # fmt: skip
+            "host_seconds": host, "steps": steps} | ({"gpu_seconds": gpu_time_by_kernel(profiler.events())} if profiler else {})  # fmt: skip
 
 
 @torch.inference_mode()

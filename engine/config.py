@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 # Names only, so that reading a model's config (the gateway does) needs no torch.
 DTYPES = ("float32", "bfloat16", "float16")
+# What an H100 computes in bf16 projections (~750 TFLOP/s) while its host launches one decoder layer
+# eagerly (~0.6 ms: norms, projections, fused Triton kernels, varlen attention), measured
+# (docs/BENCHMARKS.md); sets the default piecewise-graph limit (``EngineConfig.piecewise_token_limit``).
+EAGER_LAYER_LAUNCH_FLOPS = 4.5e11
+PIECEWISE_MIN_TOKENS = 2048  # piecewise graphs measured to pay up to here on both Qwen3 shapes benched
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,21 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def layer_params(self, tp_size: int = 1) -> int:
+        """Weights of one decoder layer's projections (q/k/v, o, gate/up, down) on each of
+        ``tp_size`` tensor-parallel ranks."""
+        heads, kv_heads = self.tp_heads(tp_size)
+        attn = self.hidden_size * (2 * heads + 2 * kv_heads) * self.head_dim
+        return attn + 3 * self.hidden_size * (self.intermediate_size // tp_size)
+
+    def extend_layer_flops(self, extend_lens: list[int], seq_lens: list[int], tp_size: int = 1) -> float:
+        """One decoder layer's FLOPs in an EXTEND step, on each of ``tp_size`` ranks: projections (2
+        per weight and token) and causal attention (4 per query-key pair and head dimension; a new
+        token sees its sequence's cached prefix and the new tokens up to itself)."""
+        heads, _ = self.tp_heads(tp_size)
+        pairs = sum(e * (n - e) + e * (e + 1) // 2 for e, n in zip(extend_lens, seq_lens, strict=True))
+        return 2 * self.layer_params(tp_size) * sum(extend_lens) + 4 * heads * self.head_dim * pairs
 
     def tp_heads(self, tp_size: int) -> tuple[int, int]:
         """(q heads, kv heads) each of ``tp_size`` tensor-parallel ranks holds (and its KV pool
@@ -218,7 +238,7 @@ class EngineConfig:
     max_graph_batch_size: int | None = None  # None: min(max_num_seqs, 256)
     fused_kernels: bool = True
     overlap: bool | None = None  # None: on for CUDA, off for CPU
-    max_piecewise_tokens: int | None = None  # None: min(max_num_batched_tokens, 2048); 0: none
+    max_piecewise_tokens: int | None = None  # None: by model size (piecewise_token_limit); 0: none
     tp: int = 1
     symmetric_memory: bool = True
     mixed_batches: bool = False
@@ -264,13 +284,24 @@ class EngineConfig:
         """Processes the engine runs on: ``tp`` or ``cp`` (they do not combine yet)."""
         return self.tp * self.cp
 
-    @property
-    def piecewise_token_limit(self) -> int:
-        """The largest EXTEND step run from piecewise graphs (0: none): ``max_piecewise_tokens``,
-        capped by the step token budget. The default, 2048, is where graphs stop paying on an H100
-        (docs/BENCHMARKS.md): above it a step is compute-bound and the pieces' buffer copies cost
-        more than the launches they save, so larger steps (full prefill chunks) run eagerly."""
-        limit = 2048 if self.max_piecewise_tokens is None else self.max_piecewise_tokens
+    def piecewise_token_limit(self, layer_params: int = 0) -> int:
+        """The largest EXTEND step run from piecewise graphs (0: none), capped by the step token
+        budget: ``max_piecewise_tokens``, or by default the step size at which the GPU work of a
+        layer's projections (2 FLOP per weight, ``layer_params`` weights, per token) takes as long
+        as the host takes to launch that layer eagerly (``EAGER_LAYER_LAUNCH_FLOPS``), rounded down
+        to 512 tokens and never under ``PIECEWISE_MIN_TOKENS``. Below it an eager step is host-bound
+        and graphs win; above it the step is GPU-bound and the pieces' buffer copies cost more than
+        the launches they save (docs/BENCHMARKS.md: an 8B layer, 190M weights, crosses over near
+        2048 tokens; a 0.6B one, 16M weights, is host-bound at a whole 8k-token chunk of short
+        prompts). Attention counts too: a step above ``PIECEWISE_MIN_TOKENS`` whose attention makes
+        it GPU-bound runs eagerly (``ModelRunner.prepare``). ``layer_params`` 0 (unknown): 2048."""
+        if self.max_piecewise_tokens is not None:
+            limit = self.max_piecewise_tokens
+        else:
+            host_bound = (
+                int(EAGER_LAYER_LAUNCH_FLOPS / (2 * layer_params)) // 512 * 512 if layer_params else 0
+            )
+            limit = max(PIECEWISE_MIN_TOKENS, host_bound)
         return min(limit, self.max_num_batched_tokens)
 
     @property

@@ -83,7 +83,7 @@ class TritonBackend(TorchNativeBackend):
             elif varlen_supported(torch.bfloat16):
                 why = f": FA2 runs fp16/bf16 only, the KV cache is {dtype}"
             else:
-                why = ": torch.nn.attention.varlen is missing"
+                why = ": this torch build has no FlashAttention-2 varlen op"
             path = "FlashAttention-2 varlen" if use else "torch_native's per-sequence loop"
             log.info("triton attention backend: extend through %s%s", path, why)
         return use

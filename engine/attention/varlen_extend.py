@@ -1,4 +1,4 @@
-"""Packed variable-length EXTEND attention through FlashAttention-2 (torch's ``varlen_attn``).
+"""Packed variable-length EXTEND attention through FlashAttention-2 (the aten op behind torch's ``varlen_attn``).
 
 An EXTEND batch packs every sequence's new queries into one ``[num_tokens, num_heads, head_dim]``
 tensor; FA2's varlen kernel attends them all in one launch, given cumulative query and key lengths.
@@ -6,9 +6,9 @@ Its causal mask is bottom-right aligned when a sequence has more keys than queri
 sequence with ``P`` cached tokens sees keys ``0 .. P + t``, which is exactly extend over a prefix.
 
 Keys: when no sequence of a group has a cached prefix (fresh prompts, the common case), a sequence's
-keys are its new tokens, passed in as they are; a group of one fresh prompt goes through SDPA's dense
-causal path instead, whose cuDNN kernel beats FA2 on Hopper. Otherwise the keys live in the page
-pool. FA2's own paged mode (``block_table``) wants pages of 256 tokens and is FA3-only in torch, so
+keys are its new tokens, passed in as they are; a group of one long fresh prompt goes through SDPA's
+dense causal path instead, whose cuDNN kernel beats FA2 on Hopper (``SDPA_MIN_TOKENS``). Otherwise
+the keys live in the page pool. FA2's own paged mode (``block_table``) wants pages of 256 tokens and is FA3-only in torch, so
 each layer instead gathers the group's keys (prefix and new; the new ones are already stored) into a
 packed ``[num_keys, num_kv_heads, head_dim]`` buffer with one ``index_select`` by pool slot. The
 slots are computed once per step on the device from the page table (``build_extend_metadata``),
@@ -21,39 +21,40 @@ needs no more transient memory than the profiled prefill. A batch without prefix
 
 from __future__ import annotations
 
-import inspect
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.packing import slot_of
 
-_varlen_attn: Callable[..., Any] | None
-try:
-    from torch.nn.attention import varlen as _varlen_module
+# FA2's varlen forward, called as the aten op that ``torch.nn.attention.varlen.varlen_attn`` wraps:
+# that wrapper is a Python custom op whose dispatch costs ~0.1 ms of host time per call (measured on
+# an H100 host: 28 calls made up ~3 ms of a 0.6B model's 8k-token eager step, which is host-bound),
+# and it allocates and zeroes an RNG-state tensor each call. FA2 takes fewer KV heads than query
+# heads as they are (grouped-query attention) and aligns the causal mask bottom-right.
+_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
-    _varlen_attn = _varlen_module.varlen_attn
-except ImportError:  # torch < 2.10
-    _varlen_attn = None
 
-_PARAMS = inspect.signature(_varlen_attn).parameters if _varlen_attn is not None else {}
-# torch 2.10 takes ``is_causal``; later versions a (left, right) window, where (-1, 0) is causal
-# (compared as a tuple: a list would silently mean "not causal").
-_CAUSAL: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in _PARAMS else {"is_causal": True}
-# torch 2.11 has no ``enable_gqa`` and hands fewer KV heads straight to FA2, which shares them across
-# query-head groups natively (checked on the GPU against repeated heads: identical); later versions
-# check the head counts unless it is set. Repeating the heads would cost a copy of the keys.
-_GQA: dict[str, Any] = {"enable_gqa": True} if "enable_gqa" in _PARAMS else {}
-_HAS_SCALE = "scale" in _PARAMS
+def _flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Causal varlen attention: q [Tq, H, D], k/v [Tk, Hkv, D] -> [Tq, H, D] (q's dtype)."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, True, False, scale=scale
+    )
+    return out[0]
+
+
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # FA2 runs no other dtype
+# A lone fresh prompt at least this long goes through SDPA (cuDNN on Hopper) instead of FA2. cuDNN
+# builds an execution plan for each new sequence length it meets, which blocks the host for
+# milliseconds; below this length that costs more than cuDNN's faster kernel saves (measured on an
+# H100: an offline run whose short prompts each met a new length lost ~0.5 s to it).
+SDPA_MIN_TOKENS = 4096
 
 
 def varlen_supported(dtype: torch.dtype) -> bool:
-    return _varlen_attn is not None and dtype in VARLEN_DTYPES
+    return _HAS_FLASH and dtype in VARLEN_DTYPES
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def paged_extend_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its prefix and themselves:
     ``[num_tokens, num_heads, head_dim]`` (``out`` when given)."""
-    assert _varlen_attn is not None, "torch.nn.attention.varlen is missing (torch < 2.10)"
+    assert _HAS_FLASH, "this torch build has no FlashAttention-2 varlen op"
     num_kv_heads, head_dim = k_pages.shape[2], k_pages.shape[3]
     k_flat = k_pages.view(-1, num_kv_heads, head_dim)  # [num_pages * page_size, num_kv_heads, head_dim]
     v_flat = v_pages.view(-1, num_kv_heads, head_dim)
@@ -169,12 +170,11 @@ def paged_extend_attention(
 
 
 def _attend(q, k_new, v_new, k_flat, v_flat, g: ExtendGroup, scale: float) -> torch.Tensor:
-    assert _varlen_attn is not None
     q = q[g.q_start : g.q_end]  # [group_tokens, num_heads, head_dim]
     if g.key_slots is None:
         k, v = k_new[g.q_start : g.q_end], v_new[g.q_start : g.q_end]
-        if g.cu_seq_q.numel() == 2:
-            # One fresh prompt: SDPA's dense causal path picks its fastest kernel (cuDNN on an
+        if g.cu_seq_q.numel() == 2 and g.q_end - g.q_start >= SDPA_MIN_TOKENS:
+            # One long fresh prompt: SDPA's dense causal path picks its fastest kernel (cuDNN on an
             # H100: about twice FA2's rate on an 8k prompt).
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
@@ -188,12 +188,7 @@ def _attend(q, k_new, v_new, k_flat, v_flat, g: ExtendGroup, scale: float) -> to
     else:
         k = k_flat.index_select(0, g.key_slots)  # [num_keys, num_kv_heads, head_dim]
         v = v_flat.index_select(0, g.key_slots)
-    kwargs = _CAUSAL | _GQA
-    if _HAS_SCALE:
-        kwargs["scale"] = scale
-    else:
-        q = q * (scale * q.shape[-1] ** 0.5)  # the kernel's own scale is head_dim ** -0.5
-    return _varlen_attn(q, k, v, g.cu_seq_q, g.cu_seq_k, g.max_q, g.max_k, **kwargs)
+    return _flash_varlen(q, k, v, g.cu_seq_q, g.cu_seq_k, g.max_q, g.max_k, scale)
 
 
 def _to(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

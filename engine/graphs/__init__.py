@@ -65,14 +65,13 @@ def create_piecewise_graphs(
     cfg: EngineConfig, model: nn.Module, kv_pool: KVPagePool, attn_backend: AttentionBackend
 ) -> PiecewiseGraphRunner | None:
     device = torch.device(cfg.device)
-    if not cfg.cuda_graphs or device.type != "cuda" or cfg.piecewise_token_limit == 0:
+    if not cfg.cuda_graphs or device.type != "cuda" or cfg.max_piecewise_tokens == 0:
         return None
     if not isinstance(model, LlamaForCausalLM):  # the cut points are DecoderLayer's methods
         log.info("piecewise CUDA graphs: %s has no attention cut points; extend runs eagerly", type(model))
         return None
-    runner = PiecewiseGraphRunner(
-        model, kv_pool, attn_backend, max_tokens=cfg.piecewise_token_limit, device=device
-    )
+    limit = cfg.piecewise_token_limit(model.config.layer_params(cfg.tp))
+    runner = PiecewiseGraphRunner(model, kv_pool, attn_backend, max_tokens=limit, device=device)
     runner.capture()
     return runner
 

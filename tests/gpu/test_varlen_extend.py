@@ -12,6 +12,7 @@ import torch
 
 from engine.attention.base import ForwardBatch, ForwardMode
 from engine.attention.torch_native import TorchNativeBackend
+from engine.attention.varlen_extend import SDPA_MIN_TOKENS
 from engine.kvcache.page_pool import KVPagePool
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -21,6 +22,8 @@ def batch_lens(case: str, page_size: int, rng: random.Random) -> tuple[list[int]
     """(prefix_lens, extend_lens) of a named batch shape."""
     if case == "fresh":
         return [0], [rng.randint(1, 700)]
+    if case == "fresh-long":  # SDPA's dense causal path (cuDNN) instead of FA2
+        return [0], [SDPA_MIN_TOKENS + rng.randint(0, 700)]
     if case == "prefix":
         return [37], [300]  # the prefix ends inside a page (page_size 16)
     if case == "fresh-many":
@@ -90,7 +93,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (16, 8), (16, 4), (32, 4)])  # GQA 1, 2, 4, 8
 @pytest.mark.parametrize("page_size", [16, 1])
-@pytest.mark.parametrize("case", ["fresh", "prefix", "fresh-many", "mixed"])
+@pytest.mark.parametrize("case", ["fresh", "fresh-long", "prefix", "fresh-many", "mixed"])
 def test_matches_torch_native_float64(dtype, bound, head_dim, num_heads, num_kv_heads, page_size, case):
     from engine.attention.triton_backend import TritonBackend
     from engine.attention.varlen_extend import ExtendMetadata, paged_extend_attention

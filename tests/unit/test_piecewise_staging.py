@@ -16,7 +16,7 @@ import torch
 from decode_batches import StandInGraph, extend_batch, release, row_rel_err
 
 from engine import LLM
-from engine.config import EngineConfig
+from engine.config import EAGER_LAYER_LAUNCH_FLOPS, EngineConfig, ModelConfig, RopeConfig
 from engine.graphs import PiecewiseGraphRunner, piecewise_buckets
 
 
@@ -46,14 +46,46 @@ def test_buckets():
     assert all(b / a <= 1.25 for a, b in itertools.pairwise(sizes[3:]))
 
 
+QWEN3_06B = dict(
+    architecture="Qwen3ForCausalLM", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+    num_heads=16, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=40960,
+    tie_word_embeddings=True, attention_bias=False, rope=RopeConfig(theta=1e6), dtype="bfloat16",
+)  # fmt: skip
+
+
 def test_token_limit_config():
-    assert EngineConfig(model="m").piecewise_token_limit == 2048
-    assert EngineConfig(model="m", max_num_batched_tokens=512).piecewise_token_limit == 512
-    assert EngineConfig(model="m", max_piecewise_tokens=1024).piecewise_token_limit == 1024
-    assert EngineConfig(model="m", max_piecewise_tokens=8192).piecewise_token_limit == 4096
-    assert EngineConfig(model="m", max_piecewise_tokens=0).piecewise_token_limit == 0
+    # by model size: the Qwen3 shapes' projection weights per layer (q/k/v, o, gate/up, down)
+    small = ModelConfig(**QWEN3_06B)  # 15.7M weights a layer: host-bound up to 14k tokens
+    large = ModelConfig(
+        **QWEN3_06B | dict(hidden_size=4096, intermediate_size=12288, num_heads=32)
+    )  # 8B: 193M
+    assert small.layer_params() == 1024 * 48 * 128 + 3 * 1024 * 3072
+    assert large.layer_params(2) == large.layer_params() // 2
+    default = EngineConfig(model="m", max_num_batched_tokens=8192)
+    assert default.piecewise_token_limit(small.layer_params()) == 8192  # the whole chunk
+    assert default.piecewise_token_limit(large.layer_params()) == 2048
+    assert default.piecewise_token_limit(large.layer_params(4)) == 4608  # a quarter of the work per rank
+    assert default.piecewise_token_limit() == 2048  # weights unknown
+    assert EngineConfig(model="m", max_num_batched_tokens=512).piecewise_token_limit() == 512
+    assert (
+        EngineConfig(model="m", max_piecewise_tokens=1024).piecewise_token_limit(small.layer_params()) == 1024
+    )
+    assert EngineConfig(model="m", max_piecewise_tokens=8192).piecewise_token_limit() == 4096
+    assert EngineConfig(model="m", max_piecewise_tokens=0).piecewise_token_limit() == 0
     with pytest.raises(ValueError, match="max_piecewise_tokens"):
         EngineConfig(model="m", max_piecewise_tokens=-1)
+
+
+def test_attention_heavy_steps_run_eagerly():
+    """Above 2048 tokens a step takes the graphs only while its layer's work stays under what the
+    host's eager launch hides: an 8k chunk of short prompts (host-bound eagerly) yes, a lone 8k
+    prompt (attention-bound: slower from graphs on an H100) no."""
+    small = ModelConfig(**QWEN3_06B)
+    assert small.extend_layer_flops([3], [5]) == 2 * small.layer_params() * 3 + 4 * 16 * 128 * (3 * 2 + 6)
+    assert small.extend_layer_flops([4], [4], tp_size=2) == 2 * small.layer_params(2) * 4 + 4 * 8 * 128 * 10
+    chunk = small.extend_layer_flops([512] * 16, [512] * 16)
+    lone = small.extend_layer_flops([8192], [8192])
+    assert chunk < EAGER_LAYER_LAUNCH_FLOPS < lone
 
 
 def run_both(engine, shapes, seed):
