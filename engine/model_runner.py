@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -354,14 +355,21 @@ class ModelRunner:
 
     def _warm_up(self) -> None:
         """One extend step of two short fresh sequences at startup (on free pages, which hold no
-        one's KV yet). The first multi-sequence extend in a process pulls in what torch registers
-        lazily behind its varlen attention op: ~5 s of imports on a host without cached bytecode
-        (measured on the GPU box), which would otherwise stall the first batch of real requests."""
+        one's KV yet): the first multi-sequence extend in a process pulled in what torch registers
+        lazily, ~5 s of imports on a host without cached bytecode (measured on the GPU box), which
+        would otherwise stall the first batch of real requests. Then the attention backend's own
+        warm-up (cuDNN plans, ``AttentionBackend.warm_up``)."""
         if self.num_pages < 3:
             return
         start, ps = time.perf_counter(), self.cfg.page_size
         self._scratch_step([ps, ps], "warm-up")  # waits for the step's tokens
-        log.info("warm-up step (a two-sequence extend): %.2f s", time.perf_counter() - start)
+        decoder: Any = self.model.model  # engine.models.llama.DecoderModel
+        attn = decoder.layers[0].self_attn
+        dtype, tokens = self.kv_pool.kv_gpu.dtype, self.cfg.max_num_batched_tokens
+        plans = self.attn_backend.warm_up(attn, dtype, tokens, self.device)
+        log.info(
+            "warm-up (a two-sequence extend, %d attention plans): %.2f s", plans, time.perf_counter() - start
+        )
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of the largest steps, measured, not guessed: a full-budget prefill (split into

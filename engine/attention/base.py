@@ -93,6 +93,12 @@ class AttentionBackend:
     def prepare_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot run inside a CUDA graph")
 
+    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
+        """Startup work that would otherwise stall the first steps of some shapes, for steps of up
+        to ``max_tokens`` tokens through attention ``layer`` (its head counts and scale); returns
+        what was built (a count, for the log). Nothing by default."""
+        return 0
+
     def forward(
         self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:

@@ -28,6 +28,7 @@ from engine.attention.varlen_extend import (
     build_extend_metadata,
     paged_extend_attention,
     varlen_supported,
+    warm_dense_plans,
 )
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,14 @@ class TritonBackend(TorchNativeBackend):
         k_pages, v_pages = pool.k_pages(layer.layer_id), pool.v_pages(layer.layer_id)
         out = paged_extend_attention(q, k, v, k_pages, v_pages, meta, layer.scaling)
         return out.reshape(q.shape[0], -1)  # [num_tokens, num_heads * head_dim]
+
+    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
+        """cuDNN's plans for the dense path of lone long prompts (``varlen_extend.SDPA_MIN_TOKENS``)."""
+        if not self._use_varlen(dtype):
+            return 0
+        return warm_dense_plans(
+            layer.num_heads, layer.num_kv_heads, layer.head_dim, dtype, max_tokens, layer.scaling, device
+        )
 
     def _use_varlen(self, dtype: torch.dtype) -> bool:
         use = varlen_supported(dtype)

@@ -46,11 +46,14 @@ def _flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: fl
 
 
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # FA2 runs no other dtype
-# A lone fresh prompt at least this long goes through SDPA (cuDNN on Hopper) instead of FA2. cuDNN
-# builds an execution plan for each new sequence length it meets, which blocks the host for
-# milliseconds; below this length that costs more than cuDNN's faster kernel saves (measured on an
-# H100: an offline run whose short prompts each met a new length lost ~0.5 s to it).
+# A lone fresh prompt at least this long goes through SDPA's dense causal path (cuDNN on Hopper, twice
+# FA2's rate at 4k-8k tokens) instead of FA2. cuDNN builds an execution plan for each new sequence
+# length, blocking the host for 45-72 ms (measured on an H100); an offline run whose short prompts
+# kept meeting new lengths lost ~0.5 s to it. So the dense path takes the prompt's first
+# ``DENSE_LENGTH_STEP`` multiple of tokens, a length whose plan startup built (``warm_dense_plans``),
+# and FA2 attends the few queries left over (they see every key: FA2's causal mask is bottom-right).
 SDPA_MIN_TOKENS = 4096
+DENSE_LENGTH_STEP = 512
 
 
 def varlen_supported(dtype: torch.dtype) -> bool:
@@ -68,6 +71,8 @@ class ExtendGroup:
     max_q: int
     max_k: int
     key_slots: torch.Tensor | None  # [num_keys] int64 pool slot of every key; None: keys are the new tokens
+    dense_tokens: int = 0  # a lone fresh prompt: its first queries attended by the dense (cuDNN) path
+    cu_tail: torch.Tensor | None = None  # then [0, tail queries, 0, all keys] int32 for FA2's rest
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,37 @@ def key_slots(page_table: torch.Tensor, seq_lens: list[int], page_size: int) -> 
     return slot_of(page_table, seq, pos, page_size)
 
 
+def dense_tokens(extend_lens: list[int]) -> int:
+    """Queries of a step of fresh prompts that the dense causal path attends: a lone prompt's first
+    multiple of ``DENSE_LENGTH_STEP`` tokens once it has ``SDPA_MIN_TOKENS``, else 0."""
+    if len(extend_lens) != 1 or extend_lens[0] < SDPA_MIN_TOKENS:
+        return 0
+    return extend_lens[0] // DENSE_LENGTH_STEP * DENSE_LENGTH_STEP
+
+
+def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA's causal path over one sequence: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D] (a transposed
+    view). The inputs are made contiguous first (a view of the qkv output is not): cuDNN keys its
+    plans by strides too, so every call meets the layout ``warm_dense_plans`` built."""
+    q, k, v = (t.contiguous().transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, T, D]
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+def warm_dense_plans(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, scale: float,
+    device: torch.device,
+) -> int:  # fmt: skip
+    """Build the dense path's plans for every length it can meet (``dense_tokens`` of steps of at
+    most ``max_tokens``): at startup, not in front of a request. Returns how many."""
+    lengths = range(SDPA_MIN_TOKENS, max_tokens + 1, DENSE_LENGTH_STEP)
+    for n in lengths:
+        q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+        dense_causal(q, kv, kv, scale)
+    return len(lengths)
+
+
 def build_extend_metadata(
     seq_lens: list[int],
     extend_lens: list[int],
@@ -113,9 +149,15 @@ def build_extend_metadata(
     device = page_table.device
     has_prefix = [n > e for n, e in zip(seq_lens, extend_lens, strict=True)]
     if not any(has_prefix):
-        cu = _to(list(itertools.accumulate(extend_lens, initial=0)), torch.int32, device)  # [batch + 1]
-        longest = max(extend_lens)
-        return ExtendMetadata((ExtendGroup(0, sum(extend_lens), cu, cu, longest, longest, None),))
+        n, longest = sum(extend_lens), max(extend_lens)
+        cu_host = list(itertools.accumulate(extend_lens, initial=0))  # [batch + 1]
+        dense = dense_tokens(extend_lens)
+        if dense and dense < n:
+            cu_host += [0, n - dense, 0, n]
+        cu_all = _to(cu_host, torch.int32, device)
+        cu, cu_tail = cu_all[: len(extend_lens) + 1], cu_all[len(extend_lens) + 1 :]
+        tail = cu_tail if cu_tail.numel() else None
+        return ExtendMetadata((ExtendGroup(0, n, cu, cu, longest, longest, None, dense, tail),))
     slots = key_slots(page_table, seq_lens, page_size)  # [sum(seq_lens)]
     bounds = split_groups(seq_lens, max_gather_tokens)
     # every group's cumulative lengths go to the device in one copy
@@ -173,18 +215,13 @@ def _attend(q, k_new, v_new, k_flat, v_flat, g: ExtendGroup, scale: float) -> to
     q = q[g.q_start : g.q_end]  # [group_tokens, num_heads, head_dim]
     if g.key_slots is None:
         k, v = k_new[g.q_start : g.q_end], v_new[g.q_start : g.q_end]
-        if g.cu_seq_q.numel() == 2 and g.q_end - g.q_start >= SDPA_MIN_TOKENS:
-            # One long fresh prompt: SDPA's dense causal path picks its fastest kernel (cuDNN on an
-            # H100: about twice FA2's rate on an 8k prompt).
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                scale=scale,
-                enable_gqa=True,
-            )  # [1, num_heads, group_tokens, head_dim]
-            return o[0].transpose(0, 1)
+        if g.dense_tokens:  # a lone long fresh prompt (SDPA_MIN_TOKENS)
+            d, n = g.dense_tokens, q.shape[0]
+            head = dense_causal(q[:d], k[:d], v[:d], scale)  # [d, num_heads, head_dim]
+            if g.cu_tail is None:
+                return head
+            tail = _flash_varlen(q[d:], k, v, g.cu_tail[:2], g.cu_tail[2:], n - d, n, scale)
+            return torch.cat([head, tail])
     else:
         k = k_flat.index_select(0, g.key_slots)  # [num_keys, num_kv_heads, head_dim]
         v = v_flat.index_select(0, g.key_slots)

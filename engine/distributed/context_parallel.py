@@ -158,6 +158,9 @@ class ContextParallelAttention(AttentionBackend):
     def prepare_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
         self.inner.prepare_graph(batch, max_seq_len)
 
+    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
+        return self.inner.warm_up(layer, dtype, max_tokens, device)
+
     def forward(
         self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:

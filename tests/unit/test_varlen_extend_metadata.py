@@ -152,3 +152,28 @@ def test_packing_matches_torch_native_extend(monkeypatch, budget, page_size):
     out = torch.full_like(q, float("nan"))
     paged_extend_attention(q, k, v, pool.k_pages(0), pool.v_pages(0), meta, 0.3, out=out)
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("length", [63, 64, 100, 127])
+def test_lone_long_prompt_splits_dense_and_tail(monkeypatch, length):
+    """A lone fresh prompt from ``SDPA_MIN_TOKENS`` on: its first ``DENSE_LENGTH_STEP`` multiple of
+    queries through SDPA's dense causal path (a length whose plan startup built), the rest through
+    FA2 over every key; together equal to causal attention over the whole prompt (float64)."""
+    monkeypatch.setattr(varlen_extend, "_flash_varlen", reference_varlen)
+    monkeypatch.setattr(varlen_extend, "_HAS_FLASH", True)
+    monkeypatch.setattr(varlen_extend, "SDPA_MIN_TOKENS", 64)
+    monkeypatch.setattr(varlen_extend, "DENSE_LENGTH_STEP", 32)
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(length, 8, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(length, 2, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(length, 2, 16, generator=g, dtype=torch.float64)
+    meta = build_extend_metadata([length], [length], torch.zeros(1, 1, dtype=torch.int64), 16, 10_000)
+    (group,) = meta.groups
+    assert group.dense_tokens == {63: 0, 64: 64, 100: 96, 127: 96}[length]
+    assert (group.cu_tail is None) == (group.dense_tokens in (0, length))
+    pool = KVPagePool(1, 2, 16, 2, 16, torch.float64, "cpu")  # unread: the keys are the new tokens
+    got = paged_extend_attention(q, k, v, pool.k_pages(0), pool.v_pages(0), meta, 0.25)
+    cu = torch.tensor([0, length], dtype=torch.int32)
+    torch.testing.assert_close(got, reference_varlen(q, k, v, cu, cu, length, length, 0.25))
+    # two of the four rows need the dense path's plans: lengths 64 and 96 of steps up to 127 tokens
+    assert varlen_extend.warm_dense_plans(8, 2, 16, torch.float64, 127, 0.25, torch.device("cpu")) == 2
