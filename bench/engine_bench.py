@@ -118,7 +118,12 @@ def bench_model(name: str, args, bw: float, flops: float) -> list[Row]:
         rows.append(Row(name, "prefill", 1, n, ms, floor))
         if args.idle_before > 0:
             rows[-1].isolated_ms = isolated_step_ms(runner, seqs, [n], False, args.reps, args.idle_before)
-        if runner.piecewise is not None and n <= runner.piecewise.max_tokens:
+        # "graph ms" where the engine runs this step from its piecewise graphs (a lone long prompt
+        # whose attention makes it GPU-bound stays eager: ModelRunner._piecewise_pays)
+        staged = runner.piecewise is not None and runner.piecewise.is_staged(
+            runner.prepare(ScheduledBatch(seqs, [n], is_decode=False))
+        )
+        if staged:
             rows[-1].graph_ms = step_ms(runner, seqs, [n], decode=False, reps=args.reps, graphs=True)
         print(rows[-1], flush=True)
     for ctx in args.ctx:

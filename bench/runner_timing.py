@@ -109,7 +109,7 @@ def make_runner(
             load_format="dummy",
             max_num_seqs=max(256, max_bs),
             max_num_batched_tokens=max_tokens,
-            max_piecewise_tokens=max_tokens,  # every prefill row timed both ways (the default stops at 2048)
+            max_piecewise_tokens=max_tokens,  # graphs for every step the engine would replay (not by model size)
             gpu_memory_utilization=0.9,
             attention_backend=attention_backend,
             cuda_graphs=cuda_graphs,

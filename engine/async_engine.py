@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 
 from engine.engine import Engine
 from engine.kv_stream import KVLease
-from engine.model_runner import use_device
 from engine.output import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -92,13 +91,14 @@ class AsyncEngine:
         self._deadlines: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(
-            1, thread_name_prefix="engine-step", initializer=use_device, initargs=(engine.runner.device,)
+            1, thread_name_prefix="engine-step", initializer=engine.runner.bind_thread
         )
         self._task: asyncio.Task | None = None
         self.failure: BaseException | None = None  # set if the loop itself died (a bug): serve nothing
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
+        self._executor.submit(lambda: None)  # start the step thread now: it binds itself (bind_thread)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
         self._task.add_done_callback(self._on_loop_exit)
 

@@ -186,9 +186,10 @@ class EngineConfig:
     ``cuda_graphs``: replay decode steps of up to ``graph_batch_limit`` sequences from CUDA graphs
     (``engine.graphs``), effective only on CUDA with an attention backend that supports graphs
     (``triton``; ignored, with a log line, otherwise); and run EXTEND steps of up to
-    ``piecewise_token_limit`` tokens as piecewise CUDA graphs (attention eager between them), on
-    CUDA with any backend. The graphs' memory comes on top of the KV cache budget (a few hundred
-    MiB: the static ``[batch, vocab]`` logits, the piecewise buffers; logged at startup).
+    ``piecewise_token_limit`` tokens as piecewise CUDA graphs (attention eager between them) while
+    that pays (``ModelRunner.prepare``), on CUDA with any backend. The graphs' memory comes on top
+    of the KV cache budget (hundreds of MiB to ~1 GiB: the static ``[batch, vocab]`` logits, the
+    piecewise buffers and pool, which grow with the piecewise limit; logged at startup).
 
     ``fused_kernels``: run RMSNorm (+ residual add), SiLU·up and q/k-norm + rotary as fused Triton
     kernels (``engine.layers.kernels``, ``triton``) instead of torch ops. Effective only on CUDA;

@@ -8,9 +8,9 @@ the input tokens the host does not have yet (overlap scheduling, ``engine.sequen
 
 CUDA graphs (``engine.graphs``): on CUDA with a graph-capable attention backend, decode batches of
 up to ``EngineConfig.graph_batch_limit`` sequences are staged into static buffers by ``prepare`` and
-replayed by ``forward``; EXTEND batches of up to ``EngineConfig.piecewise_token_limit`` tokens are
-staged likewise and run as piecewise graphs with eager attention in between. Everything else (and
-everything on the CPU) runs eagerly.
+replayed by ``forward``; EXTEND batches of up to ``EngineConfig.piecewise_token_limit`` tokens whose
+eager run would be host-bound (``_piecewise_pays``) are staged likewise and run as piecewise graphs
+with eager attention in between. Everything else (and everything on the CPU) runs eagerly.
 
 Context parallelism (``cp``, ``engine.distributed.context_parallel``): ``prepare`` keeps this rank's
 share of a step that splits, the attention backend is wrapped to gather the ranks' K/V, and only
@@ -20,15 +20,15 @@ rank 0 samples (the others take its tokens).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 
 from engine.attention import ForwardBatch, ForwardMode, create_backend
 from engine.config import EAGER_LAYER_LAUNCH_FLOPS, PIECEWISE_MIN_TOKENS, EngineConfig, ModelConfig
+from engine.device import upload, use_device
 from engine.distributed import TPGroup
 from engine.distributed.context_parallel import ContextParallelAttention, CPGroup, split_forward_batch
 from engine.distributed.zigzag import ZigzagPlan, should_split
@@ -82,42 +82,6 @@ class PendingTokens:
             pairs = zip(self.top_token_ids.tolist(), self.top_logprobs.tolist(), strict=True)
             top = [list(zip(ids, lps, strict=True)) for ids, lps in pairs]
         return SampledTokens(token_ids, self.logprobs.tolist(), top)
-
-
-def use_device(device: torch.device) -> None:
-    """Make ``device`` the calling thread's current CUDA device (a no-op elsewhere). What names no
-    device — ``torch.cuda.current_stream()``, an event's ``record()``, a bare "cuda" — means the
-    current device, which is per thread and 0 by default: every thread that runs an engine's steps
-    calls this, so an engine on cuda:1 never queues on cuda:0 (``AsyncEngine``'s step thread too)."""
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-
-
-def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """int64 host arrays as tensors on ``device``, same shapes. On CUDA: packed into one pinned buffer
-    (``pack_aligned``) and sent in one asynchronous copy, where a copy each from pageable memory
-    blocked the host before the step's first kernel (0.6 ms of gaps for an 8k-token prompt on an
-    H100 host). The pinned block is not handed out again before its copy has run (torch's host
-    allocator records the copy's stream)."""
-    if device.type != "cuda":
-        return [torch.from_numpy(a) for a in arrays]
-    host, parts = pack_aligned(arrays, pin=True)
-    flat = host.to(device, non_blocking=True)
-    return [flat[part].view(a.shape) for part, a in zip(parts, arrays, strict=True)]
-
-
-def pack_aligned(arrays: list[np.ndarray], pin: bool) -> tuple[torch.Tensor, list[slice]]:
-    """The int64 ``arrays`` back to back in one (``pin``: pinned) buffer, and each one's slice of it.
-    Every part starts 16-byte aligned, as separate allocations do: Triton specialises kernels on a
-    pointer's 16-byte alignment, so an odd-length part before another would make later kernels
-    compile other variants mid-serving."""
-    starts = np.cumsum([0] + [a.size + a.size % 2 for a in arrays]).tolist()  # even: 16 bytes
-    host = torch.empty(starts[-1], dtype=torch.int64, pin_memory=pin)
-    staged = host.numpy()
-    parts = [slice(start, start + a.size) for start, a in zip(starts, arrays, strict=False)]
-    for part, a in zip(parts, arrays, strict=True):
-        staged[part] = a.ravel()
-    return host, parts
 
 
 class ModelRunner:
@@ -193,6 +157,7 @@ class ModelRunner:
         self.piecewise = create_piecewise_graphs(cfg, self.model, self.kv_pool, self.attn_backend)
         if self.device.type == "cuda":
             self._warm_up()
+        self.bind_thread()
 
     @classmethod
     def of_rank(cls, cfg: EngineConfig, model_cfg: ModelConfig, ranks: TPGroup | None) -> ModelRunner:
@@ -357,19 +322,29 @@ class ModelRunner:
         """One extend step of two short fresh sequences at startup (on free pages, which hold no
         one's KV yet): the first multi-sequence extend in a process pulled in what torch registers
         lazily, ~5 s of imports on a host without cached bytecode (measured on the GPU box), which
-        would otherwise stall the first batch of real requests. Then the attention backend's own
-        warm-up (cuDNN plans, ``AttentionBackend.warm_up``)."""
+        would otherwise stall the first batch of real requests."""
         if self.num_pages < 3:
             return
         start, ps = time.perf_counter(), self.cfg.page_size
         self._scratch_step([ps, ps], "warm-up")  # waits for the step's tokens
-        decoder: Any = self.model.model  # engine.models.llama.DecoderModel
-        attn = decoder.layers[0].self_attn
-        dtype, tokens = self.kv_pool.kv_gpu.dtype, self.cfg.max_num_batched_tokens
-        plans = self.attn_backend.warm_up(attn, dtype, tokens, self.device)
-        log.info(
-            "warm-up (a two-sequence extend, %d attention plans): %.2f s", plans, time.perf_counter() - start
-        )
+        log.info("warm-up step (a two-sequence extend): %.2f s", time.perf_counter() - start)
+
+    def bind_thread(self) -> None:
+        """Ready the calling thread to step this runner: its current device (``use_device``) and, on
+        CUDA, what the attention backend keeps per thread (cuDNN's plans, which torch caches per
+        thread: ``AttentionBackend.warm_up``). The constructing thread is ready; another thread that
+        steps the engine calls this first (``AsyncEngine``'s step thread does)."""
+        use_device(self.device)
+        if self.device.type != "cuda":
+            return
+        start, m = time.perf_counter(), self.model_cfg
+        heads, kv_heads = m.tp_heads(self.tp.world_size)
+        tokens = min(self.cfg.max_num_batched_tokens, self.max_model_len)  # the longest lone prompt
+        dtype = self.kv_pool.kv_gpu.dtype
+        plans = self.attn_backend.warm_up(heads, kv_heads, m.head_dim, dtype, tokens, self.device)
+        if plans:
+            thread = threading.current_thread().name
+            log.info("%s: %d attention plans built in %.2f s", thread, plans, time.perf_counter() - start)
 
     def _profile_activation_bytes(self) -> int:
         """Peak memory of the largest steps, measured, not guessed: a full-budget prefill (split into

@@ -93,10 +93,14 @@ class AttentionBackend:
     def prepare_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot run inside a CUDA graph")
 
-    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
-        """Startup work that would otherwise stall the first steps of some shapes, for steps of up
-        to ``max_tokens`` tokens through attention ``layer`` (its head counts and scale); returns
-        what was built (a count, for the log). Nothing by default."""
+    def warm_up(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
+        """Build, for the calling thread, what the first steps of some shapes would otherwise build
+        in front of a request (attention of ``num_heads`` / ``num_kv_heads`` heads of ``head_dim``,
+        scale ``head_dim ** -0.5``, in steps of up to ``max_tokens`` tokens); returns how many things
+        were built (for the log). Nothing by default."""
         return 0
 
     def forward(

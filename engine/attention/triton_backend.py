@@ -75,13 +75,14 @@ class TritonBackend(TorchNativeBackend):
         out = paged_extend_attention(q, k, v, k_pages, v_pages, meta, layer.scaling)
         return out.reshape(q.shape[0], -1)  # [num_tokens, num_heads * head_dim]
 
-    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
+    def warm_up(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
         """cuDNN's plans for the dense path of lone long prompts (``varlen_extend.SDPA_MIN_TOKENS``)."""
         if not self._use_varlen(dtype):
             return 0
-        return warm_dense_plans(
-            layer.num_heads, layer.num_kv_heads, layer.head_dim, dtype, max_tokens, layer.scaling, device
-        )
+        return warm_dense_plans(num_heads, num_kv_heads, head_dim, dtype, max_tokens, head_dim**-0.5, device)
 
     def _use_varlen(self, dtype: torch.dtype) -> bool:
         use = varlen_supported(dtype)

@@ -34,7 +34,7 @@ from engine.packing import slot_of
 # an H100 host: 28 calls made up ~3 ms of a 0.6B model's 8k-token eager step, which is host-bound),
 # and it allocates and zeroes an RNG-state tensor each call. FA2 takes fewer KV heads than query
 # heads as they are (grouped-query attention) and aligns the causal mask bottom-right.
-_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
+_HAS_FLASH = torch.backends.cuda.is_flash_attention_available()  # False on a CPU-only build
 
 
 def _flash_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
@@ -129,9 +129,11 @@ def warm_dense_plans(
     num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int, scale: float,
     device: torch.device,
 ) -> int:  # fmt: skip
-    """Build the dense path's plans for every length it can meet (``dense_tokens`` of steps of at
-    most ``max_tokens``): at startup, not in front of a request. Returns how many."""
-    lengths = range(SDPA_MIN_TOKENS, max_tokens + 1, DENSE_LENGTH_STEP)
+    """Build the dense path's plans for every length it can meet (``dense_tokens`` of lone prompts
+    of at most ``max_tokens``): at startup, not in front of a request. torch caches cuDNN's plans
+    per thread, so this runs on each thread that steps the engine (``ModelRunner.bind_thread``).
+    Returns how many."""
+    lengths = sorted({dense_tokens([n]) for n in range(SDPA_MIN_TOKENS, max_tokens + 1)} - {0})
     for n in lengths:
         q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)

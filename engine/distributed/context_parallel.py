@@ -158,8 +158,11 @@ class ContextParallelAttention(AttentionBackend):
     def prepare_graph(self, batch: ForwardBatch, max_seq_len: int) -> None:
         self.inner.prepare_graph(batch, max_seq_len)
 
-    def warm_up(self, layer: Any, dtype: torch.dtype, max_tokens: int, device: torch.device) -> int:
-        return self.inner.warm_up(layer, dtype, max_tokens, device)
+    def warm_up(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, max_tokens: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
+        return self.inner.warm_up(num_heads, num_kv_heads, head_dim, dtype, max_tokens, device)
 
     def forward(
         self, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch

@@ -5,8 +5,9 @@ unless the config asks for graphs (``cuda_graphs``, the default), the device is 
 attention backend can run inside a graph (``AttentionBackend.supports_graphs``: ``triton`` can;
 ``torch_native`` cannot, its decode sizes its gathers from host-side sequence lengths).
 ``create_piecewise_graphs`` returns a captured ``PiecewiseGraphRunner`` for EXTEND batches of up to
-``EngineConfig.piecewise_token_limit`` tokens, or None, under the same switch on CUDA (attention
-runs eagerly between the pieces, so any backend works).
+``EngineConfig.piecewise_token_limit`` tokens (by model size), or None, under the same switch on
+CUDA (attention runs eagerly between the pieces, so any backend works); ``ModelRunner.prepare``
+decides per step whether the pieces pay.
 """
 
 from __future__ import annotations

@@ -180,3 +180,28 @@ def test_a_failing_step_with_a_failing_abort_still_ends_every_stream(tiny_model,
         return [out async for out in stream][-1].finish_reason
 
     assert asyncio.run(run(engine, body)) == "error"
+
+
+def test_the_step_thread_binds_itself_before_any_step(tiny_model, monkeypatch):
+    """What a runner keeps per thread (its current CUDA device, cuDNN's plans) is built on the
+    thread that steps it: AsyncEngine's step thread runs ``ModelRunner.bind_thread`` as it starts,
+    before the first request arrives."""
+    import threading
+
+    from engine.model_runner import ModelRunner
+
+    bound: list[str] = []
+    monkeypatch.setattr(
+        ModelRunner, "bind_thread", lambda self: bound.append(threading.current_thread().name)
+    )
+    engine = make_engine(tiny_model, overlap=False)
+    assert bound == [threading.current_thread().name]  # the constructing thread is bound
+
+    async def body(driver) -> None:
+        deadline = time.monotonic() + 10
+        while len(bound) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run(engine, body))
+    engine.close()
+    assert len(bound) == 2 and bound[1].startswith("engine-step")

@@ -63,10 +63,10 @@ def test_pack_refuses_tokens_past_a_sequences_pages():
 
 
 def test_upload_buffer_keeps_every_part_16_byte_aligned():
-    """``engine.model_runner.pack_aligned``, the host side of a CUDA step's single upload: each
+    """``engine.device.pack_aligned``, the host side of a CUDA step's single upload: each
     array comes back intact from its slice, and every slice starts on a 16-byte boundary (Triton
     compiles a kernel per pointer alignment), whatever the lengths before it."""
-    from engine.model_runner import pack_aligned
+    from engine.device import pack_aligned
 
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 1000, size, dtype=np.int64) for size in (3, 5, 0, 8, 1)]

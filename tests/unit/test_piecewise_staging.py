@@ -143,6 +143,23 @@ def test_batches_above_the_limit_and_decode_stay_off_the_pieces(engine):
     release(engine, big)
 
 
+def test_steps_above_the_always_size_take_the_pieces_only_while_host_bound(engine, monkeypatch):
+    """Above ``PIECEWISE_MIN_TOKENS`` a step takes the pieces only while its per-layer FLOPs stay
+    under ``EAGER_LAYER_LAUNCH_FLOPS``: here the always-size is lowered to 16 tokens and the launch
+    budget set between a batch of short prompts and one long prompt of the same token count."""
+    from engine import model_runner
+
+    cfg = engine.model_config
+    monkeypatch.setattr(model_runner, "PIECEWISE_MIN_TOKENS", 16)
+    short, lone = cfg.extend_layer_flops([20] * 8, [20] * 8), cfg.extend_layer_flops([160], [160])
+    monkeypatch.setattr(model_runner, "EAGER_LAYER_LAUNCH_FLOPS", (short + lone) / 2)
+    runner = engine.runner
+    for shapes, staged in (([(0, 20)] * 8, True), ([(0, 160)], False), ([(0, 16)], True)):
+        batch = extend_batch(engine, shapes, seed=4)
+        assert runner.piecewise.is_staged(runner.prepare(batch)) is staged, shapes
+        release(engine, batch)
+
+
 def test_generation_through_pieces_equals_eager(engine, tiny_model):
     from engine import SamplingParams
 
