@@ -58,13 +58,13 @@ def model_dir(root: Path, name: str) -> Path:
 
 
 class PhaseTimes:
-    """Host wall time inside the engine's phases, by wrapping its methods (bench-only)."""
+    """Host wall time inside the engine's phases, by wrapping its methods (bench-only). The steps
+    themselves, by kind, are ``StepTimeline``'s."""
 
     def __init__(self, engine) -> None:
         from engine.model_runner import PendingTokens
 
         self.seconds: dict[str, float] = {}
-        self.steps = {"extend": 0, "decode": 0, "decode_rows": 0}
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "prepare", "prepare")
         self._wrap(engine.runner, "forward", "forward (launch)")
@@ -75,17 +75,6 @@ class PhaseTimes:
         self._restore = lambda: setattr(PendingTokens, "wait", wait)
         timed = self._timed(wait, "wait for tokens")
         PendingTokens.wait = lambda pending: timed(pending)  # type: ignore[method-assign,assignment]
-        schedule = engine.scheduler.schedule
-
-        def counted():
-            batch = schedule()
-            if batch is not None:
-                kind = "decode" if batch.is_decode else "extend"
-                self.steps[kind] += 1
-                self.steps["decode_rows"] += len(batch.seqs) if batch.is_decode else 0
-            return batch
-
-        engine.scheduler.schedule = counted
 
     def _timed(self, fn, key: str):
         def timed(*a, **k):
@@ -106,7 +95,7 @@ class PhaseTimes:
         out["postprocess excl. wait"] = round(
             self.seconds["postprocess incl. wait"] - self.seconds["wait for tokens"], 2
         )
-        return out | self.steps
+        return out
 
 
 class HostStalls:
@@ -153,8 +142,9 @@ class HostStalls:
 
 class StepTimeline:
     """Each launched step's GPU time and the device's idle time before it, from two CUDA events per
-    step (recorded around ``Engine._launch``, no sync): where a run's GPU idle time falls, by step
-    kind, and the first steps one by one (the prefill chunks). Host launch time per step too."""
+    step (recorded around ``Engine._launch``, no sync): the steps and their rows (sequences) by
+    kind, where a run's GPU idle time falls, and the first steps one by one (the prefill chunks).
+    Host launch time per step too."""
 
     def __init__(self, engine) -> None:
         self._t0 = time.perf_counter()
@@ -184,9 +174,10 @@ class StepTimeline:
             idle = previous.elapsed_time(start) if previous is not None else 0.0
             previous = end
             t = totals.setdefault(
-                kind, {"steps": 0, "gpu_ms": 0.0, "idle_before_ms": 0.0, "host_launch_ms": 0.0}
+                kind, {"steps": 0, "rows": 0, "gpu_ms": 0.0, "idle_before_ms": 0.0, "host_launch_ms": 0.0}
             )
             t["steps"] += 1
+            t["rows"] += seqs
             t["gpu_ms"] += gpu
             t["idle_before_ms"] += idle
             t["host_launch_ms"] += host * 1e3

@@ -1,4 +1,5 @@
-"""Packed variable-length EXTEND attention through FlashAttention-2 (the aten op behind torch's ``varlen_attn``).
+"""Packed variable-length EXTEND attention through FlashAttention-2 (the aten op behind torch's
+``varlen_attn``).
 
 An EXTEND batch packs every sequence's new queries into one ``[num_tokens, num_heads, head_dim]``
 tensor; FA2's varlen kernel attends them all in one launch, given cumulative query and key lengths.
@@ -8,10 +9,10 @@ sequence with ``P`` cached tokens sees keys ``0 .. P + t``, which is exactly ext
 Keys: when no sequence of a group has a cached prefix (fresh prompts, the common case), a sequence's
 keys are its new tokens, passed in as they are; a group of one long fresh prompt goes through SDPA's
 dense causal path instead, whose cuDNN kernel beats FA2 on Hopper (``SDPA_MIN_TOKENS``). Otherwise
-the keys live in the page pool. FA2's own paged mode (``block_table``) wants pages of 256 tokens and is FA3-only in torch, so
-each layer instead gathers the group's keys (prefix and new; the new ones are already stored) into a
-packed ``[num_keys, num_kv_heads, head_dim]`` buffer with one ``index_select`` by pool slot. The
-slots are computed once per step on the device from the page table (``build_extend_metadata``),
+the keys live in the page pool. FA2's own paged mode (``block_table``) wants pages of 256 tokens
+and is FA3-only in torch, so each layer instead gathers the group's keys (prefix and new; the new
+ones are already stored) into a packed ``[num_keys, num_kv_heads, head_dim]`` buffer with one
+``index_select`` by pool slot. The slots are computed once per step on the device from the page table (``build_extend_metadata``),
 every size taken from host lists, so neither the metadata nor the forward syncs with the GPU.
 
 Sequences are attended in groups of consecutive sequences whose gathered keys fit
@@ -133,7 +134,7 @@ def warm_dense_plans(
     of at most ``max_tokens``): at startup, not in front of a request. torch caches cuDNN's plans
     per thread, so this runs on each thread that steps the engine (``ModelRunner.bind_thread``).
     Returns how many."""
-    lengths = sorted({dense_tokens([n]) for n in range(SDPA_MIN_TOKENS, max_tokens + 1)} - {0})
+    lengths = range(dense_tokens([SDPA_MIN_TOKENS]), dense_tokens([max_tokens]) + 1, DENSE_LENGTH_STEP)
     for n in lengths:
         q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
         kv = torch.zeros(n, num_kv_heads, head_dim, dtype=dtype, device=device)
