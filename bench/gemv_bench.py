@@ -3,7 +3,7 @@ against what it replaces (cuBLAS ``F.linear`` plus the separate norm / SiLU·up 
 read bandwidth each reaches, and a sweep of the GEMV's launch parameters.
 
     python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--read-floor]
-        [--sweep] [--out runs]
+        [--pdl] [--lm-head] [--sweep] [--out runs]
 
 Per model the four projections of a layer as the decode step runs them: input norm (+ residual add)
 → qkv; o_proj; post-attention norm (+ residual add) → gate/up → SiLU·up; down_proj. Each is timed
@@ -11,7 +11,9 @@ inside one CUDA graph that runs it over enough distinct weight copies (≥ 256 M
 copy is still in the 50 MB L2 when its turn comes again, as in a real step. "GB/s" is the weight
 bytes over the time; the copy bandwidth of the same GPU is printed first (read + write counted).
 ``--read-floor`` adds the fastest pure read (a sum) of the same weights, timed the same way: how fast
-these bytes can stream at all. ``--sweep`` adds the best launch config as block_n/block_k/warps.
+these bytes can stream at all. ``--pdl`` adds the default config launched as a programmatic dependent
+(each call may start while the previous one finishes, as consecutive projections would).
+``--lm-head`` adds the LM head. ``--sweep`` adds the best launch config as block_n/block_k/warps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.runner_timing import SHAPES, cuda_time_ms, measure_ceilings, write_results
+from bench.runner_timing import SHAPES, VOCAB, cuda_time_ms, measure_ceilings, write_results
 from engine.layers import triton_gemv
 from engine.layers.kernels import LayerOps
 from engine.layers.triton_gemv import GemvConfig, NormIn
@@ -40,15 +42,17 @@ class CublasProjections(TritonOps):
     norm_project = LayerOps.norm_project
 
 
-def projections(shape: dict) -> list[tuple[str, int, int, str]]:
-    """(name, N, K, kind) of one layer; N counts both halves for the gated gate/up."""
+def projections(shape: dict, lm_head: bool = False) -> list[tuple[str, int, int, str]]:
+    """(name, N, K, kind) of one layer (and the LM head); N counts both halves for the gated gate/up."""
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    head = [("lm_head", VOCAB, hidden, "plain")] if lm_head else []
     return [
         ("qkv", q + 2 * kv, hidden, "norm"),
         ("o", hidden, q, "plain"),
         ("gate_up", 2 * inter, hidden, "gated"),
         ("down", hidden, inter, "plain"),
+        *head,
     ]
 
 
@@ -80,10 +84,11 @@ def time_us(call, weights: list[torch.Tensor], reps: int = 20) -> float:
 
 
 def sweep_configs(rows: int) -> list[GemvConfig]:
-    """The launch parameters ``--sweep`` tries (block_n x block_k x warps)."""
-    if rows == 1:
-        return [GemvConfig(*c) for c in itertools.product((1, 2, 4, 8), (256, 512, 1024), (2, 4, 8))]
-    return [GemvConfig(*c) for c in itertools.product((1, 2, 4), (128, 256), (4,))]
+    """The launch parameters ``--sweep`` tries (block_n x block_k x warps): a step's [rows, BN, BK]
+    product of at most 16k elements (more spills registers)."""
+    block_ks = (1024, 2048, 4096) if rows == 1 else (256, 512, 1024, 2048)
+    configs = [GemvConfig(*c) for c in itertools.product((1, 2, 4), block_ks, (4, 8))]
+    return [c for c in configs if triton.next_power_of_2(rows) * c.block_n * c.block_k <= 16384]
 
 
 @triton.jit
@@ -119,6 +124,8 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8")
     p.add_argument("--sweep", action="store_true", help="also sweep the GEMV's launch parameters")
     p.add_argument("--read-floor", action="store_true", help="also time a pure read of each weight")
+    p.add_argument("--pdl", action="store_true", help="also the default config launched with PDL")
+    p.add_argument("--lm-head", action="store_true", help="also the LM head (vocab x hidden, one matrix)")
     p.add_argument("--out", default="runs")
     args = p.parse_args()
     bw, _ = measure_ceilings()
@@ -126,6 +133,7 @@ def main() -> None:
     print(lines[0], flush=True)
     header = "| model | proj | rows | N x K | cuBLAS + norm/act µs | GB/s | gemv µs | GB/s | speedup |"
     header += " read µs | GB/s |" if args.read_floor else ""
+    header += " gemv + PDL µs |" if args.pdl else ""
     header += " best config | µs | GB/s |" if args.sweep else ""
     lines += [header, "|" + "---|" * header.count(" |")]
     print(header, flush=True)
@@ -133,7 +141,9 @@ def main() -> None:
     before, fused_ops = CublasProjections(), TritonOps()
     for model in args.models.split(","):
         shape = SHAPES[model]
-        for (name, n, k, kind), rows in itertools.product(projections(shape), map(int, args.rows.split(","))):
+        for (name, n, k, kind), rows in itertools.product(
+            projections(shape, args.lm_head), map(int, args.rows.split(","))
+        ):
             dtype, dev = torch.bfloat16, "cuda"
             copies = max(2, math.ceil(L2_DEFEAT_BYTES / (n * k * 2)))
             weights = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(copies)]
@@ -153,6 +163,14 @@ def main() -> None:
             if args.read_floor:
                 row["read_us"] = read = read_floor_us(weights)
                 line += f" {read:.2f} | {gbytes / read:.0f} |"
+            if args.pdl:
+                pdl_cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
+                pdl_cfg = pdl_cfg._replace(pdl=True)
+                ok = rows <= triton_gemv.KERNEL_MAX_ROWS
+                row["pdl_us"] = pdl = (
+                    time_us(make_call(fused_ops, kind, x, residual, norm_w, pdl_cfg), weights) if ok else None
+                )
+                line += f" {pdl:.2f} |" if pdl is not None else " - |"
             if args.sweep and rows <= triton_gemv.KERNEL_MAX_ROWS:
                 best: tuple[GemvConfig | None, float] = (None, math.inf)
                 for cfg in sweep_configs(rows):
@@ -164,7 +182,7 @@ def main() -> None:
                     best = min(best, (cfg, us), key=lambda b: b[1])
                 row["best"] = best[0]._asdict() if best[0] else None
                 row["best_us"] = best[1] if best[0] else None
-                cfg_text = "/".join(map(str, best[0])) if best[0] else "-"
+                cfg_text = "/".join(map(str, best[0][:3])) if best[0] else "-"
                 line += (
                     f" {cfg_text} | {best[1]:.2f} | {gbytes / best[1]:.0f} |" if best[0] else " - | - | - |"
                 )

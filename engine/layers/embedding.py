@@ -4,7 +4,7 @@ Both split the vocabulary's rows over the ranks the same way, so a tied LM head 
 own parameter on every rank. The vocabulary is padded up to a multiple of the rank count; rank r
 holds rows ``[r * rows, (r + 1) * rows)`` with ``rows = ceil(vocab / world_size)``, pad rows zero.
 Pad rows never reach sampling: the head cuts their logits off after the gather. With one rank
-there is no padding and each runs the single op it always ran (``F.embedding``, ``F.linear``).
+there is no padding and each runs a single op (``F.embedding``; the LM head's ``LayerOps.linear``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import TPGroup
+from engine.layers.kernels import LayerOps
 from engine.layers.linear import ShapeMismatch
 
 
@@ -50,11 +51,18 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden -> logits: each rank computes its rows' logits, an all-gather lays them side by side
-    in rank order, and the pad rows' columns are cut off."""
+    """hidden -> logits: each rank computes its rows' logits (through ``ops.linear``: the batch-1
+    GEMV on CUDA), an all-gather lays them side by side in rank order, and the pad rows' columns
+    are cut off."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, tp: TPGroup | None = None, ops: LayerOps | None = None
+    ):
+        super().__init__(vocab_size, hidden_size, tp)
+        self.ops = LayerOps() if ops is None else ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)  # [batch, rows]
+        logits = self.ops.linear(x, self.weight)  # [batch, rows]
         if self.tp.world_size == 1:
             return logits
         logits = self.tp.all_gather(logits, dim=-1)  # [batch, rows * world_size]

@@ -153,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
             o_bias=cfg.attention_bias if self.o_bias is None else self.o_bias,
         )
         self.model = DecoderModel(cfg, opts, ops, self.tp)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, self.tp)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, self.tp, ops)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 

@@ -28,7 +28,8 @@ def test_every_layer_of_a_cpu_model_uses_the_torch_ops(tiny_model):
     assert type(runner.layer_ops) is LayerOps
     holders = [m for m in runner.model.modules() if hasattr(m, "ops")]
     # per layer: self_attn, o_proj, mlp, down_proj, 2 norms, q_norm, k_norm; plus the final norm
-    assert len(holders) == 8 * runner.model_cfg.num_layers + 1
+    # and the LM head
+    assert len(holders) == 8 * runner.model_cfg.num_layers + 2
     assert all(m.ops is runner.layer_ops for m in holders)
 
 
