@@ -166,7 +166,9 @@ def main() -> None:
             if args.pdl:
                 pdl_cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
                 pdl_cfg = pdl_cfg._replace(pdl=True)
-                ok = rows <= triton_gemv.KERNEL_MAX_ROWS
+                ok = rows <= triton_gemv.KERNEL_MAX_ROWS and triton_gemv.supports_pdl(
+                    torch.cuda.current_device()
+                )
                 row["pdl_us"] = pdl = (
                     time_us(make_call(fused_ops, kind, x, residual, norm_w, pdl_cfg), weights) if ok else None
                 )

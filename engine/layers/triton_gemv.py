@@ -31,14 +31,16 @@ registers, few programs per SM, 2.1-2.5 TB/s on the 8B matrices), weight tiles t
 a register double buffer, L2 bulk prefetches ahead of the loop (and of ``o_proj`` during
 attention, from a side stream), a persistent grid.
 The kernel itself takes up to ``KERNEL_MAX_ROWS`` rows. ``x`` [M, K] with unit stride along K,
-``weight`` [N, K] contiguous. Launch parameters are a
-function of the shapes only, outputs come from ``torch.empty`` and nothing reads back to the host,
-so the kernel runs inside CUDA graphs.
+``weight`` [N, K] contiguous, and never written by the kernel just before (it is loaded before
+``gdc_wait``: parameters only, not a tensor computed in the step). Launch parameters are a function
+of the shapes (and whether the GPU has PDL), outputs come from ``torch.empty`` and nothing reads
+back to the host, so the kernel runs inside CUDA graphs.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -62,7 +64,7 @@ def _input_chunk(X, R, NW, rstd, m, kk, x_mask, stride_xm, stride_rm, dtype: tl.
     if RESIDUAL:
         xv = _rnd(xv + tl.load(R + m * stride_rm + kk, mask=x_mask, other=0.0).to(tl.float32), dtype)
     if NORM:
-        nw = tl.load(NW + kk, mask=x_mask, other=0.0).to(tl.float32)
+        nw = tl.load(NW + kk + 0 * m, mask=x_mask, other=0.0).to(tl.float32)  # [BM, BK], as the mask
         xv = _rnd(nw * _rnd(xv * rstd, dtype), dtype)
     return xv
 
@@ -185,6 +187,7 @@ class GemvConfig(NamedTuple):
 # decode graphs at batch 1 on an H100 take 5.60 ms instead of 5.68 (Qwen3-8B), 0.96 instead of
 # 1.04 (Qwen3-0.6B), bit for bit the same (docs/BENCHMARKS.md).
 USE_PDL = True
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no griddepcontrol
 
 
 @functools.cache
@@ -201,7 +204,7 @@ def gemv_config(rows: int, n: int, k: int, gated: bool, pdl: bool = False) -> Ge
     rows read in several steps. More input rows take fewer columns a step, so a step's
     [rows, BN, BK] product stays at most 8k elements (16k gated)."""
     block_k = min(triton.next_power_of_2(k), 4096)
-    block_n = 1 if gated or k > block_k or n <= 1024 else max(2, 4096 // block_k)
+    block_n = 1 if gated or k > block_k or n <= 1024 else min(4, max(2, 4096 // block_k))
     rows_pow2 = triton.next_power_of_2(rows)
     if rows_pow2 > 1:
         block_k = min(block_k, max(64, 8192 // (rows_pow2 * block_n)))

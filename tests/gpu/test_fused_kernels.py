@@ -230,6 +230,9 @@ def test_gemv_matches_the_torch_ops(dtype, rows, n, k, variant):
 
 
 @needs_cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm_90+"
+)
 def test_gemv_chain_launched_with_pdl_in_a_graph_changes_no_bit():
     """Projections launched as programmatic dependents (each may start while the previous one runs
     and loads its first weights before waiting for it) and replayed from a CUDA graph give the
@@ -277,6 +280,34 @@ def test_gemv_chain_launched_with_pdl_in_a_graph_changes_no_bit():
     torch.cuda.synchronize()
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"output {i} of the chain differs under PDL"
+
+
+@needs_cuda
+def test_lm_head_runs_the_gemv_at_one_row():
+    """The LM head goes through ``LayerOps.linear``: at one row ``TritonOps`` runs it as the GEMV
+    (one kernel, the vocabulary's odd row count hitting the N mask) and the logits match
+    ``F.linear``'s."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.layers.embedding import ParallelLMHead
+
+    _, fused = _ops()
+    vocab, hidden = 50_001, 1024
+    head = ParallelLMHead(vocab, hidden, ops=fused).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(_randn(vocab, hidden, dtype=torch.bfloat16, seed=11, scale=hidden**-0.5))
+    x = _randn(1, hidden, dtype=torch.bfloat16, seed=12, scale=2.0)
+    head(x)  # compile outside the profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        got = head(x)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert [n for n in names if not n.startswith(("Memcpy", "Memset"))] == [
+        n for n in names if "_gemv_kernel" in n
+    ]
+    assert any("_gemv_kernel" in n for n in names), names
+    _check("LM head via TritonOps, 1 row", got, F.linear(x, head.weight), GEMV_BOUNDS, GEMV_MAX_DIFFER)
 
 
 @needs_cuda
