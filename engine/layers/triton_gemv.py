@@ -196,6 +196,13 @@ def supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _pdl_on(device: torch.device) -> bool:
+    """Whether the default configs launch with PDL on ``device``."""
+    if not USE_PDL or device.type != "cuda" or _INTERPRET:
+        return False
+    return supports_pdl(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def gemv_config(rows: int, n: int, k: int, gated: bool, pdl: bool = False) -> GemvConfig:
     """Launch parameters from the shapes, chosen by the decode graph's step time at batch 1 on an
     H100 (Qwen3-0.6B and -8B, one projection's candidates at a time; docs/BENCHMARKS.md): up to 4096
@@ -247,12 +254,7 @@ def gemv(
         assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype, (
             "norm weight [K] in the model dtype"
         )
-    pdl = (
-        USE_PDL
-        and x.is_cuda
-        and supports_pdl(torch.cuda.current_device() if x.device.index is None else x.device.index)
-    )
-    cfg = config or gemv_config(rows, n, k, gated, pdl)
+    cfg = config or gemv_config(rows, n, k, gated, _pdl_on(x.device))
     block_m = triton.next_power_of_2(rows)
     grid = triton.cdiv(n, cfg.block_n)
     placeholder = x  # pointer arguments a variant does not read
