@@ -56,6 +56,12 @@ def projections(shape: dict, lm_head: bool = False) -> list[tuple[str, int, int,
     ]
 
 
+def gemv_shape(n: int, k: int, kind: str) -> tuple[int, int, bool]:
+    """(n, k, gated) as ``triton_gemv.gemv_config`` takes them: a gated weight's N counts both halves."""
+    gated = kind == "gated"
+    return (n // 2 if gated else n, k, gated)
+
+
 def make_call(ops: LayerOps, kind: str, x, residual, norm_w, config: GemvConfig | None = None):
     """A closure over (weight) running the projection the decode layer runs: through ``ops``
     (torch: separate norm / cuBLAS / SiLU kernels) or, with ``config``, the GEMV with that config."""
@@ -139,6 +145,7 @@ def main() -> None:
     print(header, flush=True)
     results = []
     before, fused_ops = CublasProjections(), TritonOps()
+    pdl_ok = args.pdl and triton_gemv.supports_pdl(torch.cuda.current_device())
     for model in args.models.split(","):
         shape = SHAPES[model]
         for (name, n, k, kind), rows in itertools.product(
@@ -154,8 +161,9 @@ def main() -> None:
             base = time_us(make_call(before, kind, x, residual, norm_w), weights)
             line = f"| {model} | {name} | {rows} | {n} x {k} | {base:.2f} | {gbytes / base:.0f} | "
             row: dict = dict(model=model, proj=name, rows=rows, n=n, k=k, torch_us=base, gemv_us=None)
-            if rows <= triton_gemv.KERNEL_MAX_ROWS:
-                cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
+            fits = rows <= triton_gemv.KERNEL_MAX_ROWS
+            cfg = triton_gemv.gemv_config(rows, *gemv_shape(n, k, kind))
+            if fits:
                 row["gemv_us"] = gemv = time_us(make_call(fused_ops, kind, x, residual, norm_w, cfg), weights)
                 line += f"{gemv:.2f} | {gbytes / gemv:.0f} | {base / gemv:.2f} |"
             else:
@@ -164,16 +172,10 @@ def main() -> None:
                 row["read_us"] = read = read_floor_us(weights)
                 line += f" {read:.2f} | {gbytes / read:.0f} |"
             if args.pdl:
-                pdl_cfg = triton_gemv.gemv_config(rows, n // 2 if kind == "gated" else n, k, kind == "gated")
-                pdl_cfg = pdl_cfg._replace(pdl=True)
-                ok = rows <= triton_gemv.KERNEL_MAX_ROWS and triton_gemv.supports_pdl(
-                    torch.cuda.current_device()
-                )
-                row["pdl_us"] = pdl = (
-                    time_us(make_call(fused_ops, kind, x, residual, norm_w, pdl_cfg), weights) if ok else None
-                )
+                pdl_call = make_call(fused_ops, kind, x, residual, norm_w, cfg._replace(pdl=True))
+                row["pdl_us"] = pdl = time_us(pdl_call, weights) if fits and pdl_ok else None
                 line += f" {pdl:.2f} |" if pdl is not None else " - |"
-            if args.sweep and rows <= triton_gemv.KERNEL_MAX_ROWS:
+            if args.sweep and fits:
                 best: tuple[GemvConfig | None, float] = (None, math.inf)
                 for cfg in sweep_configs(rows):
                     try:

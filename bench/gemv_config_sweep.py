@@ -22,7 +22,7 @@ import os
 import torch
 import triton
 
-from bench.gemv_bench import projections
+from bench.gemv_bench import gemv_shape, projections
 from bench.runner_timing import SHAPES, gpu_step_ms, make_runner, model_config, sequences, write_results
 from engine.layers import triton_gemv
 from engine.layers.triton_gemv import GemvConfig
@@ -38,8 +38,7 @@ def candidates(k: int) -> list[GemvConfig]:
 
 def sweep(model: str, ctx: int, lines: list[str]) -> dict:
     shapes: list[Shape] = [
-        (n // 2 if kind == "gated" else n, k, kind == "gated")
-        for _, n, k, kind in projections(SHAPES[model], lm_head=True)
+        gemv_shape(n, k, kind) for _, n, k, kind in projections(SHAPES[model], lm_head=True)
     ]
     runner = make_runner(model_config(model, 2 * ctx), 2048, "triton", True, 1, max_graph_batch_size=1)
     seqs = sequences(runner, 1, ctx, ctx - 1)
