@@ -1,2 +1,3 @@
-"""Benchmarks: engine step times (engine_bench.py, on the shared helpers of runner_timing.py), extend
-attention, TP, offline throughput, and the serving load test (load_test.py)."""
+"""Lab benchmarks and sweeps, run from a checkout's root as modules (``python -m bench.engine_bench``);
+not installed. What users run against a live system (``pdserve bench``, ``soak``, ``goodput``) lives in
+``pdserve.loadtest``."""

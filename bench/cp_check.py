@@ -1,6 +1,6 @@
 """Context-parallel prefill on two GPUs of one host (#8): cp=2 logits against cp=1, prefill times.
 
-    python bench/cp_check.py --model qwen3-8b --tokens 4096,8192,16384,32768 --out runs
+    python -m bench.cp_check --model qwen3-8b --tokens 4096,8192,16384,32768 --out runs
 
 Two processes (NCCL, ``engine.distributed.init_tp``), each a CP rank with the whole random-weight
 bf16 model of the real shape (Triton attention; the per-layer K/V all-gather through symmetric

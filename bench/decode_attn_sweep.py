@@ -1,6 +1,6 @@
 """Launch-knob sweep for the Triton paged decode attention kernel, on the GPU.
 
-    python bench/decode_attn_sweep.py --out runs
+    python -m bench.decode_attn_sweep --out runs
 
 For Qwen3-8B and Qwen3-0.6B attention shapes (bf16, page size 16, pages shuffled through the pool),
 batch sizes 1/8/64/256 and contexts 1k/4k, times every combination of keys per tile (``block_n``),

@@ -1,7 +1,7 @@
 """Engine step times (eager baseline) next to their roofline floors, measured in the same run.
 
-    python bench/engine_bench.py --models qwen3-0.6b,qwen3-8b --prefill 512,2048,8192 --decode-bs 1,64 --ctx 1024
-    python bench/engine_bench.py --attention-backend triton --cuda-graphs --decode-bs 1,8,64,256
+    python -m bench.engine_bench --models qwen3-0.6b,qwen3-8b --prefill 512,2048,8192 --decode-bs 1,64 --ctx 1024
+    python -m bench.engine_bench --attention-backend triton --cuda-graphs --decode-bs 1,8,64,256
 
 ``--cuda-graphs`` (needs ``--attention-backend triton``) captures decode CUDA graphs and times every
 decode row on the same runner, weights and KV: eager ("step ms"); replayed from the graph, one step

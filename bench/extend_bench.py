@@ -1,6 +1,6 @@
 """One layer's EXTEND attention: the triton backend's FA2 varlen path vs torch_native's per-sequence loop.
 
-    python bench/extend_bench.py --models qwen3-8b,qwen3-0.6b --reps 20 --out runs
+    python -m bench.extend_bench --models qwen3-8b,qwen3-0.6b --reps 20 --out runs
 
 Per model (attention shapes only: query heads, KV heads, head_dim; bf16) and batch shape, the time of
 one layer's ``backend.forward`` (KV store + attention) on a random pool, with CUDA events, median of

@@ -2,7 +2,7 @@
 against what it replaces (cuBLAS ``F.linear`` plus the separate norm / SiLU·up kernels), with the
 read bandwidth each reaches, and a sweep of the GEMV's launch parameters.
 
-    python bench/gemv_bench.py --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--read-floor]
+    python -m bench.gemv_bench --models qwen3-0.6b,qwen3-8b --rows 1,2,4,8 [--read-floor]
         [--pdl] [--lm-head] [--sweep] [--out runs]
 
 Per model the four projections of a layer as the decode step runs them: input norm (+ residual add)

@@ -1,6 +1,6 @@
 """The batch-1 GEMV's launch parameters chosen by what they are for: the decode step's time.
 
-    python bench/gemv_config_sweep.py --models qwen3-8b,qwen3-0.6b [--ctx 1024] [--out runs]
+    python -m bench.gemv_config_sweep --models qwen3-8b,qwen3-0.6b [--ctx 1024] [--out runs]
 
 Per model (random bf16 weights of the real shape, Triton attention, decode CUDA graphs) the bs-1
 decode graph is captured with ``triton_gemv.gemv_config``'s configs ("base"), then once per

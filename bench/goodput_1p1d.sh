@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT="${OUT:-runs}/goodput"; mkdir -p "$OUT"
 MODEL="${MODEL:-/tmp/qwen3-8b-shape}"
 if [ ! -f "$MODEL/config.json" ]; then
-  python3 -m engine.cli make-model "$MODEL" --layers 36 --hidden 4096 --intermediate 12288 --heads 32 \
+  python3 -m pdserve make-model "$MODEL" --layers 36 --hidden 4096 --intermediate 12288 --heads 32 \
     --kv-heads 8 --head-dim 128 --dtype bfloat16 --max-position-embeddings 8192 --no-weights || exit
 fi
 COMMON=(--model "$MODEL" --load-format dummy --dtype bfloat16 --attention-backend triton --max-model-len 4096
@@ -22,7 +22,7 @@ SWEEP=(--rates 4,8,16,32 --slo-ttft-ms 500 --slo-tpot-ms 40 --num-requests 400 -
 
 run_system() {  # name port [pdserve up args...]: start, wait for "up" (bounded), sweep, stop
   local name=$1 port=$2; shift 2
-  python3 -m engine.cli up "${COMMON[@]}" --port "$port" --grpc-port $((port + 1)) "$@" >"$OUT/$name.up.log" 2>&1 &
+  python3 -m pdserve up "${COMMON[@]}" --port "$port" --grpc-port $((port + 1)) "$@" >"$OUT/$name.up.log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 300); do
     grep -q '"status": "up"' "$OUT/$name.up.log" && break
@@ -30,7 +30,7 @@ run_system() {  # name port [pdserve up args...]: start, wait for "up" (bounded)
     sleep 1
   done
   grep -q '"status": "up"' "$OUT/$name.up.log" || { echo "$name: not up within 300 s"; kill -INT "$pid"; wait "$pid"; return 1; }
-  python3 bench/goodput_sweep.py --target "$name=http://127.0.0.1:$port" "${SWEEP[@]}" --out-dir "$OUT/$name"
+  python3 -m pdserve goodput --target "$name=http://127.0.0.1:$port" "${SWEEP[@]}" --out-dir "$OUT/$name"
   local rc=$?
   kill -INT "$pid"; wait "$pid"
   return $rc
@@ -50,5 +50,5 @@ for system in ${SYSTEMS:-1p1d colocated colocated-mixed}; do
   esac || rc=1
 done
 sweeps=("$OUT"/*/goodput_sweep.json)
-[ -e "${sweeps[0]}" ] && python3 bench/goodput_sweep.py --merge "${sweeps[@]}" --out-dir "$OUT" | tee "$OUT/merged.txt"
+[ -e "${sweeps[0]}" ] && python3 -m pdserve goodput --merge "${sweeps[@]}" --out-dir "$OUT" | tee "$OUT/merged.txt"
 exit $rc

@@ -18,15 +18,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c 'import torch, triton, grpc, google.protobuf as pb; print("torch", torch.__version__, "triton", triton.__version__, "grpcio", grpc.__version__, "protobuf", pb.__version__)' | tee -a "$OUT/gpu.txt"
 python3 -m pytest tests/gpu -q -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-python3 bench/engine_bench.py --attention-backend triton --cuda-graphs --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+python3 -m bench.engine_bench --attention-backend triton --cuda-graphs --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
-python3 bench/offline_bench.py --out "$OUT" 2>&1 | tee "$OUT/offline.log"
+python3 -m bench.offline_bench --out "$OUT" 2>&1 | tee "$OUT/offline.log"
 offline_rc=${PIPESTATUS[0]}
-python3 bench/gemv_bench.py --rows 1,2 --out "$OUT" 2>&1 | tee "$OUT/gemv.log"
+python3 -m bench.gemv_bench --rows 1,2 --out "$OUT" 2>&1 | tee "$OUT/gemv.log"
 gemv_rc=${PIPESTATUS[0]}
 kv_rc=0
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  python3 bench/kv_transfer_bench.py --backends cuda_ipc,nccl,tcp --out "$OUT" 2>&1 | tee "$OUT/kv_transfer.log"
+  python3 -m bench.kv_transfer_bench --backends cuda_ipc,nccl,tcp --out "$OUT" 2>&1 | tee "$OUT/kv_transfer.log"
   kv_rc=${PIPESTATUS[0]}
 fi
 echo "gpu tests rc=$tests_rc bench rc=$bench_rc offline rc=$offline_rc gemv rc=$gemv_rc kv transfer rc=$kv_rc"

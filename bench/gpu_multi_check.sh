@@ -29,12 +29,12 @@ case "$stage" in
            tests/gpu/test_tp_engine_gpu.py tests/gpu/test_cp_gpu.py tests/gpu/test_kv_transfer_gpu.py \
            tests/gpu/test_services_two_gpus.py tests/gpu/test_kv_stream_gpu.py \
            tests/gpu/test_fused_kernels.py::test_ops_run_on_their_tensors_device_not_the_threads_current_one "$@" 2>&1 | tee "$OUT/multi_gpu_tests.log"; rc=${PIPESTATUS[0]} ;;
-  tp) timeout 560 python3 bench/tp_check.py --tp 2 --batch 64,256,512 --out "$OUT" "$@" 2>&1 | tee "$OUT/tp_check.log"
+  tp) timeout 560 python3 -m bench.tp_check --tp 2 --batch 64,256,512 --out "$OUT" "$@" 2>&1 | tee "$OUT/tp_check.log"
       rc=${PIPESTATUS[0]} ;;
-  cp) timeout 560 python3 bench/cp_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/cp_check.log"; rc=${PIPESTATUS[0]} ;;
-  kv) timeout 560 python3 bench/kv_transfer_bench.py --backends cuda_ipc,nccl,tcp --tokens 1024,4096,16384,32768 \
+  cp) timeout 560 python3 -m bench.cp_check --out "$OUT" "$@" 2>&1 | tee "$OUT/cp_check.log"; rc=${PIPESTATUS[0]} ;;
+  kv) timeout 560 python3 -m bench.kv_transfer_bench --backends cuda_ipc,nccl,tcp --tokens 1024,4096,16384,32768 \
         --out "$OUT" "$@" 2>&1 | tee "$OUT/kv_transfer.log"; rc=${PIPESTATUS[0]} ;;
-  kvo) timeout 580 python3 bench/kv_overlap_bench.py --backends cuda_ipc,nccl --tokens 1024,4096,16384,32768 \
+  kvo) timeout 580 python3 -m bench.kv_overlap_bench --backends cuda_ipc,nccl --tokens 1024,4096,16384,32768 \
          --out "$OUT" "$@" 2>&1 | tee "$OUT/kv_overlap.log"; rc=${PIPESTATUS[0]} ;;
   goodput) OUT="$OUT" timeout 580 bash bench/goodput_1p1d.sh "$@"; rc=$? ;;
   *) echo "unknown stage $stage"; exit 2 ;;

@@ -15,7 +15,7 @@ nvidia-smi -L | tee "$OUT/gpu.txt"
 python3 -m pytest tests/gpu/test_kv_transfer_gpu.py tests/gpu/test_services_two_gpus.py -v -s -p no:cacheprovider \
   2>&1 | tee "$OUT/kv_tests.log"
 tests_rc=${PIPESTATUS[0]}
-python3 bench/kv_transfer_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/kv_transfer.log"
+python3 -m bench.kv_transfer_bench --out "$OUT" "$@" 2>&1 | tee "$OUT/kv_transfer.log"
 bench_rc=${PIPESTATUS[0]}
 echo "kv tests rc=$tests_rc kv bench rc=$bench_rc"
 exit $(( tests_rc || bench_rc ))

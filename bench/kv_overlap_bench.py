@@ -10,8 +10,8 @@ prompt's prefill time. Requests run one at a time (no queueing in the marks); th
 length is a warm-up. Model: Qwen3-8B's shape with dummy weights and the embedded tokenizer (prompts
 draw ids below 1000) unless ``--model`` names one.
 
-    PYTHONPATH=. python bench/kv_overlap_bench.py --backends cuda_ipc,nccl --tokens 1024,4096,16384,32768 --out runs
-    PYTHONPATH=. python bench/kv_overlap_bench.py --prefill-device cpu --decode-device cpu --backends tcp \
+    python -m bench.kv_overlap_bench --backends cuda_ipc,nccl --tokens 1024,4096,16384,32768 --out runs
+    python -m bench.kv_overlap_bench --prefill-device cpu --decode-device cpu --backends tcp \
         --tokens 256,1024 --layers 8 --hidden 256 --heads 4 --kv-heads 2 --dtype float32 --chunk 512
 """
 
@@ -40,7 +40,7 @@ def make_model(args: argparse.Namespace) -> str:
         return args.model
     path = Path(args.model_dir)
     if not (path / "config.json").exists():
-        cmd = [sys.executable, "-m", "engine.cli", "make-model", str(path), "--layers", str(args.layers),
+        cmd = [sys.executable, "-m", "pdserve", "make-model", str(path), "--layers", str(args.layers),
                "--hidden", str(args.hidden), "--intermediate", str(args.hidden * 3), "--heads", str(args.heads),
                "--kv-heads", str(args.kv_heads), "--head-dim", str(args.hidden // args.heads), "--dtype", args.dtype,
                "--max-position-embeddings", str(max(args.tokens) + 64), "--no-weights"]  # fmt: skip
@@ -52,7 +52,7 @@ class Up:
     """``pdserve up`` in a process of its own; ``grpc`` is the gateway's public gRPC address."""
 
     def __init__(self, model: str, args: argparse.Namespace, backend: str, after: bool, log: Path) -> None:
-        cmd = [sys.executable, "-m", "engine.cli", "up", "--model", model, "--load-format", "dummy",
+        cmd = [sys.executable, "-m", "pdserve", "up", "--model", model, "--load-format", "dummy",
                "--dtype", args.dtype, "--prefill-device", args.prefill_device, "--decode-device",
                args.decode_device, "--device", args.prefill_device, "--kv-backend", backend, "--port", "0",
                "--grpc-port", "0", "--max-model-len", str(max(args.tokens) + 64), "--max-num-batched-tokens",

@@ -8,7 +8,7 @@ The goal (#8): cuda_ipc or nccl ≤ 5 % of the prompt's prefill time. Prefill ti
 floor, 2·params·tokens + causal attention FLOPs at this GPU's measured bf16 GEMM rate, so the
 ratio printed is an upper bound of the real one.
 
-    PYTHONPATH=. python bench/kv_transfer_bench.py --backends cuda_ipc,nccl,tcp --tokens 1024,4096,16384,32768 --out runs
+    python -m bench.kv_transfer_bench --backends cuda_ipc,nccl,tcp --tokens 1024,4096,16384,32768 --out runs
 """
 
 from __future__ import annotations

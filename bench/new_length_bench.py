@@ -1,7 +1,7 @@
 """Lone prompts of lengths the process has not seen before, on a GPU (issue #6): the first prefill
 of each new length against a repeat of it.
 
-    python bench/new_length_bench.py --models qwen3-0.6b,qwen3-8b
+    python -m bench.new_length_bench --models qwen3-0.6b,qwen3-8b
 
 A lone fresh prompt of ``varlen_extend.SDPA_MIN_TOKENS`` or more goes through cuDNN's dense causal
 path, which builds an execution plan per sequence length (45-72 ms of host time on an H100 host).

@@ -1,6 +1,6 @@
 """Offline engine throughput and the HF transformers baseline, on a GPU (issue #5's last rows).
 
-    python bench/offline_bench.py --out runs/offline
+    python -m bench.offline_bench --out runs/offline
 
 1. Offline throughput: ``LLM.generate`` over ``--num-seqs`` sequences whose input and output lengths
    are uniform in ``[--min-len, --max-len]`` (seed 0, ``ignore_eos``), Qwen3-0.6B shape, bf16 random

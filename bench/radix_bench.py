@@ -1,6 +1,6 @@
 """Prefix-cache bookkeeping cost at scale (CPU): what admission and eviction pay per call.
 
-    python bench/radix_bench.py --sequences 10000
+    python -m bench.radix_bench --sequences 10000
 
 Fills a ``RadixCache`` the way a busy server does — ``--sequences`` requests, each a shared
 2-page system prompt (100 variants) plus 4 unique pages, inserted and released — then times
@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
-
-if __name__ == "__main__" and not __package__:  # run as `python bench/radix_bench.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache

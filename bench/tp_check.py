@@ -1,7 +1,7 @@
 """Tensor parallelism on several GPUs of one host (#7): symmetric-memory all-reduce, two-batch
 overlap, TP=N logits against TP=1, decode step times.
 
-    python bench/tp_check.py --tp 2 --model qwen3-8b --batch 64,256,512 --out runs
+    python -m bench.tp_check --tp 2 --model qwen3-8b --batch 64,256,512 --out runs
 
 One process per GPU (NCCL, ``engine.distributed.init_tp``), each with its ``ModelRunner`` shard of a
 random-weight bf16 model of the real shape (Triton attention, decode CUDA graphs; the collectives

@@ -42,7 +42,7 @@ class Service:
         self.log_path = log_dir / f"{role}-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         env = os.environ | {"PYTHONUNBUFFERED": "1", "PDSERVE_LOG_LEVEL": "INFO"}
-        cmd = [sys.executable, "-m", "engine.cli", role, "--model", str(model), "--port", str(port), *args]
+        cmd = [sys.executable, "-m", "pdserve", role, "--model", str(model), "--port", str(port), *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self._log)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()

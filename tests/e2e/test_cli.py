@@ -27,7 +27,7 @@ PROMPT = "The lighthouse keeper counted the ships"
 def pdserve(*args: str, cache_dir: Path) -> subprocess.CompletedProcess[bytes]:
     env = os.environ | {"PDSERVE_CACHE_DIR": str(cache_dir), "PYTHONIOENCODING": "utf-8"}
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "pdserve", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -148,3 +148,21 @@ def test_weightless_model_runs_with_dummy_weights(tmp_path):
     llm = LLM(str(model), load_format="dummy", kv_cache_bytes=8 << 20)
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert stdout_text(proc).removesuffix("\n") == out.text
+
+
+def test_version_and_every_help_work(tmp_path):
+    """``--version`` names the installed distribution's version; every subcommand's ``--help`` exits 0
+    and shows its defaults (what a user reads before the first run)."""
+    from importlib.metadata import version
+
+    proc = pdserve("--version", cache_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert stdout_text(proc).strip() == f"pdserve {version('pdserve')}"
+    top = pdserve("--help", cache_dir=tmp_path)
+    assert top.returncode == 0
+    commands = ("make-model", "generate", "prefill", "decode", "gateway", "up", "bench", "soak", "goodput")
+    for command in commands:
+        assert command in stdout_text(top)
+        proc = pdserve(command, "--help", cache_dir=tmp_path)
+        assert proc.returncode == 0, f"{command}: {proc.stderr.decode()}"
+        assert "(default:" in stdout_text(proc), f"{command} --help shows no defaults"

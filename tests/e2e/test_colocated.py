@@ -157,7 +157,7 @@ def test_up_with_no_prefill_instances_is_colocated(tmp_path):
 
 def test_gateway_needs_a_decode_instance(tiny_model):
     r = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "gateway", "--model", str(tiny_model), "--port", "0"],
+        [sys.executable, "-m", "pdserve", "gateway", "--model", str(tiny_model), "--port", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode != 0 and "--decode" in r.stderr

@@ -343,7 +343,7 @@ def test_load_test_reports_sane_numbers(gateway, tmp_path, backend):
         if backend == "rest"
         else ["--grpc-address", gateway.address, "--model", MODEL]
     )
-    cmd = [sys.executable, "-m", "engine.cli", "bench", "--backend", backend, *target, "--num-requests", "12",
+    cmd = [sys.executable, "-m", "pdserve", "bench", "--backend", backend, *target, "--num-requests", "12",
            "--warmup-requests", "2", "--input-len-min", "8", "--input-len-max", "40", "--output-len-min", "4",
            "--output-len-max", "12", "--request-rate", "20", "--max-concurrency", "6", "--max-duration-s", "60",
            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--out-dir", str(tmp_path), "--no-progress"]  # fmt: skip

@@ -19,7 +19,7 @@ def test_short_soak_has_no_errors_and_no_leaks(tiny_model, tmp_path):
     )
     try:
         gw.wait_ready()
-        cmd = [sys.executable, "-m", "engine.cli", "soak", "--base-url", gw.http_url, "--duration-s", "12",
+        cmd = [sys.executable, "-m", "pdserve", "soak", "--base-url", gw.http_url, "--duration-s", "12",
                "--warmup-s", "4", "--concurrency", "8", "--max-rss-growth-pct", "25", "--out-dir", str(tmp_path)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120, check=False)
         result = json.loads((tmp_path / "soak.json").read_text())

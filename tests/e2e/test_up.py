@@ -44,7 +44,7 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 def up_process(tmp_path, *args: str, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     """``pdserve up`` on free ports, its model cache (the embedded tiny model) under ``tmp_path``."""
     env = os.environ | {"PDSERVE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "engine.cli", "up", "--port", "0", "--grpc-port", "0", *args]
+    cmd = [sys.executable, "-m", "pdserve", "up", "--port", "0", "--grpc-port", "0", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=stderr, text=True)
 
 

@@ -91,7 +91,7 @@ def test_prefill_on_gpu0_decode_on_gpu1_same_tokens_with_every_backend(model_dir
 
 
 def test_pdserve_up_on_two_gpus_with_cuda_ipc(model_dir, tmp_path):
-    cmd = [sys.executable, "-m", "engine.cli", "up", "--model", str(model_dir), "--port", "0", "--grpc-port", "0",
+    cmd = [sys.executable, "-m", "pdserve", "up", "--model", str(model_dir), "--port", "0", "--grpc-port", "0",
            *COMMON, "--prefill-device", "cuda:0", "--decode-device", "cuda:1", "--kv-backend", "cuda_ipc"]  # fmt: skip
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

@@ -86,7 +86,7 @@ def pdserve_generate(model, cp: int, marker: str) -> tuple[str, str]:
         "PDSERVE_LOG_LEVEL": "INFO",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "generate", "--model", str(model), "--cp", str(cp),
+        [sys.executable, "-m", "pdserve", "generate", "--model", str(model), "--cp", str(cp),
          "--cp-min-tokens", "4", "--prompt", LONG, "--max-tokens", "12", "--ignore-eos",
          "--max-num-batched-tokens", "16"],
         cwd=REPO, env=env, capture_output=True, timeout=TIMEOUT_S, check=False,

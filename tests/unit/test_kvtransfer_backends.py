@@ -13,8 +13,6 @@ import pytest
 import torch
 from test_kvtransfer import LAYERS, deadline_in, layout, pool
 
-from engine.cli import build_parser
-from engine.cli_serving import instance_devices, up_instance_args
 from kvtransfer import (
     BACKENDS,
     Destination,
@@ -27,6 +25,8 @@ from kvtransfer import (
 from kvtransfer.cuda_common import _IpcUnpickler
 from kvtransfer.stream import StreamReceiver
 from kvtransfer.tcp import TcpReceiver
+from pdserve.cli import build_parser
+from pdserve.up import instance_devices, up_instance_args
 
 
 @pytest.mark.parametrize("backend", ["cuda_ipc", "nccl"])
@@ -214,7 +214,7 @@ def test_up_refuses_bad_device_and_backend_combinations_before_starting_anything
 
 
 def test_up_with_a_gpu_backend_on_cpu_exits_with_the_error(capsys):
-    from engine.cli import main
+    from pdserve.cli import main
 
     assert main(["up", "--kv-backend", "cuda_ipc"]) == 2
     assert "kv_backend: 'cuda_ipc'" in capsys.readouterr().err
@@ -264,9 +264,9 @@ def test_a_non_draining_receiver_refuses_an_unknown_transfer_without_beginning_i
 
 
 def test_up_forwards_the_tp_collective_flags(monkeypatch, tmp_path):
-    import gateway.up
-    from engine.cli_serving import _up
+    import pdserve.launcher
     from engine.env import Env
+    from pdserve.up import _up
 
     seen = {}
 
@@ -274,7 +274,7 @@ def test_up_forwards_the_tp_collective_flags(monkeypatch, tmp_path):
         seen["prefill"], seen["decode"] = prefill, decode
         return 0
 
-    monkeypatch.setattr(gateway.up, "up", fake_up)
+    monkeypatch.setattr(pdserve.launcher, "up", fake_up)
     args = build_parser().parse_args(
         ["up", "--model", str(tmp_path), "--no-symmetric-memory", "--tbo-min-batch", "64"]
     )

@@ -34,8 +34,9 @@ def test_every_layer_of_a_cpu_model_uses_the_torch_ops(tiny_model):
 
 
 def test_cli_flag_turns_fused_kernels_off(tiny_model, tmp_path):
-    from engine.cli import build_parser, engine_config_from_args
     from engine.env import Env
+    from pdserve.cli import build_parser
+    from pdserve.engine_args import engine_config_from_args
 
     env = Env(cache_dir=tmp_path, log_level="INFO")
     base = ["generate", "--prompt", "x", "--model", str(tiny_model)]

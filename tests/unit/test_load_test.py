@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.load_metrics import (
+from pdserve.loadtest.load_test import (
+    LoadTestConfig,
+    RequestError,
+    build_parser,
+    build_workload,
+    main,
+    on_rest_chunk,
+)
+from pdserve.loadtest.metrics import (
     RequestRecord,
     StreamTrace,
     format_summary,
@@ -24,8 +32,7 @@ from bench.load_metrics import (
     write_plots,
     write_report,
 )
-from bench.load_test import LoadTestConfig, RequestError, build_parser, build_workload, main, on_rest_chunk
-from bench.load_workload import RequestSpec, arrival_times, load_jsonl, random_workload
+from pdserve.loadtest.workload import RequestSpec, arrival_times, load_jsonl, random_workload
 
 
 def record(

@@ -88,7 +88,7 @@ def test_a_failed_start_leaves_no_rank(tiny_model):
 def pdserve_generate(model: Path, tp: int, marker: str) -> str:
     env = os.environ | {"PYTHONIOENCODING": "utf-8", "PDSERVE_TEST_MARKER": marker}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "generate", "--model", str(model), "--tp", str(tp),
+        [sys.executable, "-m", "pdserve", "generate", "--model", str(model), "--tp", str(tp),
          "--prompt", LONG, "--max-tokens", "12", "--ignore-eos", "--max-num-batched-tokens", "16"],
         cwd=REPO, env=env, capture_output=True, timeout=TIMEOUT_S, check=False,
     )  # fmt: skip

@@ -1,12 +1,12 @@
 """Serving load test for the gateway: TTFT, TPOT, ITL, E2E, throughput and goodput under a load.
 
-    python bench/load_test.py --backend rest --base-url http://127.0.0.1:8000 --num-requests 200 \\
+    pdserve bench --backend rest --base-url http://127.0.0.1:8000 --num-requests 200 \\
         --request-rate 8 --max-concurrency 64 --input-len-min 128 --input-len-max 512 --out-dir out/
 
 Measures what a client sees, like vLLM's benchmark_serving.py and SGLang's bench_serving: requests
 arrive as a Poisson process (or all at once), optionally capped by a concurrency limit, and each one
 streams with ``ignore_eos`` so its output length is the one asked for. Workloads and arrival times
-(bench/load_workload.py) and the metrics (bench/load_metrics.py) are pure functions; only the two
+(``workload.py``) and the metrics (``metrics.py``) are pure functions; only the two
 runners here (OpenAI REST over httpx, gRPC over grpc.aio) talk to the gateway. Over REST a chunk "carries tokens" when its text
 is non-empty, so tokens the detokenizer holds back (partial UTF-8) merge into the next ITL gap; gRPC
 counts ``token_ids`` exactly.
@@ -30,10 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-if __name__ == "__main__" and not __package__:  # run as `python bench/load_test.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.load_metrics import (
+from pdserve.loadtest.metrics import (
     RequestRecord,
     StreamTrace,
     Summary,
@@ -43,7 +40,7 @@ from bench.load_metrics import (
     write_plots,
     write_report,
 )
-from bench.load_workload import RequestSpec, arrival_times, load_jsonl, random_workload
+from pdserve.loadtest.workload import RequestSpec, arrival_times, load_jsonl, random_workload
 
 # ---- config ---------------------------------------------------------------------------------------
 
@@ -338,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     return add_arguments(
-        argparse.ArgumentParser(prog="load_test", description=(__doc__ or "").split("\n")[0])
+        argparse.ArgumentParser(prog="pdserve bench", description=(__doc__ or "").split("\n")[0])
     )
 
 

@@ -1,4 +1,4 @@
-"""Metrics of the serving load test (bench/load_test.py): per-request records, summary, report files.
+"""Metrics of the serving load test (``pdserve bench``, load_test.py): per-request records, summary, report files.
 
 Pure functions over timings a runner observed, so every number in the report is unit-tested without a
 network. Definitions: TTFT = send → first chunk carrying tokens; ITL = gaps between chunks carrying

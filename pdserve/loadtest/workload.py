@@ -1,4 +1,4 @@
-"""Workloads of the serving load test (bench/load_test.py): what each request asks, and when it is sent.
+"""Workloads of the serving load test (``pdserve bench``, load_test.py): what each request asks, and when it is sent.
 
 Seeded and pure, so a run can be repeated exactly and the distributions are unit-tested.
 """

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench.load_test import auth_headers
+from pdserve.loadtest.load_test import auth_headers
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.convert import is_idle
 

@@ -1,15 +1,15 @@
 """Goodput under a TTFT + TPOT SLO, swept over the request rate, for one or more running systems —
-the comparison of #8: disaggregated (1P1D) against colocated serving on the same GPUs.
+e.g. disaggregated (1P1D) against colocated serving on the same GPUs.
 
-    python bench/goodput_sweep.py --target 1p1d=http://127.0.0.1:8000 \\
+    pdserve goodput --target 1p1d=http://127.0.0.1:8000 \\
         --target colocated=http://127.0.0.1:9000 --rates 1,2,4,8,16 \\
         --slo-ttft-ms 500 --slo-tpot-ms 50 --num-requests 200 --out-dir out/sweep
 
-Each (target, rate) point is one ``bench/load_test.py`` run (Poisson arrivals, the same seeded
+Each (target, rate) point is one ``pdserve bench`` run (``pdserve.loadtest.load_test``) (Poisson arrivals, the same seeded
 workload for every target, ``ignore_eos``). Goodput is the rate of requests that met both SLOs.
 The *knee* of a target is the lowest swept rate at which its goodput falls below
 ``--knee-fraction`` of the offered rate (where it starts missing its SLO); ``ratio_at_knee["a/b"]``
-is a's goodput over b's at b's knee (#8's goal: 1p1d/colocated >= 1.5). Writes
+is a's goodput over b's at b's knee. Writes
 ``goodput_sweep.json`` and ``goodput_sweep.png`` (goodput and SLO attainment against rate).
 
 Start the systems with ``pdserve up`` (``--num-prefill 0`` is the colocated one); see
@@ -25,10 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:  # run as `python bench/goodput_sweep.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.load_test import LoadTestConfig, run
+from pdserve.loadtest.load_test import LoadTestConfig, run
 
 
 def parse_target(text: str) -> tuple[str, str]:
@@ -129,8 +126,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target", type=parse_target, action="append", help="NAME=http://host:port")
     p.add_argument(
         "--merge", nargs="+", metavar="JSON",
@@ -150,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-duration-s", type=float, default=None, help="per point: stop sending after")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Sweep (or merge earlier sweeps), print the table, write the report; 2 on a bad setup."""
     if args.merge:
         return merge(args.merge, args.knee_fraction, args.out_dir)
     if not args.target or args.rates is None or args.slo_ttft_ms is None or args.slo_tpot_ms is None:
-        p.error("a sweep needs --target, --rates, --slo-ttft-ms and --slo-tpot-ms (or --merge)")
+        print(
+            "error: a sweep needs --target, --rates, --slo-ttft-ms and --slo-tpot-ms (or --merge)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         base = LoadTestConfig(
             num_requests=args.num_requests, warmup_requests=args.warmup_requests,
@@ -169,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report(results, args.slo_ttft_ms, args.slo_tpot_ms, args.knee_fraction, args.out_dir)
     return 0 if all(p["completed"] for points in results.values() for p in points) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve goodput", description=(__doc__ or "").split("\n")[0])
+    return run_from_args(add_arguments(parser).parse_args(argv))
 
 
 def report(

@@ -81,7 +81,7 @@ class Child:
 
 
 def _pdserve(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
+    return [sys.executable, "-m", "pdserve", *args]
 
 
 def _wait_ready(

@@ -1,0 +1,134 @@
+"""``pdserve up``: the whole system on this machine. Checks the instance layout (devices, KV
+backend, tensor parallelism) before any process starts, builds each instance's argument list, and
+hands them to the launcher."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.env import Env
+from pdserve.engine_args import add_engine_args, default_model_dir
+from pdserve.serve import KV_BACKEND_HELP, add_gateway_args, add_kv_after_prefill, add_tls_args
+
+
+def add_up_command(sub: argparse._SubParsersAction) -> None:
+    upp = sub.add_parser("up", help="run prefill, decode and gateway here, on loopback (Ctrl-C stops all)")
+    add_engine_args(upp)
+    upp.add_argument(
+        "--num-prefill", type=int, default=1,
+        help="0: colocated, no disaggregation (each decode instance prefills its own requests)",
+    )  # fmt: skip
+    upp.add_argument("--num-decode", type=int, default=1)
+    upp.add_argument(
+        "--prefill-tp", type=int, default=None, help="tensor-parallel ranks per prefill (default: --tp)"
+    )
+    upp.add_argument(
+        "--decode-tp", type=int, default=None, help="tensor-parallel ranks per decode (default: --tp)"
+    )
+    upp.add_argument(
+        "--prefill-device", default=None,
+        help="device of the prefill instances, e.g. cuda:0, or one per instance: cuda:0,cuda:1 (default: --device)",
+    )  # fmt: skip
+    upp.add_argument("--decode-device", default=None, help="the same for the decode instances, e.g. cuda:1")
+    upp.add_argument("--kv-backend", default="tcp", help=KV_BACKEND_HELP)
+    add_kv_after_prefill(upp)
+    upp.add_argument(
+        "--start-timeout-s", type=float, default=600.0,
+        help="every instance loads and the gateway is healthy within this, or everything stops",
+    )  # fmt: skip
+    add_gateway_args(upp, with_model_len=False)
+    add_tls_args(upp)
+    upp.set_defaults(func=_up)
+
+
+def instance_devices(flag: str, value: str | None, default: str, count: int) -> list[str]:
+    """One device per instance from ``--prefill-device`` / ``--decode-device`` (one value for all, or
+    a comma-separated list with one per instance)."""
+    devices = (value or default).split(",")
+    if len(devices) == 1:
+        devices *= count
+    if len(devices) != count or not all(devices):
+        raise ValueError(f"{flag}: {value!r} names {len(devices)} devices for {count} instances")
+    return devices
+
+
+def _up(args: argparse.Namespace, env: Env) -> int:
+    from pdserve.launcher import up
+
+    if args.num_prefill < 0 or args.num_decode < 1:
+        raise ValueError("--num-prefill/--num-decode: at least 0 prefill and 1 decode instance")
+    if args.cp != 1:
+        raise ValueError(
+            f"--cp: `up` starts one-rank instances; run `pdserve prefill --cp N` yourself, got {args.cp}"
+        )
+    engine = ["--dtype", args.dtype, "--load-format", args.load_format, "--page-size", str(args.page_size),
+              "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+              "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
+              "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+    engine += ["--kv-cache-mib", str(args.kv_cache_mib)] if args.kv_cache_mib is not None else []
+    engine += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
+    engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
+    engine += ["--no-cuda-graphs"] if args.no_cuda_graphs else []
+    engine += ["--no-fused-kernels"] if args.no_fused_kernels else []
+    engine += ["--no-overlap"] if args.no_overlap else []
+    engine += ["--no-symmetric-memory"] if args.no_symmetric_memory else []
+    engine += ["--mixed-batches"] if args.mixed_batches else []
+    engine += ["--tbo-min-batch", str(args.tbo_min_batch)] if args.tbo_min_batch is not None else []
+    tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
+    engine += tls
+    gateway = ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy,
+               "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+    gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
+    gateway += ["--api-key-file", args.api_key_file] if args.api_key_file else []  # else $PDSERVE_API_KEY
+    gateway += ["--max-request-bytes", str(args.max_request_bytes), "--max-concurrent-requests",
+                str(args.max_concurrent_requests)]  # fmt: skip
+    gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
+    gateway += tls
+    model = args.model or str(default_model_dir(env))
+    prefill, decode = up_instance_args(args, engine)
+    if args.start_timeout_s <= 0:
+        raise ValueError(f"--start-timeout-s: must be > 0, got {args.start_timeout_s}")
+    return up(model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s)
+
+
+def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Each prefill and decode instance's arguments: the shared engine flags, its device, the KV
+    backend (and when prefill sends it) — checked here, so a bad combination fails before any process starts."""
+    from engine.config import rank_device
+    from kvtransfer import check_kv_backend
+
+    per_role: list[list[list[str]]] = []
+    roles_devices: list[set[str]] = []
+    for role, count, value in (
+        ("prefill", args.num_prefill, args.prefill_device), ("decode", args.num_decode, args.decode_device)
+    ):  # fmt: skip
+        if count == 0:  # colocated: no prefill instance to check
+            per_role.append([])
+            continue
+        tp = args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
+        if tp < 1:
+            raise ValueError(f"--{role}-tp: must be >= 1, got {tp}")
+        if tp > 1 and args.kv_backend != "tcp":
+            raise ValueError(
+                f"--kv-backend: {args.kv_backend} cannot serve a tensor-parallel {role} (tcp can)"
+            )
+        devices = instance_devices(f"--{role}-device", value, args.device, count)
+        for device in devices:
+            check_kv_backend(args.kv_backend, device)
+        own = ["--kv-after-prefill"] if role == "prefill" and args.kv_after_prefill else []
+        per_role.append(
+            [
+                [*engine, "--device", d, "--kv-backend", args.kv_backend, "--tp", str(tp), *own]
+                for d in devices
+            ]
+        )
+        roles_devices.append({rank_device(d, r) for d in devices for r in range(tp)})
+    if args.kv_backend == "nccl" and len(roles_devices) == 2 and roles_devices[0] & roles_devices[1]:
+        shared = sorted(roles_devices[0] & roles_devices[1])
+        raise ValueError(
+            f"--kv-backend: nccl needs prefill and decode on different GPUs, both use {', '.join(shared)} "
+            "(set --prefill-device / --decode-device, or use cuda_ipc / tcp)"
+        )
+    return per_role[0], per_role[1]
