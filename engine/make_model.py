@@ -20,6 +20,7 @@ tokens more than untied ones, as random tied models do.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -104,8 +105,14 @@ Streaming output must never print half a character, so a careful decoder waits u
 """
 
 
-def train_tokenizer() -> Tokenizer:
-    """Train the byte-level BPE on `_CORPUS`; deterministic (same vocab and merges every run)."""
+def train_tokenizer(size: int | None = None) -> Tokenizer:
+    """Train the byte-level BPE on `_CORPUS`; deterministic (same vocab and merges every run).
+
+    ``size``: the tokens in all, specials included. Above the trained 1024, merges of trained pieces
+    fill the rest, so a benchmark model of a real vocabulary (151,936 for Qwen3) detokenizes every
+    id it samples, and detokenization costs what it costs with a vocabulary of that size."""
+    minimum = _BPE_VOCAB_SIZE + len(SPECIAL_TOKENS)
+    _check(size is None or size >= minimum, "tokenizer_size", f"must be >= {minimum}, got {size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -118,9 +125,25 @@ def train_tokenizer() -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    if size is not None:
+        tok = _extend_vocab(tok, size - len(SPECIAL_TOKENS))
     # Added after training so they sit at the end of the vocab, as in Qwen checkpoints.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
+
+
+def _extend_vocab(tok: Tokenizer, size: int) -> Tokenizer:
+    """The BPE with merges of its own pieces appended (in id order, deterministic) until it has ``size`` tokens."""
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    pieces = sorted(vocab, key=vocab.__getitem__)
+    for left, right in itertools.product(pieces, pieces):
+        if len(vocab) >= size:
+            break
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+            merges.append([left, right])
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def make_model(
@@ -143,6 +166,7 @@ def make_model(
     max_shard_bytes: int | None = None,
     init_scale: float = 1.0,
     weights: bool = True,
+    tokenizer_size: int | None = None,
 ) -> Path:
     """Write a random-weight `arch` checkpoint plus tokenizer into `out_dir`; return its path.
 
@@ -153,7 +177,7 @@ def make_model(
     init_scale multiplies the std of every linear, bias and embedding (1.0 = the module docstring's
     init; norms stay 1 + 0.1·N(0, 1)). weights False writes no safetensors: the directory serves an
     engine with ``load_format="dummy"`` (large shapes for benchmarks without writing gigabytes).
-    Invalid arguments raise ValueError naming the field.
+    tokenizer_size: see ``train_tokenizer``. Invalid arguments raise ValueError naming the field.
     """
     _check(arch in ARCHS, "arch", f"must be one of {sorted(ARCHS)}, got {arch!r}")
     _check(dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -175,7 +199,7 @@ def make_model(
     )
     _check(init_scale > 0, "init_scale", f"must be > 0, got {init_scale}")
 
-    tok = train_tokenizer()
+    tok = train_tokenizer(tokenizer_size)
     num_tokens = tok.get_vocab_size(with_added_tokens=True)
     if vocab_size is None:
         vocab_size = -(-num_tokens // _VOCAB_ALIGN) * _VOCAB_ALIGN

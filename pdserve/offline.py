@@ -23,6 +23,10 @@ def add_offline_commands(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--kv-heads", type=int, default=2)
     mk.add_argument("--head-dim", type=int, default=None)
     mk.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
+    mk.add_argument(
+        "--tokenizer-size", type=int, default=None,
+        help="tokens in the tokenizer (default: a 1,024-token BPE); e.g. 151936 to detokenize a real vocab's ids",
+    )  # fmt: skip
     mk.add_argument("--tie-word-embeddings", action="store_true")
     mk.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     mk.add_argument("--max-position-embeddings", type=int, default=4096)
@@ -76,6 +80,7 @@ def _make_model(args: argparse.Namespace, env: Env) -> int:
         max_position_embeddings=args.max_position_embeddings,
         rope_scaling=rope_scaling,
         weights=not args.no_weights,
+        tokenizer_size=args.tokenizer_size,
     )
     print(out)
     return 0

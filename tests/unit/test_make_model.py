@@ -156,3 +156,19 @@ def test_padded_vocab_rows_are_never_greedy(tmp_path):
 def test_invalid_arguments_name_the_field(tmp_path, kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         make_model(tmp_path / "bad", **kwargs)
+
+
+def test_a_tokenizer_of_a_real_vocab_size_decodes_every_id(tmp_path):
+    """A benchmark model of a large vocabulary gets a tokenizer of that size: HF loads it, every id
+    the model can sample decodes, text encodes as with the default tokenizer, specials stay last."""
+    size = 5000
+    out = make_model(tmp_path / "m", vocab_size=size, tokenizer_size=size, weights=False)
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(hf) == size
+    assert hf.convert_ids_to_tokens(size - 1) == "<|im_end|>"
+    text = "The lighthouse keeper counted the ships"
+    assert hf(text)["input_ids"] == train_tokenizer().encode(text).ids
+    decoded = hf.batch_decode([[i] for i in range(size)])
+    assert all(isinstance(piece, str) for piece in decoded) and sum(map(bool, decoded)) == size
+    with pytest.raises(ValueError, match="tokenizer_size"):
+        make_model(tmp_path / "small", tokenizer_size=100, weights=False)
