@@ -176,10 +176,12 @@ class ModelConfig:
 class EngineConfig:
     """Knobs of one engine instance (one model replica on one device).
 
-    KV cache size: ``kv_cache_bytes`` when set; otherwise on CUDA ``gpu_memory_utilization`` of total
-    device memory minus what is in use and the profiled peak activations, on CPU 256 MiB. Several
-    processes sharing one GPU should set ``kv_cache_bytes``: the utilization rule measures free
-    memory once at startup, so instances starting together would each count the same free memory.
+    KV cache size: ``kv_cache_bytes`` when set; otherwise on CUDA ``gpu_memory_utilization`` is this
+    instance's share of the device's memory: the pool gets that share less the instance's own weights
+    and profiled peak activations (other processes' memory does not count against it), and never
+    more than is free less a margin. Instances sharing a GPU split it by their utilizations
+    (``pdserve up`` divides the utilization among the instances it places on one device); on CPU the
+    pool is 256 MiB.
     ``max_num_batched_tokens`` is the per-step token budget and therefore the chunked-prefill chunk
     size.
 

@@ -50,6 +50,8 @@ from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
+# Left free on a GPU whose pool is sized by the utilization: graph pools, cuBLAS/cuDNN workspaces.
+GPU_MEMORY_MARGIN_BYTES = 2 << 30
 
 
 @dataclass
@@ -295,7 +297,13 @@ class ModelRunner:
         else:
             peak_activation = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - total * (1 - self.cfg.gpu_memory_utilization) - peak_activation)
+            # The utilization is this instance's share of the device: its own allocations (the
+            # weights) count against it and other processes' do not, so instances sharing a GPU
+            # each get their fraction. Never more than is free, less a margin for the CUDA graph
+            # pools and workspaces allocated after the pool.
+            own = torch.cuda.memory_reserved(self.device)
+            share = int(total * self.cfg.gpu_memory_utilization) - own - peak_activation
+            budget = min(share, free - peak_activation - GPU_MEMORY_MARGIN_BYTES)
         # Every rank's pool must hold the same pages (rank 0 allocates them for all): the smallest.
         num_pages = self.tp.min_int(budget // self._bytes_per_page(), self.device)
         num_pages = self.cp.min_int(num_pages, self.device)

@@ -5,6 +5,7 @@ hands them to the launcher."""
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from engine.env import Env
 from pdserve.engine_args import add_engine_args, default_model_dir
@@ -101,6 +102,7 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
 
     per_role: list[list[list[str]]] = []
     roles_devices: list[set[str]] = []
+    placed: list[tuple[list[str], list[str]]] = []  # each instance's argv and the devices of its ranks
     for role, count, value in (
         ("prefill", args.num_prefill, args.prefill_device), ("decode", args.num_decode, args.decode_device)
     ):  # fmt: skip
@@ -125,6 +127,11 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
             ]
         )
         roles_devices.append({rank_device(d, r) for d in devices for r in range(tp)})
+        placed += [
+            (argv, [rank_device(d, r) for r in range(tp)])
+            for argv, d in zip(per_role[-1], devices, strict=True)
+        ]
+    _share_gpus(args, placed)
     if args.kv_backend == "nccl" and len(roles_devices) == 2 and roles_devices[0] & roles_devices[1]:
         shared = sorted(roles_devices[0] & roles_devices[1])
         raise ValueError(
@@ -132,3 +139,15 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
             "(set --prefill-device / --decode-device, or use cuda_ipc / tcp)"
         )
     return per_role[0], per_role[1]
+
+
+def _share_gpus(args: argparse.Namespace, placed: list[tuple[list[str], list[str]]]) -> None:
+    """Instances placed on one GPU split ``--gpu-memory-utilization`` evenly (each instance's pool is
+    sized by its share of the device), unless ``--kv-cache-mib`` sizes the pools."""
+    if args.kv_cache_mib is not None:
+        return
+    per_device = Counter(device for _, devices in placed for device in devices)
+    for argv, devices in placed:
+        sharing = max(per_device[d] for d in devices)
+        if sharing > 1 and all(d.startswith("cuda") for d in devices):
+            argv += ["--gpu-memory-utilization", f"{args.gpu_memory_utilization / sharing:.4g}"]
