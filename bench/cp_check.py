@@ -1,4 +1,4 @@
-"""Context-parallel prefill on two GPUs of one host (#8): cp=2 logits against cp=1, prefill times.
+"""Context-parallel prefill on two GPUs of one host: cp=2 logits against cp=1, prefill times.
 
     python -m bench.cp_check --model qwen3-8b --tokens 4096,8192,16384,32768 --out runs
 

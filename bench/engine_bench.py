@@ -21,7 +21,7 @@ cuBLAS, to compare.
 
 Random bf16 weights of the real shapes (no checkpoint read). A step is what the engine does per
 iteration: prepare (host → device), forward, sample (greedy) incl. the token read-back; timed with
-CUDA events, median of repeats after warm-up. Floors (DESIGN.md, "Limits"):
+CUDA events, median of repeats after warm-up. Floors (docs/BENCHMARKS.md, "Machines, shapes, floors"):
   decode  = (weights read incl. lm_head + KV of the batch) / copy bandwidth
   prefill = (2 · matmul params · tokens + causal attention FLOPs) / bf16 GEMM rate
 with bandwidth and GEMM rate measured on this GPU at start.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# #8's serving comparison on a host with >= 2 GPUs: 1P1D (prefill on cuda:0, decode on cuda:1, KV over
+# The serving comparison on a host with >= 2 GPUs: 1P1D (prefill on cuda:0, decode on cuda:1, KV over
 # cuda_ipc) against two colocated engines (one per GPU, no prefill instance), the same model and the
 # same seeded workload, goodput under a TTFT + TPOT SLO swept over the request rate. The two systems
 # take the same GPUs, so they run one after the other; the sweeps are then merged (ratio at the knee).

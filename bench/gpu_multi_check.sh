@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The multi-GPU work of #7 and #8 on a host with >= 2 GPUs (device kind nvidia-h200-x2), one stage a
+# The multi-GPU checks (tensor and context parallelism, KV across GPUs, 1P1D) on a host with >= 2 GPUs (device kind nvidia-h200-x2), one stage a
 # call (each fits the device's 10-minute limit). Results go to $OUT (or ./runs).
 #   tests    the 2-GPU tests: symmetric all-reduce, TP engine (symmetric / NCCL / TBO), CP engine,
 #            KV transfer backends (cuda_ipc, nccl, tcp), 1P1D services and `pdserve up` on two GPUs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The #8 GPU KV transfer checks alone, on a host with >= 2 GPUs: the two-process backend tests,
+# The GPU KV transfer checks alone, on a host with >= 2 GPUs: the two-process backend tests,
 # 1P1D services on cuda:0/cuda:1 per backend, then the transfer benchmark. Results go to $OUT (or ./runs).
 # Usage: bash bench/kv_check.sh [extra kv_transfer_bench.py args, e.g. --tokens 1024,32768]
 set -uo pipefail

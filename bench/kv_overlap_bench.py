@@ -5,7 +5,7 @@ against ``--kv-after-prefill``, per KV backend, for prompts of several lengths.
 Each request goes through the gateway's gRPC API with ``max_tokens=2`` and the timing marks of its
 last message give: prefill = prefill_done − prefill_started (the prompt's steps), exposed = the
 transfer time after the first token (transfer_done − prefill_done: what TTFT pays), and how early
-sending began (prefill_done − transfer_started). The #8 goal: cuda_ipc or nccl ≤ 5 % of the
+sending began (prefill_done − transfer_started). The goal: cuda_ipc or nccl ≤ 5 % of the
 prompt's prefill time. Requests run one at a time (no queueing in the marks); the first of each
 length is a warm-up. Model: Qwen3-8B's shape with dummy weights and the embedded tokenizer (prompts
 draw ids below 1000) unless ``--model`` names one.

@@ -4,7 +4,7 @@ heads, head_dim 128, bf16, 16-token pages): the sender process holds a random po
 scattered over both pools. Timed: first ``send_layer`` → commit acknowledged (the sender's clock;
 the handshake happens in a warm-up). Every run is checked bit-exact.
 
-The goal (#8): cuda_ipc or nccl ≤ 5 % of the prompt's prefill time. Prefill time here is its
+The goal: cuda_ipc or nccl ≤ 5 % of the prompt's prefill time. Prefill time here is its
 floor, 2·params·tokens + causal attention FLOPs at this GPU's measured bf16 GEMM rate, so the
 ratio printed is an upper bound of the real one.
 

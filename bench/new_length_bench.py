@@ -1,4 +1,4 @@
-"""Lone prompts of lengths the process has not seen before, on a GPU (issue #6): the first prefill
+"""Lone prompts of lengths the process has not seen before, on a GPU: the first prefill
 of each new length against a repeat of it.
 
     python -m bench.new_length_bench --models qwen3-0.6b,qwen3-8b

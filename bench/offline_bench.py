@@ -1,4 +1,4 @@
-"""Offline engine throughput and the HF transformers baseline, on a GPU (issue #5's last rows).
+"""Offline engine throughput and the HF transformers baseline, on a GPU.
 
     python -m bench.offline_bench --out runs/offline
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism on several GPUs of one host (#7): symmetric-memory all-reduce, two-batch
+"""Tensor parallelism on several GPUs of one host: symmetric-memory all-reduce, two-batch
 overlap, TP=N logits against TP=1, decode step times.
 
     python -m bench.tp_check --tp 2 --model qwen3-8b --batch 64,256,512 --out runs

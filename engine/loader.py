@@ -3,7 +3,7 @@
 Every failure is one ``ModelLoadError`` naming the file, the tensor and what was expected: an
 unknown architecture, a missing or unexpected tensor, a shape that does not fit.
 
-Tensor parallel (#7): every rank reads the whole checkpoint tensors and its parameters' loaders keep
+Tensor parallel: every rank reads the whole checkpoint tensors and its parameters' loaders keep
 its slice (``engine.layers.linear``); shapes are checked against the whole tensor. Dummy weights are
 drawn whole from the same seeded generator on every rank and loaded the same way, so N ranks of
 dummy weights compute what one rank does.

@@ -1,4 +1,4 @@
-"""Context-parallel ranks as real processes for the CPU tests (#8), on ``tp_ranks.run_ranks``.
+"""Context-parallel ranks as real processes for the CPU tests, on ``tp_ranks.run_ranks``.
 
 Each rank builds its own ``ModelRunner`` (the whole model, its own KV pool) with a ``CPGroup`` over
 gloo and runs ``cp_run``: the same packed steps the single-process runner runs — split steps

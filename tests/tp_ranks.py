@@ -1,4 +1,4 @@
-"""Tensor-parallel ranks as real processes for the CPU tests (#7).
+"""Tensor-parallel ranks as real processes for the CPU tests.
 
 ``run_ranks`` spawns ``world_size`` processes joined by gloo; each builds its own ``ModelRunner``
 (its shard of the weights, a KV pool of its share of the kv heads) and runs ``greedy_run``: the

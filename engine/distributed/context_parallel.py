@@ -1,4 +1,4 @@
-"""Context-parallel prefill (#8): a long EXTEND step split over ``cp`` ranks, each holding the whole
+"""Context-parallel prefill: a long EXTEND step split over ``cp`` ranks, each holding the whole
 model, KV pool and prefix state.
 
 Every rank runs every step (the workers of ``engine.distributed.workers``, as for tensor

@@ -1,4 +1,4 @@
-"""A request's KV pages in and out of a tensor-parallel engine, as whole heads (#7, phase 3).
+"""A request's KV pages in and out of a tensor-parallel engine, as whole heads.
 
 Each rank's pool holds only its kv heads (``ModelConfig.tp_heads``: a split when there are at least
 as many heads as ranks, else one head replicated on ``tp / num_kv_heads`` ranks). The KV transfer

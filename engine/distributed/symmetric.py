@@ -1,4 +1,4 @@
-"""All-reduce through symmetric memory (#7): the tensor-parallel sums without NCCL's launch path.
+"""All-reduce through symmetric memory: the tensor-parallel sums without NCCL's launch path.
 
 A symmetric buffer is allocated identically on every rank and registered once
 (``torch.distributed._symmetric_memory``: ``empty`` + ``rendezvous``); each rank can then read its
@@ -9,7 +9,8 @@ so ``multimem_*`` is never used):
 - one-shot: every rank reads every peer's whole buffer and sums. Latency-bound messages (decode).
 - two-shot: reduce-scatter then all-gather through the peers' buffers; moves ``2 (n-1)/n`` of the
   message instead of ``n - 1`` copies of it, so it wins once bandwidth dominates.
-  ``one_shot_max_bytes`` is the crossover (measured on 2×H200, docs/BENCHMARKS.md).
+  ``one_shot_max_bytes`` is the crossover; its default is a guess until ``bench/tp_check.py`` sweeps
+  it on two GPUs (docs/BENCHMARKS.md, multi-GPU).
 
 Buffers are sized once at start-up (``max_bytes`` per channel, the largest activation a captured
 graph all-reduces) so nothing is allocated during graph capture; a larger message, or a dtype other
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-ONE_SHOT_MAX_BYTES = 256 << 10  # see the module docstring; the 2xH200 sweep puts the crossover here
+ONE_SHOT_MAX_BYTES = 256 << 10  # not yet measured on GPUs: see the module docstring
 
 
 class SymmetricAllReduce:

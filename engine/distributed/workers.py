@@ -1,4 +1,4 @@
-"""Tensor-parallel ranks 1..N-1 as worker processes that rank 0 drives (#7, phase 2).
+"""Tensor-parallel ranks 1..N-1 as worker processes that rank 0 drives.
 
 Rank 0 owns the engine (scheduler, allocator, prefix cache, outputs) and its own ``ModelRunner``
 shard; a worker holds only a shard. When rank 0 launches a step it first sends every worker the

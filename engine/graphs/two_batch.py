@@ -15,7 +15,7 @@ two collectives in flight never share a buffer; with NCCL both go through the gr
 communicator, which serializes them in issue order (the same on every rank). Costs: every weight
 is read twice per step (once per micro-batch) and each GEMM sees half the rows, so TBO pays only
 where the hidden communication outweighs that; ``EngineConfig.tbo_min_batch`` is the threshold
-below which it is off (measured on 2×H200, docs/BENCHMARKS.md).
+below which it is off (off by default until ``bench/tp_check.py`` measures it on two GPUs).
 
 The split is a function of the padded (captured) batch size only (``tbo_split``), so a graph's
 capture and every replay of it cut the rows at the same place; the embedding before the split and

@@ -9,7 +9,7 @@ separately, and the next layer's input norm adds them (``RMSNorm(x, residual)``)
 add shares a kernel with the norm that follows it. The sums are the ones ``x = x + sublayer(norm(x))``
 computes, rounded to the model dtype at the same points.
 
-Tensor parallel (#7): ``tp`` (an ``engine.distributed.TPGroup``; None: one rank) shards every
+Tensor parallel: ``tp`` (an ``engine.distributed.TPGroup``; None: one rank) shards every
 projection, the embedding and the LM head over the ranks (``engine.layers.linear``,
 ``engine.layers.embedding``); each rank's ``forward`` still returns the whole ``[batch, vocab]``
 logits. Norms and rotary are replicated.

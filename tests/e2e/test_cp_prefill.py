@@ -1,4 +1,4 @@
-"""A context-parallel prefill service (``pdserve prefill --cp 2``) feeding a one-rank decode (#8).
+"""A context-parallel prefill service (``pdserve prefill --cp 2``) feeding a one-rank decode.
 
 The prefill's rank 0 holds the whole KV of every prompt after each split step (every CP rank
 writes the all-gathered K/V into its pool), so the tcp transfer ships it unchanged. Oracle: the

@@ -1,4 +1,4 @@
-"""Prefill and decode instances with tensor parallelism (#7, phase 3), as real processes on loopback.
+"""Prefill and decode instances with tensor parallelism, as real processes on loopback.
 
 Four instances — prefill tp=2, decode tp=2, prefill tp=1, decode tp=1 (gloo ranks, KV over tcp as
 whole heads) — cover every pairing with TP on either side. Oracles: the single-process engine

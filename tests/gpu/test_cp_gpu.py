@@ -1,4 +1,4 @@
-"""Context-parallel prefill on two GPUs (GPU box with >= 2 GPUs only; #8): ``LLM(cp=2)`` on CUDA —
+"""Context-parallel prefill on two GPUs (GPU box with >= 2 GPUs only): ``LLM(cp=2)`` on CUDA —
 NCCL group, per-layer K/V all-gather (symmetric memory or NCCL), piecewise graphs over each rank's
 local tokens, FA2 varlen attention over the gathered keys — generates what one GPU generates, token
 for token (float32), with prompts long enough to split, chunked prefill and a prefix-cache hit.

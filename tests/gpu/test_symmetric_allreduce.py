@@ -1,4 +1,4 @@
-"""Symmetric-memory all-reduce on two GPUs (GPU box with >= 2 GPUs only; #7).
+"""Symmetric-memory all-reduce on two GPUs (GPU box with >= 2 GPUs only).
 
 Two NCCL ranks as processes; each sums random tensors through ``SymmetricAllReduce`` (one-shot
 and two-shot sizes, bf16 and fp32) eagerly and replayed from a CUDA graph where both channels

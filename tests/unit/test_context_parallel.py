@@ -1,4 +1,4 @@
-"""Context-parallel prefill (#8) on the CPU: 2 gloo ranks compute what one process computes.
+"""Context-parallel prefill on the CPU: 2 gloo ranks compute what one process computes.
 
 Each rank is a real process with the whole model and its own KV pool (``cp_ranks``). The oracle is
 the single-process runner on the same checkpoint and steps: rank 0's float32 logits within 1e-5,

@@ -1,4 +1,4 @@
-"""Context-parallel prefill (#8): ``LLM(model, cp=2)`` generates what one process generates.
+"""Context-parallel prefill: ``LLM(model, cp=2)`` generates what one process generates.
 
 Rank 0 runs the engine in the test process and starts rank 1 as a real process (gloo over
 loopback). The oracle is the single-process engine on the same checkpoint and requests, token for

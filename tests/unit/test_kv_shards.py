@@ -1,4 +1,4 @@
-"""A request's KV out of and into a tensor-parallel engine as whole heads (#7, phase 3).
+"""A request's KV out of and into a tensor-parallel engine as whole heads.
 
 The oracle is one rank's pool: after the same prefill, the whole heads gathered from N gloo ranks
 (``KVExportPlan``) equal the one-rank pool's pages, and the one-rank pages scattered into N ranks

@@ -1,4 +1,4 @@
-"""Tensor parallelism (#7, phase 1) on the CPU: N gloo ranks compute what one process computes.
+"""Tensor parallelism on the CPU: N gloo ranks compute what one process computes.
 
 Each rank is a real process with its own ``ModelRunner`` (its slice of every weight, a KV pool of
 its share of the kv heads) running a packed EXTEND batch of two sequences (one chunked over a

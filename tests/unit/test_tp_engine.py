@@ -1,4 +1,4 @@
-"""Tensor parallelism (#7, phase 2): ``LLM(model, tp=2)`` generates what one process generates.
+"""Tensor parallelism: ``LLM(model, tp=2)`` generates what one process generates.
 
 Rank 0 runs the engine in the test process and starts rank 1 as a real process (gloo over
 loopback). The oracle is the single-process engine on the same checkpoint and requests: chunked

@@ -1,4 +1,4 @@
-"""The zigzag split of context-parallel prefill (#8), exactly, against a brute-force reference.
+"""The zigzag split of context-parallel prefill, exactly, against a brute-force reference.
 
 The reference assigns every new token on its own: token ``t`` of ``n`` lies in chunk ``j`` when
 ``j·n // 2cp <= t < (j+1)·n // 2cp``, and chunk ``j`` belongs to rank ``min(j, 2cp-1-j)``. The plan
