@@ -63,9 +63,9 @@ class KVBackendCaps:
     """What a backend needs from, and offers to, the instances it connects."""
 
     requires_cuda: bool  # moves KV between GPU pools: both instances' devices must be CUDA
-    # Serves a tensor-parallel instance, whose pool is a shard per rank: the servicer hands the sender
-    # whole heads gathered from the ranks (``Engine.read_kv``), which only a byte stream can carry;
-    # the GPU backends address one device's pool.
+    # Serves a tensor-parallel instance, whose pool is a shard per rank: tcp sends the whole heads
+    # the servicer gathers from the ranks (``Engine.read_kv``); the GPU backends address one
+    # device's pool.
     tensor_parallel: bool
     distinct_devices: bool  # prefill and decode must be on different GPUs (an NCCL pair needs two)
 
