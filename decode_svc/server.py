@@ -11,7 +11,7 @@ from decode_svc.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
-from kvtransfer import KVLayout, check_kv_backend, create_receiver
+from kvtransfer import KVLayout, check_kv_backend, create_receiver, receiver_options
 from protos import decode_pb2, decode_pb2_grpc, kvtransfer_pb2
 from protos.serving import GrpcServer, host_port
 from protos.tls import TLSConfig
@@ -34,12 +34,7 @@ class DecodeConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        check_kv_backend(self.kv_backend, self.engine.device)
-        if self.engine.tp != 1 and self.kv_backend != "tcp":
-            raise ValueError(
-                f"kv_backend: {self.kv_backend!r} addresses one device's KV pool and a tensor-parallel "
-                f"instance's pool is a shard per rank; use tcp with tp {self.engine.tp}"
-            )
+        check_kv_backend(self.kv_backend, self.engine.device, self.engine.tp)
         if self.engine.cp != 1:
             raise ValueError(
                 f"cp: decode runs one rank (context parallelism splits prefills: give --cp to the "
@@ -52,7 +47,7 @@ async def serve(cfg: DecodeConfig) -> None:
     layout = KVLayout.of_engine(engine)
     async_engine = AsyncEngine(engine)
     landing = KVLanding(async_engine)  # with tp > 1 the receiver writes into host staging
-    options = {"host": cfg.advertise_host or cfg.host} if cfg.kv_backend == "nccl" else {}
+    options = receiver_options(cfg.kv_backend, host=cfg.advertise_host or cfg.host)
     receiver = create_receiver(cfg.kv_backend, layout, landing.pool, **options)
     names = [
         decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name,

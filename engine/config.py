@@ -7,6 +7,7 @@ nothing reads configuration from globals later.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("pdserve.engine")
+
 # Names only, so that reading a model's config (the gateway does) needs no torch.
 DTYPES = ("float32", "bfloat16", "float16")
+AUTO = "auto"  # a device or attention backend chosen for the host (``EngineConfig``)
 # What an H100 computes in bf16 projections (~750 TFLOP/s) while its host launches one decoder layer
 # eagerly (~0.6 ms: norms, projections, fused Triton kernels, varlen attention), measured
 # (docs/BENCHMARKS.md); sets the default piecewise-graph limit (``EngineConfig.piecewise_token_limit``).
@@ -222,6 +226,12 @@ class EngineConfig:
     ``cp * cp_min_tokens`` new tokens is split zigzag over the ranks (each computes its share of the
     tokens, K/V are all-gathered per layer), smaller steps and decode run whole on every rank
     (``engine.distributed.context_parallel``). Ranks as for ``tp``; not combined with ``tp`` yet.
+
+    ``device`` / ``attention_backend`` ``"auto"``: resolved in ``__post_init__`` (logged once), so
+    every config holds concrete names: the device is ``cuda:0`` when torch sees CUDA, else ``cpu``
+    (``resolve_device``); the backend is the preferred one that runs on the device
+    (``engine.attention.resolve_attention_backend``: ``triton`` on CUDA, ``torch_native`` on CPU).
+    A named backend is checked there too: it must exist and run on the device.
     """
 
     model: str
@@ -250,6 +260,7 @@ class EngineConfig:
     cp_min_tokens: int = 128  # a step is split over the cp ranks when each gets at least this many
 
     def __post_init__(self) -> None:
+        resolved = self._resolve("device", resolve_device(self.device))
         checks = [
             (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
             (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
@@ -259,7 +270,7 @@ class EngineConfig:
             (self.max_num_batched_tokens >= self.page_size, "max_num_batched_tokens", ">= page_size"),
             (self.kv_cache_bytes is None or self.kv_cache_bytes > 0, "kv_cache_bytes", "> 0 or None (auto)"),
             (0.0 < self.gpu_memory_utilization < 1.0, "gpu_memory_utilization", "in (0, 1)"),
-            (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda[:N]"),
+            (device_kind(self.device) in ("cpu", "cuda"), "device", "cpu, cuda[:N] or auto"),
             (self.load_format in ("safetensors", "dummy"), "load_format", "safetensors or dummy"),
             (
                 self.max_piecewise_tokens is None or self.max_piecewise_tokens >= 0,
@@ -281,6 +292,21 @@ class EngineConfig:
                 f"cp: context parallelism does not combine with tensor parallelism yet (tp={self.tp}, "
                 f"cp={self.cp}); set one of them to 1"
             )
+        from engine.attention import resolve_attention_backend  # torch: a config is built to run an engine
+
+        resolved += self._resolve(
+            "attention_backend", resolve_attention_backend(self.attention_backend, self.device)
+        )
+        if resolved:
+            log.info("; ".join(resolved))
+
+    def _resolve(self, name: str, value: str) -> list[str]:
+        """Set field ``name`` to its resolved ``value`` (frozen: only here, once); the log phrase."""
+        if value == getattr(self, name):
+            return []
+        phrase = f"{name.replace('_', ' ')} {getattr(self, name)} -> {value}"
+        object.__setattr__(self, name, value)
+        return [phrase]
 
     @property
     def num_ranks(self) -> int:
@@ -328,3 +354,20 @@ def rank_device(device: str, rank: int) -> str:
     """Rank ``rank``'s device: the CPU for every rank, or the ``rank``-th GPU from ``device``'s."""
     kind, _, index = device.partition(":")
     return device if kind == "cpu" else f"cuda:{int(index or 0) + rank}"
+
+
+def resolve_device(device: str, cuda_available: bool | None = None) -> str:
+    """``device``, or for ``auto`` ``cuda:0`` when CUDA is available, else ``cpu``.
+    ``cuda_available``: the answer to use (None: ask torch)."""
+    if device != AUTO:
+        return device
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "cuda:0" if cuda_available else "cpu"
+
+
+def device_kind(device: str) -> str:
+    """``cuda`` for ``cuda:1``: what backends' capability records name."""
+    return device.partition(":")[0]

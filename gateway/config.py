@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.routing import POLICIES
+from gateway.routing import POLICIES, policy_names
 from protos.tls import TLSConfig
-
-# Disaggregated decode holds no prompt cache to aim at; colocated decode instances do (they prefill),
-# so with no prefill instances every policy applies to them, prefix_aware included.
-DECODE_POLICIES = ("round_robin", "least_load", "power_of_two")
 
 
 @dataclass(frozen=True)
@@ -36,13 +32,14 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.decode:
             raise ValueError("decode: at least one instance is required")
-        if self.prefill_policy not in POLICIES:
-            raise ValueError(f"prefill_policy: {self.prefill_policy!r} is not one of {sorted(POLICIES)}")
-        allowed = sorted(POLICIES) if not self.prefill else list(DECODE_POLICIES)
-        if self.decode_policy not in allowed:
+        POLICIES.check(self.prefill_policy, field="prefill_policy")
+        POLICIES.check(self.decode_policy, field="decode_policy")
+        # Disaggregated decode holds no prompt cache to aim at; colocated decode instances do (they
+        # prefill), so with no prefill instances every policy applies to them.
+        if self.prefill and POLICIES.caps(self.decode_policy).needs_prompt_cache:
             raise ValueError(
-                f"decode_policy: {self.decode_policy!r} is not one of {allowed}"
-                + ("" if not self.prefill else " (prefix_aware needs colocated decode: no prefill instances)")
+                f"decode_policy: {self.decode_policy} needs colocated decode (no prefill instances); "
+                f"with prefill instances use one of {', '.join(policy_names(prompt_cache=False))}"
             )
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:

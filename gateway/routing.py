@@ -14,9 +14,11 @@ from __future__ import annotations
 import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from engine.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,25 @@ class PrefixAware(Policy):
             known.popitem(last=False)
 
 
-POLICIES: dict[str, Callable[..., Policy]] = {
-    p.name: p for p in (RoundRobin, LeastLoad, PowerOfTwo, PrefixAware)
-}
+@dataclass(frozen=True)
+class PolicyCaps:
+    # Routes by where prompts were cached: only for instances that prefill (prefill instances, or
+    # colocated decode); a disaggregated decode instance holds no prompt cache to aim at.
+    needs_prompt_cache: bool = False
 
 
-def make_policy(name: str, **options: Any) -> Policy:
-    if name not in POLICIES:
-        raise ValueError(f"policy: unknown {name!r}; available: {sorted(POLICIES)}")
-    accepted = {"prefix_aware": {"block_size"}, "power_of_two": {"seed"}}.get(name, set())
-    return POLICIES[name](**{k: v for k, v in options.items() if k in accepted})
+POLICIES: Registry[Policy, PolicyCaps] = Registry("routing policy")
+for _policy in (RoundRobin, LeastLoad, PowerOfTwo):
+    POLICIES.register(_policy.name, _policy, caps=PolicyCaps())
+POLICIES.register(PrefixAware.name, PrefixAware, caps=PolicyCaps(needs_prompt_cache=True))
+
+
+def make_policy(name: str, options: Mapping[str, Any] | None = None, **more: Any) -> Policy:
+    """Policy ``name`` built with ``options`` and ``more`` (the constructor's keyword parameters);
+    ``UnknownName`` / ``UnknownOption`` (ValueErrors naming the known ones) otherwise."""
+    return POLICIES.create(name, **{**(options or {}), **more})
+
+
+def policy_names(prompt_cache: bool = True) -> tuple[str, ...]:
+    """The policies for a pool whose instances hold a prompt cache (``prompt_cache``) or not."""
+    return tuple(n for n in POLICIES.names() if prompt_cache or not POLICIES.caps(n).needs_prompt_cache)

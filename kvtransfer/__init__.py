@@ -30,13 +30,18 @@ the gRPC control plane of ``stream.py`` (handshake, one ``PushKV`` stream per tr
 ``tcp`` (bytes in the stream; any host, the CPU path), ``cuda_ipc`` (same host: the receiver maps
 the sender's pool once and pulls pages GPU to GPU; ``cuda_ipc.py``), ``nccl`` (a two-rank NCCL
 pair per (sender, receiver); ``nccl.py``). The GPU backends refuse a CPU pool at creation.
+Each backend's ``KVBackendCaps`` says what it needs (CUDA, distinct GPUs) and serves (tensor-parallel
+instances); callers check those (``check_kv_backend``, ``kv_backend_caps``) instead of names, and pass
+each side the options it takes (``sender_options`` / ``receiver_options``: the factory's keywords).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from engine.registry import Registry
 from kvtransfer.base import (
     Destination,
     KVReceiver,
@@ -49,86 +54,150 @@ from kvtransfer.base import (
 )
 from kvtransfer.layout import KVLayout, model_fingerprint
 
-SenderFactory = Callable[..., KVSender]
-ReceiverFactory = Callable[..., KVReceiver]
-_BACKENDS: dict[str, tuple[SenderFactory, ReceiverFactory]] = {}
+if TYPE_CHECKING:
+    from protos.tls import TLSConfig
 
 
-def register_backend(name: str, sender: SenderFactory, receiver: ReceiverFactory) -> None:
-    assert name not in _BACKENDS, f"kv transfer backend {name!r} registered twice"
-    _BACKENDS[name] = (sender, receiver)
+@dataclass(frozen=True)
+class KVBackendCaps:
+    """What a backend needs from, and offers to, the instances it connects."""
+
+    requires_cuda: bool  # moves KV between GPU pools: both instances' devices must be CUDA
+    # Serves a tensor-parallel instance, whose pool is a shard per rank: tcp sends the whole heads
+    # the servicer gathers from the ranks (``Engine.read_kv``); the GPU backends address one
+    # device's pool.
+    tensor_parallel: bool
+    distinct_devices: bool  # prefill and decode must be on different GPUs (an NCCL pair needs two)
 
 
-def _factories(name: str) -> tuple[SenderFactory, ReceiverFactory]:
-    if name not in _BACKENDS:
-        raise ValueError(f"kv_transfer_backend: unknown backend {name!r}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]
+_SENDERS: Registry[KVSender, KVBackendCaps] = Registry("kv backend")
+_RECEIVERS: Registry[KVReceiver, KVBackendCaps] = Registry("kv backend")
 
 
-BACKENDS = ("tcp", "cuda_ipc", "nccl")
+def register_backend(
+    name: str, sender: Callable[..., KVSender], receiver: Callable[..., KVReceiver], caps: KVBackendCaps
+) -> None:
+    """Both sides of backend ``name``: factories ``(layout, pool, *, options...)``; their keyword
+    parameters are the options each side takes."""
+    _SENDERS.register(name, sender, caps=caps)
+    _RECEIVERS.register(name, receiver, caps=caps)
 
 
-def check_kv_backend(name: str, device: str) -> None:
-    """At config time, before any model loads: the backend exists and fits the device."""
-    _factories(name)
-    if name != "tcp" and not device.startswith("cuda"):
+def kv_backend_names(**caps: bool) -> tuple[str, ...]:
+    """Every backend's name, sorted; with ``caps`` (``tensor_parallel=True``), those whose
+    capability record has each given value."""
+    names = _SENDERS.names()
+    return tuple(n for n in names if all(getattr(_SENDERS.caps(n), k) == v for k, v in caps.items()))
+
+
+def kv_backend_caps(name: str) -> KVBackendCaps:
+    """``name``'s capability record; ``UnknownName`` (a ValueError listing the known ones) if none."""
+    return _SENDERS.caps(name)
+
+
+def check_kv_backend(name: str, device: str, tp: int = 1) -> None:
+    """At config time, before any model loads: the backend exists and fits an instance on ``device``
+    (a resolved one) with ``tp`` tensor-parallel ranks."""
+    _SENDERS.check(name, field="kv_backend")
+    caps = kv_backend_caps(name)
+    if caps.requires_cuda and not device.startswith("cuda"):
         raise ValueError(
             f"kv_backend: {name!r} moves KV between GPUs; this instance runs on {device!r} "
-            "(use --device cuda[:N], or --kv-backend tcp)"
+            f"(use --device cuda[:N], or --kv-backend {' / '.join(kv_backend_names(requires_cuda=False))})"
+        )
+    if tp != 1 and not caps.tensor_parallel:
+        raise ValueError(
+            f"kv_backend: {name!r} addresses one device's KV pool and a tensor-parallel instance's pool "
+            f"is a shard per rank; use {' / '.join(kv_backend_names(tensor_parallel=True))} with tp {tp}"
         )
 
 
+def sender_options(name: str, **candidates: Any) -> dict[str, Any]:
+    """Of ``candidates`` (every sender setting the caller has), those ``name``'s sender takes."""
+    return _SENDERS.select(name, **candidates)
+
+
+def receiver_options(name: str, **candidates: Any) -> dict[str, Any]:
+    """Of ``candidates``, those ``name``'s receiver takes."""
+    return _RECEIVERS.select(name, **candidates)
+
+
 def create_sender(name: str, layout: KVLayout, pool: Any, **options: Any) -> KVSender:
-    return _factories(name)[0](layout, pool, **options)
+    """``name``'s sender; an option it does not take raises ``UnknownOption``."""
+    return _SENDERS.create(name, layout, pool, **options)
 
 
 def create_receiver(name: str, layout: KVLayout, pool: Any, **options: Any) -> KVReceiver:
-    return _factories(name)[1](layout, pool, **options)
+    """``name``'s receiver; an option it does not take raises ``UnknownOption``."""
+    return _RECEIVERS.create(name, layout, pool, **options)
 
 
-def _tcp_sender(layout: KVLayout, pool: Any, **options: Any) -> KVSender:
+def _tcp_sender(
+    layout: KVLayout,
+    pool: Any,
+    *,
+    tls: TLSConfig | None = None,
+    max_chunk_bytes: int = 1 << 20,
+    chunk_delay_s: float = 0.0,
+) -> KVSender:
     from kvtransfer.tcp import TcpSender
 
-    return TcpSender(layout, pool, **options)
+    return TcpSender(layout, pool, max_chunk_bytes=max_chunk_bytes, chunk_delay_s=chunk_delay_s, tls=tls)
 
 
-def _tcp_receiver(layout: KVLayout, pool: Any, **options: Any) -> KVReceiver:
+def _tcp_receiver(layout: KVLayout, pool: Any) -> KVReceiver:
     from kvtransfer.tcp import TcpReceiver
 
-    return TcpReceiver(layout, pool, **options)
+    return TcpReceiver(layout, pool)
 
 
-def _cuda_ipc_sender(layout: KVLayout, pool: Any, **options: Any) -> KVSender:
+def _cuda_ipc_sender(layout: KVLayout, pool: Any, *, tls: TLSConfig | None = None) -> KVSender:
     from kvtransfer.cuda_ipc import CudaIpcSender
 
-    return CudaIpcSender(layout, pool, **options)
+    return CudaIpcSender(layout, pool, tls=tls)
 
 
-def _cuda_ipc_receiver(layout: KVLayout, pool: Any, **options: Any) -> KVReceiver:
+def _cuda_ipc_receiver(layout: KVLayout, pool: Any) -> KVReceiver:
     from kvtransfer.cuda_ipc import CudaIpcReceiver
 
-    return CudaIpcReceiver(layout, pool, **options)
+    return CudaIpcReceiver(layout, pool)
 
 
-def _nccl_sender(layout: KVLayout, pool: Any, **options: Any) -> KVSender:
+def _nccl_sender(layout: KVLayout, pool: Any, *, tls: TLSConfig | None = None) -> KVSender:
     from kvtransfer.nccl import NcclSender
 
-    return NcclSender(layout, pool, **options)
+    return NcclSender(layout, pool, tls=tls)
 
 
-def _nccl_receiver(layout: KVLayout, pool: Any, **options: Any) -> KVReceiver:
+def _nccl_receiver(layout: KVLayout, pool: Any, *, host: str = "127.0.0.1") -> KVReceiver:
+    """``host``: the address this instance's NCCL pairs listen on (what prefill connects to)."""
     from kvtransfer.nccl import NcclReceiver
 
-    return NcclReceiver(layout, pool, **options)
+    return NcclReceiver(layout, pool, host=host)
 
 
-register_backend("tcp", _tcp_sender, _tcp_receiver)
-register_backend("cuda_ipc", _cuda_ipc_sender, _cuda_ipc_receiver)
-register_backend("nccl", _nccl_sender, _nccl_receiver)
+register_backend(
+    "tcp",
+    _tcp_sender,
+    _tcp_receiver,
+    KVBackendCaps(requires_cuda=False, tensor_parallel=True, distinct_devices=False),
+)
+register_backend(
+    "cuda_ipc",
+    _cuda_ipc_sender,
+    _cuda_ipc_receiver,
+    KVBackendCaps(requires_cuda=True, tensor_parallel=False, distinct_devices=False),
+)
+register_backend(
+    "nccl",
+    _nccl_sender,
+    _nccl_receiver,
+    KVBackendCaps(requires_cuda=True, tensor_parallel=False, distinct_devices=True),
+)
 
 __all__ = [
-    "BACKENDS",
     "Destination",
+    "KVBackendCaps",
     "KVLayout",
     "KVReceiver",
     "KVSender",
@@ -140,6 +209,10 @@ __all__ = [
     "check_kv_backend",
     "create_receiver",
     "create_sender",
+    "kv_backend_caps",
+    "kv_backend_names",
     "model_fingerprint",
+    "receiver_options",
     "register_backend",
+    "sender_options",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
-from kvtransfer import KVLayout, check_kv_backend, create_sender
+from kvtransfer import KVLayout, check_kv_backend, create_sender, sender_options
 from prefill_svc.servicer import PrefillServicer
 from protos import prefill_pb2, prefill_pb2_grpc
 from protos.serving import GrpcServer
@@ -35,12 +35,7 @@ class PrefillConfig:
             raise ValueError(f"port: must be in [0, 65536), got {self.port}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
-        check_kv_backend(self.kv_backend, self.engine.device)
-        if self.engine.tp != 1 and self.kv_backend != "tcp":
-            raise ValueError(
-                f"kv_backend: {self.kv_backend!r} addresses one device's KV pool and a tensor-parallel "
-                f"instance's pool is a shard per rank; use tcp with tp {self.engine.tp}"
-            )
+        check_kv_backend(self.kv_backend, self.engine.device, self.engine.tp)
         # cp > 1 is fine: every CP rank writes the whole KV into its pool, so rank 0's pool (the
         # one the sender reads) is laid out as with one rank and the transfer is unchanged.
 
@@ -48,8 +43,7 @@ class PrefillConfig:
 async def serve(cfg: PrefillConfig) -> None:
     engine = Engine(cfg.engine)
     layout = KVLayout.of_engine(engine)
-    options: dict = {"tls": cfg.tls}
-    options |= {"chunk_delay_s": cfg.kv_chunk_delay_s} if cfg.kv_backend == "tcp" else {}
+    options = sender_options(cfg.kv_backend, tls=cfg.tls, chunk_delay_s=cfg.kv_chunk_delay_s)
     # With tp > 1 the servicer hands the sender whole heads (Engine.read_kv): this pool is rank 0's shard.
     sender = create_sender(cfg.kv_backend, layout, engine.runner.kv_pool, **options)
     async_engine = AsyncEngine(engine)

@@ -22,13 +22,14 @@ nothing in a forward checks the device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, device_kind
+from engine.registry import Registry
 
 
 class LayerOps:
@@ -150,25 +151,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-Factory = Callable[[], LayerOps]
-_FACTORIES: dict[str, Factory] = {}
+@dataclass(frozen=True)
+class LayerOpsCaps:
+    devices: frozenset[str]  # device kinds it runs on
+    fused: bool  # fused kernels: used where ``EngineConfig.fused_kernels`` is on and the device fits
 
 
-def register_layer_ops(name: str) -> Callable[[Factory], Factory]:
-    def wrap(factory: Factory) -> Factory:
-        assert name not in _FACTORIES, f"layer ops {name!r} registered twice"
-        _FACTORIES[name] = factory
-        return factory
-
-    return wrap
+LAYER_OPS: Registry[LayerOps, LayerOpsCaps] = Registry("layer ops")
 
 
-@register_layer_ops("torch")
+@LAYER_OPS.register("torch", caps=LayerOpsCaps(devices=frozenset({"cpu", "cuda"}), fused=False))
 def _torch() -> LayerOps:
     return LayerOps()
 
 
-@register_layer_ops("triton")
+@LAYER_OPS.register("triton", caps=LayerOpsCaps(devices=frozenset({"cuda"}), fused=True))
 def _triton() -> LayerOps:
     from engine.layers.triton_ops import TritonOps
 
@@ -176,11 +173,16 @@ def _triton() -> LayerOps:
 
 
 def layer_ops_name(cfg: EngineConfig) -> str:
-    """``triton`` when ``cfg.fused_kernels`` is on and the device is CUDA; ``torch`` otherwise."""
-    return "triton" if cfg.fused_kernels and cfg.device.startswith("cuda") else "torch"
+    """The first registered fused implementation that runs on ``cfg.device`` when
+    ``cfg.fused_kernels`` is on (CUDA: ``triton``); otherwise the unfused one (``torch``)."""
+    kind = device_kind(cfg.device)
+    fits = [
+        name
+        for name in LAYER_OPS.names(ordered=True)
+        if kind in LAYER_OPS.caps(name).devices and (cfg.fused_kernels or not LAYER_OPS.caps(name).fused)
+    ]
+    return max(fits, key=lambda name: LAYER_OPS.caps(name).fused)  # max: the first of the best
 
 
 def create_layer_ops(name: str) -> LayerOps:
-    if name not in _FACTORIES:
-        raise ValueError(f"layer ops: unknown implementation {name!r}; available: {sorted(_FACTORIES)}")
-    return _FACTORIES[name]()
+    return LAYER_OPS.create(name)

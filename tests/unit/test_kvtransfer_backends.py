@@ -14,13 +14,13 @@ import torch
 from test_kvtransfer import LAYERS, deadline_in, layout, pool
 
 from kvtransfer import (
-    BACKENDS,
     Destination,
     TransferError,
     TransferState,
     check_kv_backend,
     create_receiver,
     create_sender,
+    kv_backend_names,
 )
 from kvtransfer.cuda_common import _IpcUnpickler
 from kvtransfer.stream import StreamReceiver
@@ -39,11 +39,16 @@ def test_gpu_backends_refuse_a_cpu_pool_at_creation(backend, make):
 def test_backend_check_at_config_time():
     check_kv_backend("tcp", "cpu")
     check_kv_backend("nccl", "cuda:1")
-    with pytest.raises(ValueError, match=r"kv_backend: 'cuda_ipc'.*'cpu'"):
+    check_kv_backend("tcp", "cuda:0", tp=2)
+    with pytest.raises(ValueError, match=r"kv_backend: 'cuda_ipc'.*'cpu'.*--kv-backend tcp"):
         check_kv_backend("cuda_ipc", "cpu")
-    with pytest.raises(ValueError, match="unknown backend 'rdma'"):
+    with pytest.raises(
+        ValueError, match=r"kv_backend: unknown kv backend 'rdma' \(known: cuda_ipc, nccl, tcp\)"
+    ):
         check_kv_backend("rdma", "cuda:0")
-    assert set(BACKENDS) == {"tcp", "cuda_ipc", "nccl"}
+    with pytest.raises(ValueError, match=r"kv_backend: 'nccl' .*shard per rank; use tcp with tp 2"):
+        check_kv_backend("nccl", "cuda:0", tp=2)
+    assert kv_backend_names() == ("cuda_ipc", "nccl", "tcp")
 
 
 def test_services_refuse_a_gpu_backend_on_cpu_before_loading_the_model(tiny_model):

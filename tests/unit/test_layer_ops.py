@@ -19,7 +19,7 @@ def test_fused_kernels_apply_only_on_cuda():
     assert layer_ops_name(EngineConfig(model="m", device="cuda:1")) == "triton"
     assert layer_ops_name(EngineConfig(model="m", device="cuda", fused_kernels=False)) == "torch"
     assert create_layer_ops("torch").name == "torch"
-    with pytest.raises(ValueError, match="layer ops: unknown implementation 'cuda'"):
+    with pytest.raises(ValueError, match=r"unknown layer ops 'cuda' \(known: torch, triton\)"):
         create_layer_ops("cuda")
 
 
