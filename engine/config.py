@@ -227,7 +227,8 @@ class EngineConfig:
     tokens, K/V are all-gathered per layer), smaller steps and decode run whole on every rank
     (``engine.distributed.context_parallel``). Ranks as for ``tp``; not combined with ``tp`` yet.
 
-    ``device`` / ``attention_backend`` ``"auto"``: resolved in ``__post_init__`` (logged once), so
+    ``device`` / ``attention_backend`` ``"auto"``: resolved in ``__post_init__`` (the engine logs the
+    result at start-up), so
     every config holds concrete names: the device is ``cuda:0`` when torch sees CUDA, else ``cpu``
     (``resolve_device``); the backend is the preferred one that runs on the device
     (``engine.attention.resolve_attention_backend``: ``triton`` on CUDA, ``torch_native`` on CPU).
@@ -297,8 +298,8 @@ class EngineConfig:
         resolved += self._resolve(
             "attention_backend", resolve_attention_backend(self.attention_backend, self.device)
         )
-        if resolved:
-            log.info("; ".join(resolved))
+        if resolved:  # the choice itself is logged when the engine starts (ModelRunner)
+            log.debug("; ".join(resolved))
 
     def _resolve(self, name: str, value: str) -> list[str]:
         """Set field ``name`` to its resolved ``value`` (frozen: only here, once); the log phrase."""

@@ -123,7 +123,12 @@ class ModelRunner:
         self.model = load_model(
             model_cfg, cfg.model, self.device, dummy=cfg.load_format == "dummy", ops=self.layer_ops, tp=tp
         )
-        log.info("layer ops: %s (fused_kernels=%s, %s)", self.layer_ops.name, cfg.fused_kernels, self.device)
+        # The start-up line names what `auto` resolved to (EngineConfig), so a GPU host on the slow
+        # path is visible in the first lines of the log.
+        log.info(
+            "device %s, attention backend %s, layer ops %s (fused_kernels=%s)",
+            self.device, cfg.attention_backend, self.layer_ops.name, cfg.fused_kernels,
+        )  # fmt: skip
         self.attn_backend = create_backend(cfg)
         if self.cp.world_size > 1:
             # A rank's share of a step: at most sum(2 * ceil(n / 2cp)) <= tokens / cp + 2 * sequences.

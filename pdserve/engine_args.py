@@ -57,7 +57,10 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--device", default="auto",
+        help="cpu, cuda, cuda:N, or auto: the first GPU when CUDA is available, else the CPU",
+    )  # fmt: skip
     p.add_argument("--dtype", default="auto")
     p.add_argument(
         "--load-format", choices=["safetensors", "dummy"], default="safetensors",
@@ -72,7 +75,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV cache size (default: 256 MiB on CPU; on CUDA what --gpu-memory-utilization leaves)",
     )  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--attention-backend", default="torch_native")
+    p.add_argument(
+        "--attention-backend", default="auto",
+        help="torch_native, triton, or auto: the fastest correct backend for the device (CUDA: triton, "
+        "which enables decode graphs and fused kernels; CPU: torch_native)",
+    )  # fmt: skip
     p.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel ranks (processes; on CUDA one GPU each)"
     )
@@ -100,7 +107,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument(
         "--no-cuda-graphs", action="store_true",
-        help="decode eagerly (graphs apply only on CUDA with --attention-backend triton)",
+        help="decode eagerly (graphs apply on CUDA with the triton attention backend, the auto choice there)",
     )  # fmt: skip
     p.add_argument(
         "--no-fused-kernels", action="store_true",

@@ -97,8 +97,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     """Each prefill and decode instance's arguments: the shared engine flags, its device, the KV
     backend (and when prefill sends it) — checked here, so a bad combination fails before any process starts."""
-    from engine.config import rank_device
-    from kvtransfer import check_kv_backend
+    from engine.config import rank_device, resolve_device
+    from kvtransfer import check_kv_backend, kv_backend_caps, kv_backend_names
 
     per_role: list[list[list[str]]] = []
     roles_devices: list[set[str]] = []
@@ -112,11 +112,13 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
         tp = args.tp if getattr(args, f"{role}_tp") is None else getattr(args, f"{role}_tp")
         if tp < 1:
             raise ValueError(f"--{role}-tp: must be >= 1, got {tp}")
-        if tp > 1 and args.kv_backend != "tcp":
+        if tp > 1 and not kv_backend_caps(args.kv_backend).tensor_parallel:
             raise ValueError(
-                f"--kv-backend: {args.kv_backend} cannot serve a tensor-parallel {role} (tcp can)"
+                f"--kv-backend: {args.kv_backend} cannot serve a tensor-parallel {role} "
+                f"({' / '.join(kv_backend_names(tensor_parallel=True))} can)"
             )
-        devices = instance_devices(f"--{role}-device", value, args.device, count)
+        # auto resolved here, once, so placement (shared GPUs, distinct devices) sees real devices
+        devices = [resolve_device(d) for d in instance_devices(f"--{role}-device", value, args.device, count)]
         for device in devices:
             check_kv_backend(args.kv_backend, device)
         own = ["--kv-after-prefill"] if role == "prefill" and args.kv_after_prefill else []
@@ -132,11 +134,12 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
             for argv, d in zip(per_role[-1], devices, strict=True)
         ]
     _share_gpus(args, placed)
-    if args.kv_backend == "nccl" and len(roles_devices) == 2 and roles_devices[0] & roles_devices[1]:
-        shared = sorted(roles_devices[0] & roles_devices[1])
+    shared = sorted(roles_devices[0] & roles_devices[1]) if len(roles_devices) == 2 else []
+    if shared and kv_backend_caps(args.kv_backend).distinct_devices:
         raise ValueError(
-            f"--kv-backend: nccl needs prefill and decode on different GPUs, both use {', '.join(shared)} "
-            "(set --prefill-device / --decode-device, or use cuda_ipc / tcp)"
+            f"--kv-backend: {args.kv_backend} needs prefill and decode on different GPUs, both use "
+            f"{', '.join(shared)} (set --prefill-device / --decode-device, or use "
+            f"{' / '.join(kv_backend_names(distinct_devices=False))})"
         )
     return per_role[0], per_role[1]
 
