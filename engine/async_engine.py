@@ -23,6 +23,8 @@ Contract:
   Should the loop itself die (a bug, or a tensor-parallel rank that died: checked after every
   failure and every second while idle), every stream ends with "error", every pending ``call``
   raises ``EngineFailed``, and ``failure`` says why (the services then report NOT_SERVING).
+- ``load`` (``engine.load.EngineLoad``) is taken on the step thread after each step, and after the
+  commands between steps: read it, never the scheduler or allocator a running step is changing.
 """
 
 from __future__ import annotations
@@ -37,46 +39,17 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from engine.engine import Engine
+from engine.errors import AlreadyRunning, EngineFailed
 from engine.kv_stream import KVLease
+from engine.load import EngineLoad
 from engine.output import RequestOutput, TokenLogprob
+from engine.request_stream import RequestStream
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_CHECK_S = 1.0  # an idle engine with tensor-parallel ranks checks they are alive this often
 STOP_TIMEOUT_S = 60.0  # closing the engine (joining its ranks) longer than this: its step is stuck
-
-
-class EngineFailed(RuntimeError):
-    """The engine loop is gone (see ``AsyncEngine.failure``): this instance serves nothing more."""
-
-
-class RequestStream:
-    """The outputs of one request; iterate with ``async for``. See the module contract."""
-
-    def __init__(self, owner: AsyncEngine, request_id: str) -> None:
-        self.owner, self.request_id = owner, request_id
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished = False
-        self.kv_lease: asyncio.Future[KVLease] | None = None  # ``generate(stream_kv=True)`` only
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            out = await self.queue.get()
-        except BaseException:
-            self.close()
-            raise
-        self.finished = out.finished
-        return out
-
-    def close(self) -> None:
-        """Abort the request unless it finished, and give back leases nobody will read."""
-        self.owner.detach(self)
 
 
 Undo = Callable[[Engine, Any], Any]
@@ -95,6 +68,7 @@ class AsyncEngine:
         )
         self._task: asyncio.Task | None = None
         self.failure: BaseException | None = None  # set if the loop itself died (a bug): serve nothing
+        self.load: EngineLoad = engine.load()  # module contract
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -164,7 +138,8 @@ class AsyncEngine:
         hold_kv: bool = False,
         stream_kv: bool = False,
     ) -> RequestStream:
-        """Queue a request; raises ValueError (field first) if it can never run here."""
+        """Queue a request; raises ``InvalidRequest`` (field first) if it can never run here,
+        ``AlreadyRunning`` if a request with this id is (``engine.errors``)."""
         stream = self._register(request_id, deadline_ns)
         watch = None
         if stream_kv:
@@ -276,13 +251,14 @@ class AsyncEngine:
         while True:
             await self._apply_commands()
             self._expire_deadlines()
+            self.load = self.engine.load()
             if not self.engine.has_unfinished():
                 self._wake.clear()
                 if not self._commands:
                     await self._idle()
                 continue
             try:
-                outputs = await self._step(loop.run_in_executor(self._executor, self.engine.step))
+                outputs = await self._step(loop.run_in_executor(self._executor, self._step_and_measure))
             except Exception:
                 log.exception("engine step failed; finishing every request with reason 'error'")
                 # A dead rank ends the loop first, so the streams' "error" comes with ``failure``.
@@ -292,6 +268,12 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out)
             await asyncio.sleep(0)  # let handlers consume before the next step
+
+    def _step_and_measure(self) -> list[RequestOutput]:
+        """One step and the load it leaves, both on the step thread."""
+        outputs = self.engine.step()
+        self.load = self.engine.load()
+        return outputs
 
     async def _step(self, step: asyncio.Future[list[RequestOutput]]) -> list[RequestOutput]:
         """Await a step; with tensor-parallel ranks, check every ``IDLE_CHECK_S`` that they live. On
@@ -390,7 +372,7 @@ class AsyncEngine:
 
     def _register(self, request_id: str, deadline_ns: int) -> RequestStream:
         if request_id in self._streams:
-            raise ValueError(f"request_id: {request_id!r} is already running")
+            raise AlreadyRunning(f"request_id: {request_id!r} is already running")
         stream = self._streams[request_id] = RequestStream(self, request_id)
         self._deadlines[request_id] = deadline_ns
         return stream

@@ -38,9 +38,11 @@ from engine.attention.base import ForwardBatch
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.kv_shards import KVExportPlan, KVImportPlan
 from engine.distributed.workers import TPWorkers
+from engine.errors import AlreadyRunning, InvalidRequest
 from engine.kv_stream import KVLease, LayerProgress
 from engine.kvcache.allocator import PageAllocator
 from engine.kvcache.radix_cache import RadixCache
+from engine.load import EngineLoad
 from engine.model_runner import ModelRunner, PendingTokens
 from engine.output import OutputProcessor, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -124,7 +126,7 @@ class Engine:
         stream_text: bool = True,
         kv_watch: Callable[[KVLease], None] | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (field name first) if it can never run here.
+        """Queue a request. Raises ``InvalidRequest`` (field name first) if it can never run here.
 
         ``hold_kv``: when the request finishes, its final output carries ``kv_pages`` with one
         reference held for the caller (a prefill instance ships them, then calls ``free_pages``).
@@ -185,27 +187,41 @@ class Engine:
         self.allocator.free(pages)
 
     def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Check a request can ever run here; returns its max length (prompt + max_tokens, capped)."""
+        """Check a request can ever run here; returns its max length (prompt + max_tokens, capped).
+        Raises ``AlreadyRunning`` or ``InvalidRequest`` (``engine.errors``)."""
         if request_id in self._seqs:
-            raise ValueError(f"request_id: {request_id!r} is already running")
+            raise AlreadyRunning(f"request_id: {request_id!r} is already running")
         if not prompt_ids:
-            raise ValueError("prompt: must contain at least one token")
+            raise InvalidRequest("prompt: must contain at least one token")
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+            raise InvalidRequest(f"prompt: token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's context "
                 f"of {self.max_model_len} tokens"
             )
         max_len = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         capacity = self.scheduler.capacity_tokens()
         if max_len > capacity:
-            raise ValueError(
+            raise InvalidRequest(
                 f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) needs {max_len} "
                 f"tokens of KV cache but the whole pool holds {capacity}"
             )
         return max_len
+
+    def load(self) -> EngineLoad:
+        """The counts a load report needs, as they are now (call between steps, like ``step``)."""
+        cached = self.prefix_cache.num_cached_pages if self.prefix_cache is not None else 0
+        return EngineLoad(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=self.scheduler.num_running,
+            num_free_pages=self.allocator.num_free,
+            num_total_pages=self.allocator.num_total,
+            num_cached_pages=cached,
+            page_size=self.cfg.page_size,
+            max_num_seqs=self.cfg.max_num_seqs,
+        )
 
     def has_unfinished(self) -> bool:
         """A request not finished. (A launched step whose rows all ended is not work: the next step

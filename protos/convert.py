@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, overload
+from typing import overload
 
-import grpc
-
+from engine.load import EngineLoad
 from engine.output import TokenLogprob
 from engine.sampling_params import SamplingParams
 from protos import common_pb2
 
-if TYPE_CHECKING:
-    from engine.engine import Engine
-
 # Trailing-metadata key decode sets when the prefill instance (not decode) failed a request, so a
 # router knows which instance to avoid on retry.
 FAULT_METADATA_KEY = "pdserve-fault"
-
-# Finish reasons of requests the engine ended early, and the gRPC status a caller gets for each.
-EARLY_END_STATUS = {
-    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "abort": grpc.StatusCode.CANCELLED,
-    "error": grpc.StatusCode.INTERNAL,
-}
 
 
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -87,22 +76,21 @@ def deadline_ns(requested_ns: int, default_timeout_s: float) -> int:
 
 
 def load_report(
-    engine: Engine, role: str, num_held_pages: int, num_pending_transfers: int, kv_bytes: int
+    load: EngineLoad, role: str, num_held_pages: int, num_pending_transfers: int, kv_bytes: int
 ) -> common_pb2.LoadReport:
-    """The instance's load as the engine sees it; read from the event loop while a step may run
-    (plain counter reads, so at worst a step stale)."""
-    cached = engine.prefix_cache.num_cached_pages if engine.prefix_cache is not None else 0
+    """The instance's load: the engine's from its last snapshot (``AsyncEngine.load``), the
+    service's own counts as given."""
     return common_pb2.LoadReport(
         role=role,
-        num_total_pages=engine.allocator.num_total,
-        num_free_pages=engine.allocator.num_free,
-        num_cached_pages=cached,
-        page_size=engine.cfg.page_size,
-        num_running=engine.scheduler.num_running,
-        num_waiting=len(engine.scheduler.waiting),
+        num_total_pages=load.num_total_pages,
+        num_free_pages=load.num_free_pages,
+        num_cached_pages=load.num_cached_pages,
+        page_size=load.page_size,
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
         num_held_pages=num_held_pages,
         num_pending_transfers=num_pending_transfers,
-        max_num_seqs=engine.cfg.max_num_seqs,
+        max_num_seqs=load.max_num_seqs,
         kv_bytes_transferred=kv_bytes,
         rss_bytes=rss_bytes(),
     )

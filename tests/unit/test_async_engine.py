@@ -12,6 +12,7 @@ from async_driver import all_pages_back, run
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.errors import AlreadyRunning
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -112,7 +113,7 @@ def test_validation_errors_reach_the_caller_and_nothing_is_left_behind(tiny_mode
         with pytest.raises(ValueError, match="prompt"):
             await driver.generate("bad", [], GREEDY)
         stream = await driver.generate("ok", [1, 2, 3], GREEDY)
-        with pytest.raises(ValueError, match="already running"):
+        with pytest.raises(AlreadyRunning):
             await driver.generate("ok", [1, 2, 3], GREEDY)
         return [out async for out in stream][-1].finish_reason
 
