@@ -164,10 +164,10 @@ def test_gateway_needs_a_decode_instance(tiny_model):
 
 
 def test_goodput_sweep_over_a_running_system(colocated, tmp_path):
-    """bench/goodput_sweep.py end to end: two rates against the colocated gateway (named twice, as
+    """``pdserve goodput`` end to end: two rates against the colocated gateway (named twice, as
     two targets would be), a report with a point per (target, rate) and the plot."""
     url = colocated["gateway"].http_url
-    cmd = [sys.executable, "bench/goodput_sweep.py", "--target", f"a={url}", "--target", f"b={url}",
+    cmd = [sys.executable, "-m", "pdserve", "goodput", "--target", f"a={url}", "--target", f"b={url}",
            "--rates", "4,40", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--num-requests", "6",
            "--warmup-requests", "1", "--input-len-min", "8", "--input-len-max", "24", "--output-len-min", "2",
            "--output-len-max", "6", "--max-duration-s", "30", "--out-dir", str(tmp_path)]  # fmt: skip
