@@ -7,7 +7,6 @@ nothing reads configuration from globals later.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("pdserve.engine")
 
 # Names only, so that reading a model's config (the gateway does) needs no torch.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -261,7 +259,7 @@ class EngineConfig:
     cp_min_tokens: int = 128  # a step is split over the cp ranks when each gets at least this many
 
     def __post_init__(self) -> None:
-        resolved = self._resolve("device", resolve_device(self.device))
+        object.__setattr__(self, "device", resolve_device(self.device))  # frozen: set once, here
         checks = [
             (self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0, "page_size", "a power of 2"),
             (self.max_num_seqs >= 1, "max_num_seqs", ">= 1"),
@@ -295,19 +293,11 @@ class EngineConfig:
             )
         from engine.attention import resolve_attention_backend  # torch: a config is built to run an engine
 
-        resolved += self._resolve(
-            "attention_backend", resolve_attention_backend(self.attention_backend, self.device)
+        # The choice is logged when the engine starts (ModelRunner), not here: a config is also
+        # built for checks that start nothing.
+        object.__setattr__(
+            self, "attention_backend", resolve_attention_backend(self.attention_backend, self.device)
         )
-        if resolved:  # the choice itself is logged when the engine starts (ModelRunner)
-            log.debug("; ".join(resolved))
-
-    def _resolve(self, name: str, value: str) -> list[str]:
-        """Set field ``name`` to its resolved ``value`` (frozen: only here, once); the log phrase."""
-        if value == getattr(self, name):
-            return []
-        phrase = f"{name.replace('_', ' ')} {getattr(self, name)} -> {value}"
-        object.__setattr__(self, name, value)
-        return [phrase]
 
     @property
     def num_ranks(self) -> int:
