@@ -90,6 +90,7 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await asyncio.gather(state.prefill.refresh_loads(), state.decode.refresh_loads())
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")

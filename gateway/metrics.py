@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -22,6 +22,7 @@ class Metrics:
     def __init__(self, pools: Sequence[Pool]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total etc.: what serving costs this process
         self.requests = Counter(
             "pdserve_requests", "Finished requests by API and outcome", ["api", "status"], registry=r
         )
@@ -91,6 +92,9 @@ class _InstanceCollector(Collector):
         kv_bytes = CounterMetricFamily(
             "pdserve_kv_transfer_bytes", "KV bytes sent/received (reported)", labels=labels
         )
+        cpu = CounterMetricFamily(
+            "pdserve_instance_cpu_seconds", "The instance process's CPU time (reported)", labels=labels
+        )
         for pool in self.pools:
             for i in pool.instances:
                 key = [pool.role, i.address]
@@ -102,6 +106,8 @@ class _InstanceCollector(Collector):
                 gauges["pages_total"].add_metric(key, i.load.num_total_pages)
                 routed.add_metric(key, i.num_routed)
                 kv_bytes.add_metric(key, i.load.kv_bytes_transferred)
+                cpu.add_metric(key, i.load.cpu_seconds)
         yield from gauges.values()
         yield routed
         yield kv_bytes
+        yield cpu

@@ -129,6 +129,18 @@ class Pool:
         instance.healthy, instance.failures = True, 0
         return True
 
+    async def refresh_loads(self) -> None:
+        """Fetch every healthy instance's load report now (a scrape reads current counters, not ones
+        up to a health interval old); health state is left to the checks."""
+
+        async def refresh(instance: Instance) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                instance.load = await instance.stub.GetLoad(
+                    common_pb2.LoadRequest(), timeout=self.health_timeout_s
+                )
+
+        await asyncio.gather(*(refresh(i) for i in self.healthy()))
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(i) for i in self.instances))
 

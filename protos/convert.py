@@ -93,6 +93,7 @@ def load_report(
         max_num_seqs=load.max_num_seqs,
         kv_bytes_transferred=kv_bytes,
         rss_bytes=rss_bytes(),
+        cpu_seconds=time.process_time(),
     )
 
 

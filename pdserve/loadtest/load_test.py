@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
 from pdserve.loadtest.metrics import (
@@ -40,6 +41,7 @@ from pdserve.loadtest.metrics import (
     write_plots,
     write_report,
 )
+from pdserve.loadtest.server_cpu import scrape_cpu_seconds, us_per_token
 from pdserve.loadtest.workload import RequestSpec, arrival_times, load_jsonl, random_workload
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -73,6 +75,13 @@ class LoadTestConfig:
     slo_tpot_ms: float | None = None
     out_dir: str | None = None
     progress: bool = True
+    metrics_url: str | None = None  # None: <base-url>/metrics over REST, none over gRPC; "" = off
+
+    @property
+    def cpu_metrics_url(self) -> str:
+        if self.metrics_url is not None:
+            return self.metrics_url
+        return f"{self.base_url.rstrip('/')}/metrics" if self.backend == "rest" else ""
 
     def __post_init__(self) -> None:
         checks = [
@@ -297,8 +306,16 @@ async def run(cfg: LoadTestConfig) -> tuple[Summary, list[RequestRecord], str]:
             if num_failed := sum(not r.success for r in warm):
                 print(f"warning: {num_failed}/{len(warm)} warm-up requests failed", file=sys.stderr)
         arrivals = arrival_times(len(measured), cfg.request_rate, cfg.seed)
-        records, duration = await run_requests(send, measured, arrivals, cfg, "requests")
+        async with httpx.AsyncClient() as metrics:
+            url = cfg.cpu_metrics_url
+            cpu_before = await scrape_cpu_seconds(metrics, url) if url else {}
+            records, duration = await run_requests(send, measured, arrivals, cfg, "requests")
+            cpu_after = await scrape_cpu_seconds(metrics, url) if cpu_before else {}
     summary = summarize(records, duration, len(measured) - len(records), cfg.slo_ttft_ms, cfg.slo_tpot_ms)
+    num_out = sum(r.output_tokens for r in records if r.success)
+    summary = dataclasses.replace(
+        summary, server_cpu_us_per_token=us_per_token(cpu_before, cpu_after, num_out)
+    )
     return summary, records, model
 
 
@@ -330,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--slo-tpot-ms", type=float, default=d.slo_tpot_ms, help="goodput: TPOT at most this")
     add("--out-dir", default=d.out_dir, help="write load_test.json and load_test.png here")
     add("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+    add("--metrics-url", default=d.metrics_url,
+        help="the gateway's /metrics, for each server process's CPU µs per output token (default: "
+             "<base-url>/metrics over REST, none over gRPC; '' = off)")  # fmt: skip
     return parser
 
 

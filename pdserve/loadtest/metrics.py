@@ -114,6 +114,8 @@ class Summary:
     e2e: LatencyStats | None
     goodput: float | None  # req/s meeting the SLOs; None when no SLO was given
     errors: dict[str, int]  # error text -> count
+    # Process CPU µs per output token over the measured run: "gateway", "decode@host:port", ...
+    server_cpu_us_per_token: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Summary:
@@ -184,6 +186,9 @@ def format_summary(s: Summary) -> str:
             continue
         for key in ("mean_ms", "median_ms", "p90_ms", "p99_ms"):
             lines.append(row(f"{key.removesuffix('_ms').capitalize()}:", getattr(stats, key)))
+    if s.server_cpu_us_per_token:
+        lines.append(f"{'-' * 10} Server CPU (µs per output token) {'-' * 11}")
+        lines += [row(f"{name}:", us) for name, us in s.server_cpu_us_per_token.items()]
     for error, count in list(s.errors.items())[:5]:
         lines.append(f"error x{count}: {error}")
     lines.append("=" * 54)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -337,7 +339,7 @@ def test_unreachable_instance_is_ejected_and_the_rest_serve(instances, tiny_mode
 
 
 @pytest.mark.parametrize("backend", ["rest", "grpc"])
-def test_load_test_reports_sane_numbers(gateway, tmp_path, backend):
+def test_load_test_reports_sane_numbers(gateway, instances, tmp_path, backend):
     target = (
         ["--base-url", gateway.http_url]
         if backend == "rest"
@@ -347,11 +349,26 @@ def test_load_test_reports_sane_numbers(gateway, tmp_path, backend):
            "--warmup-requests", "2", "--input-len-min", "8", "--input-len-max", "40", "--output-len-min", "4",
            "--output-len-max", "12", "--request-rate", "20", "--max-concurrency", "6", "--max-duration-s", "60",
            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--out-dir", str(tmp_path), "--no-progress"]  # fmt: skip
+    servers = {
+        "gateway": gateway,
+        **{f"{s.role}@{s.address}": s for s in instances["prefill"] + instances["decode"]},
+    }
+    cpu_before = {name: _cpu_seconds(s.proc.pid) for name, s in servers.items()}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=120, check=False)
+    cpu_after = {name: _cpu_seconds(s.proc.pid) for name, s in servers.items()}
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     report = json.loads((tmp_path / "load_test.json").read_text())
     s = report["summary"]
     assert s["num_completed"] == 12 and s["num_failed"] == 0
+    if backend == "rest":  # each server process's CPU per output token, against the kernel's count
+        reported = s["server_cpu_us_per_token"]
+        num_out = sum(r["output_tokens"] for r in report["requests"])
+        assert "gateway" in reported and any(name.startswith("decode@") for name in reported), reported
+        for name, us in reported.items():
+            assert 0 <= us * num_out / 1e6 <= cpu_after[name] - cpu_before[name] + 0.05, (name, us)
+        assert reported["gateway"] > 0
+    else:
+        assert s["server_cpu_us_per_token"] == {}  # no metrics URL over gRPC unless given
     assert (
         s["request_throughput"] > 0
         and s["output_token_throughput"] > 0
@@ -361,6 +378,12 @@ def test_load_test_reports_sane_numbers(gateway, tmp_path, backend):
     outputs = [r["output_tokens"] for r in report["requests"]]
     assert all(4 <= n <= 12 for n in outputs), outputs
     assert (tmp_path / "load_test.png").stat().st_size > 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's CPU time (user + system) from /proc: the kernel's count, not ours."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_client_disconnect_mid_stream_frees_decode(gateway, instances):
