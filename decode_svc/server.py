@@ -59,6 +59,7 @@ async def serve(cfg: DecodeConfig) -> None:
     servicer = DecodeServicer(
         async_engine, receiver, landing, cfg.kv_backend, kv_address, cfg.request_timeout_s, cfg.tls
     )
+    servicer.stopping = server.stopping
     decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server.server)
     receiver.add_to_server(server.server)
     log.info(

@@ -8,6 +8,7 @@ place (``statuses``).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
@@ -19,6 +20,7 @@ import grpc
 
 from decode_svc.job import Admissions, DecodeJob, KVPath
 from decode_svc.kv_landing import KVLanding
+from decode_svc.session import Session
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -49,6 +51,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.admissions = Admissions(engine, cfg.page_size, cfg.max_num_seqs)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._seed_rng = random.Random()
+        self.stopping = asyncio.Event()  # the server's: set when shutdown begins
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -71,26 +74,38 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def Generate(
         self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        async with statuses(context, "decode"):
+            async for msg in self.generate(request):
+                yield msg
+
+    async def Session(
+        self, requests: AsyncIterator[decode_pb2.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        await Session(self.generate, self.stopping).run(requests, context.write)
+
+    async def generate(
+        self, request: decode_pb2.GenerateRequest
+    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        """One request's responses; its errors are raised (``protos.errors`` or the engine's types)."""
         timing = common_pb2.TimingMarks()
         timing.CopyFrom(request.timing)
         timing.decode_received_ns = time.time_ns()
         request_id = request.request_id or uuid.uuid4().hex
         deadline = deadline_ns(request.deadline_unix_ns, self.request_timeout_s)
-        async with statuses(context, "decode"):
-            params = self._validate(request)
-            address = request.prefill_address
-            if address and params.seed is None:  # decided here: prefill samples the first token with it
-                params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
-            job = DecodeJob(self.engine, request_id, list(request.prompt_token_ids), params, deadline, timing)
-            num_cached: int | None = None  # colocated: each output carries this engine's count
-            if not address:
-                stream = await job.run_here()
-            else:
-                await self.admissions.reserve(job)
-                timing.decode_admitted_ns = time.time_ns()
-                stream, num_cached = await job.fill(self._prefill, address, self.kv, self.admissions)
-            async for msg in self._stream(stream, num_cached, timing):
-                yield msg
+        params = self._validate(request)
+        address = request.prefill_address
+        if address and params.seed is None:  # decided here: prefill samples the first token with it
+            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
+        job = DecodeJob(self.engine, request_id, list(request.prompt_token_ids), params, deadline, timing)
+        num_cached: int | None = None  # colocated: each output carries this engine's count
+        if not address:
+            stream = await job.run_here()
+        else:
+            await self.admissions.reserve(job)
+            timing.decode_admitted_ns = time.time_ns()
+            stream, num_cached = await job.fill(self._prefill, address, self.kv, self.admissions)
+        async for msg in self._stream(stream, num_cached, timing):
+            yield msg
 
     async def _stream(
         self, stream: RequestStream, num_cached: int | None, timing: common_pb2.TimingMarks

@@ -69,10 +69,17 @@ class TextStream:
 
     def push(self, token: int) -> bool:
         """Detokenize one token; True if that completed a stop string (the text ends before it)."""
+        return self.push_many((token,))
+
+    def push_many(self, tokens: list[int] | tuple[int, ...]) -> bool:
+        """Detokenize several tokens with one decode of the window; True if they completed a stop
+        string (the text ends at its earliest occurrence)."""
         if self.deferred is not None:
-            self.deferred.append(token)
+            self.deferred += tokens
             return False
-        new_text = self.detok.push(token)
+        if self.end is not None:  # already cut: later tokens add nothing
+            return False
+        new_text = self.detok.push_many(tokens)
         if self.stop:
             stop_at = find_stop(self.detok.text, self.stop, len(new_text))
             if stop_at is not None:

@@ -26,6 +26,9 @@ class GatewayConfig:
     max_request_bytes: int = 4 << 20  # REST body / public gRPC message; larger → 413 / RESOURCE_EXHAUSTED
     max_prompt_tokens: int | None = None  # operator cap below the context; larger → 413
     max_concurrent_requests: int = 1024  # in flight through this gateway; more → 429 / RESOURCE_EXHAUSTED
+    # Tokens per streamed event at least (the first token and the last event are never held back):
+    # fewer, larger events for batch-heavy deployments. 1 = an event as soon as tokens arrive.
+    stream_interval: int = 1
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
 
@@ -44,7 +47,7 @@ class GatewayConfig:
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name}: must be in [0, 65536), got {getattr(self, name)}")
-        for name in ("max_request_bytes", "max_concurrent_requests"):
+        for name in ("max_request_bytes", "max_concurrent_requests", "stream_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

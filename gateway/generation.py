@@ -24,11 +24,12 @@ from engine.config import ModelConfig
 from engine.output import TextStream, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from gateway.decode_session import DecodeError, DecodeSession
 from gateway.errors import APIError
 from gateway.metrics import Metrics
 from gateway.pool import Instance, Pool
 from protos import common_pb2, decode_pb2
-from protos.convert import FAULT_METADATA_KEY, logprob_from_proto, sampling_to_proto
+from protos.convert import logprob_from_proto, sampling_to_proto
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,38 @@ class Chunk:
     timing: common_pb2.TimingMarks | None = None
 
 
+class _Chunker:
+    """Decode's responses of one request → the client's chunks: detokenized in one go per batch,
+    text cut at stop strings, and deltas held back until ``stream_interval`` tokens accumulated
+    (never the first token, never the end). Every response that arrived since the last chunk joins
+    the next one, so a consumer that fell behind catches up in one event with exact token counts."""
+
+    def __init__(self, gen: Generator, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.text = TextStream(gen.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else gen.eos_token_ids)
+        self.interval, self.num_prompt = gen.stream_interval, len(prompt_ids)
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.num_sent = 0
+
+    def add(self, batch: list[decode_pb2.GenerateResponse]) -> Chunk | None:
+        new = [t for msg in batch for t in msg.token_ids]
+        self.token_ids += new
+        self.logprobs += [logprob_from_proto(lp) for msg in batch for lp in msg.logprobs]
+        self.text.push_many([t for t in new if t not in self.stop_ids])
+        end = batch[-1]
+        final = bool(end.finish_reason)
+        if not final and self.num_sent and len(self.token_ids) < self.interval:
+            return None
+        chunk = Chunk(self.token_ids, self.text.take(final), self.logprobs, end.finish_reason or None)
+        self.num_sent += len(self.token_ids)
+        self.token_ids, self.logprobs = [], []
+        if final:
+            chunk.usage = Usage(self.num_prompt, end.usage.completion_tokens, end.usage.cached_tokens)
+            chunk.timing = end.timing
+        return chunk
+
+
 class Generator:
     def __init__(
         self,
@@ -61,7 +94,9 @@ class Generator:
         max_model_len: int | None = None,
         max_prompt_tokens: int | None = None,
         max_concurrent_requests: int = 1024,
+        stream_interval: int = 1,
     ) -> None:
+        self.stream_interval = stream_interval
         self.max_prompt_tokens, self.max_concurrent_requests = max_prompt_tokens, max_concurrent_requests
         self.num_in_flight = 0
         self.prefill, self.decode, self.metrics = prefill, decode, metrics
@@ -74,6 +109,7 @@ class Generator:
         )
         self.eos_token_ids = frozenset(model_cfg.eos_token_ids) | self.tokenizer.eos_token_ids
         self.model_name = Path(model_dir).name
+        self._sessions: dict[str, DecodeSession] = {}  # by decode address
 
     # -- input -------------------------------------------------------------------------------------
     async def tokenize_async(
@@ -143,32 +179,22 @@ class Generator:
             sampling=sampling_to_proto(params),
             deadline_unix_ns=deadline_ns,
         )
-        text = TextStream(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        chunks = _Chunker(self, prompt_ids, params)
         num_out, status = 0, "error"
         m.in_flight.inc()
         m.prompt_tokens.inc(len(prompt_ids))
         self.num_in_flight += 1
         try:
-            async for msg in self._dispatch(request, prompt_ids, deadline_ns):
+            async for batch in self._dispatch(request, prompt_ids):
                 now = time.monotonic()
-                if msg.token_ids:
+                if num_new := sum(len(msg.token_ids) for msg in batch):
                     (m.ttft if num_out == 0 else m.itl).observe(now - last)
-                    last, num_out = now, num_out + len(msg.token_ids)
-                for token in msg.token_ids:
-                    if token not in stop_ids:
-                        text.push(token)
-                final = bool(msg.finish_reason)
-                chunk = Chunk(
-                    list(msg.token_ids),
-                    text.take(final),
-                    [logprob_from_proto(lp) for lp in msg.logprobs],
-                    msg.finish_reason or None,
-                )
-                if final:
-                    chunk.usage = Usage(len(prompt_ids), msg.usage.completion_tokens, msg.usage.cached_tokens)
-                    chunk.timing = msg.timing
-                    self._observe_final(msg.timing, num_out, now - start)
+                    last, num_out = now, num_out + num_new
+                chunk = chunks.add(batch)
+                if chunk is None:
+                    continue
+                if chunk.timing is not None:
+                    self._observe_final(chunk.timing, num_out, now - start)
                 yield chunk
             status = "ok"
         except APIError as e:
@@ -197,8 +223,8 @@ class Generator:
         m.output_tokens.inc(num_out)
 
     async def _dispatch(
-        self, request: decode_pb2.GenerateRequest, prompt_ids: list[int], deadline_ns: int
-    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
+        self, request: decode_pb2.GenerateRequest, prompt_ids: list[int]
+    ) -> AsyncIterator[list[decode_pb2.GenerateResponse]]:
         tried: dict[str, set[str]] = {"prefill": set(), "decode": set()}
         refused: APIError | None = None
         colocated = not self.prefill.instances  # each decode instance runs its prompts itself
@@ -215,36 +241,43 @@ class Generator:
             decode.in_flight += 1
             if prefill is not None:
                 prefill.in_flight += 1
-            call = decode.decode_stub.Generate(
-                request, timeout=max(0.0, (deadline_ns - time.time_ns()) / 1e9)
-            )
+            responses = self._session(decode).generate(request)
             try:
-                async for msg in call:
+                async for batch in responses:
                     if not started:
                         started = True
                         if prefill is not None:
                             prefill.in_flight -= 1
-                    yield msg
+                    yield batch
                 return
-            except grpc.aio.AioRpcError as e:
+            except DecodeError as e:
                 if started:
-                    raise APIError.from_grpc(e.code(), e.details() or "") from None
+                    raise APIError.from_grpc(e.code, e.details) from None
                 refused = self._refusal(e, decode, prefill, tried)
                 if refused is None:
-                    raise APIError.from_grpc(e.code(), e.details() or "") from None
+                    raise APIError.from_grpc(e.code, e.details) from None
             finally:
                 decode.in_flight -= 1
                 if not started and prefill is not None:
                     prefill.in_flight -= 1
-                call.cancel()
+                await responses.aclose()  # given up early: decode cancels the request
+
+    def _session(self, decode: Instance) -> DecodeSession:
+        session = self._sessions.get(decode.address)
+        if session is None:
+            session = self._sessions[decode.address] = DecodeSession(decode.channel, decode.address)
+        return session
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self._sessions.values()))
+        self._sessions.clear()
 
     def _refusal(
-        self, e: grpc.aio.AioRpcError, decode: Instance, prefill: Instance | None, tried: dict[str, set[str]]
+        self, e: DecodeError, decode: Instance, prefill: Instance | None, tried: dict[str, set[str]]
     ) -> APIError | None:
         """If ``e`` means "go elsewhere", note where not to go and return the error to report should
         every instance refuse; else None (the error is final)."""
-        code = e.code()
-        fault = dict(e.trailing_metadata() or ()).get(FAULT_METADATA_KEY)
+        code, fault = e.code, e.fault
         if prefill is None:  # colocated: every fault is the decode instance's
             fault = None
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and fault == "prefill":
@@ -257,12 +290,12 @@ class Generator:
         elif code is grpc.StatusCode.UNAVAILABLE and fault == "prefill":
             assert prefill is not None
             tried["prefill"].add(prefill.address)
-            self.prefill.mark_unreachable(prefill, e.details() or "unreachable")
+            self.prefill.mark_unreachable(prefill, e.details or "unreachable")
             self.metrics.retries.labels("prefill", "unavailable").inc()
         elif code is grpc.StatusCode.UNAVAILABLE:
             tried["decode"].add(decode.address)
-            self.decode.mark_unreachable(decode, e.details() or "unreachable")
+            self.decode.mark_unreachable(decode, e.details or "unreachable")
             self.metrics.retries.labels("decode", "unavailable").inc()
         else:
             return None
-        return APIError.from_grpc(code, e.details() or "")
+        return APIError.from_grpc(code, e.details or "")

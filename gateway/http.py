@@ -31,6 +31,7 @@ from gateway.openai_api import (
     completion_logprobs,
     envelope,
 )
+from gateway.sse import DONE, SSEFrames
 from gateway.state import GatewayState
 
 log = logging.getLogger("pdserve.gateway")
@@ -116,8 +117,8 @@ def create_app(state: GatewayState) -> FastAPI:
             return {"index": 0, "text": c.text, "logprobs": lps, "finish_reason": c.finish_reason}
 
         if body.stream:
-            return await _sse(request, chunks, lambda c: envelope("text_completion", request_id, body.model, [choice(c)], None),
-                              request_id, body.model, "text_completion", body.include_usage)  # fmt: skip
+            frames = SSEFrames("text_completion", request_id, body.model)
+            return await _sse(request, chunks, lambda c: frames.event(choice(c)), frames, body.include_usage)
         parts = await _collect(chunks, request)
         merged = {
             "index": 0,
@@ -159,8 +160,8 @@ def create_app(state: GatewayState) -> FastAPI:
             return {"index": 0, "delta": d, "logprobs": lps, "finish_reason": c.finish_reason}
 
         if body.stream:
-            return await _sse(request, chunks, lambda c: envelope("chat.completion.chunk", request_id, body.model, [delta(c)], None),
-                              request_id, body.model, "chat.completion.chunk", body.include_usage)  # fmt: skip
+            frames = SSEFrames("chat.completion.chunk", request_id, body.model)
+            return await _sse(request, chunks, lambda c: frames.event(delta(c)), frames, body.include_usage)
         parts = await _collect(chunks, request)
         lps = (
             chat_logprobs(gen.tokenizer, [lp for c in parts for lp in c.logprobs]) if body.logprobs else None
@@ -175,10 +176,8 @@ def create_app(state: GatewayState) -> FastAPI:
 async def _sse(
     request: Request,
     chunks: AsyncIterator[Chunk],
-    event: Callable[[Chunk], dict[str, Any]],
-    request_id: str,
-    model: str,
-    kind: str,
+    event: Callable[[Chunk], bytes],
+    frames: SSEFrames,
     include_usage: bool,
 ) -> Response:
     """Server-sent events; the first chunk is awaited here so that an error before any token gets
@@ -189,19 +188,19 @@ async def _sse(
         await chunks.aclose()  # type: ignore[attr-defined]
         return JSONResponse(e.body(), status_code=e.status)
 
-    async def events() -> AsyncIterator[str]:
+    async def events() -> AsyncIterator[bytes]:
         usage: Usage | None = None
         try:
             async for c in _chain(first, chunks):
                 usage = c.usage or usage
-                yield f"data: {json.dumps(event(c))}\n\n"
+                yield event(c)
             if include_usage and usage is not None:
-                yield f"data: {json.dumps(envelope(kind, request_id, model, [], usage))}\n\n"
+                yield frames.usage(usage)
         except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield frames.error(e.body())
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]  # client gone: cancels the decode call
-        yield "data: [DONE]\n\n"
+        yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

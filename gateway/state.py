@@ -35,7 +35,7 @@ class GatewayState:
         self.metrics = Metrics([self.prefill, self.decode])
         self.generator = Generator(
             cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len,
-            cfg.max_prompt_tokens, cfg.max_concurrent_requests,
+            cfg.max_prompt_tokens, cfg.max_concurrent_requests, cfg.stream_interval,
         )  # fmt: skip
         self.model_name = cfg.served_model_name or Path(cfg.model).name
         self.created = int(time.time())
@@ -85,6 +85,7 @@ class GatewayState:
             self._canary.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._canary
+        await self.generator.close()
         await self.prefill.close()
         await self.decode.close()
 

@@ -91,6 +91,10 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
         "--max-concurrent-requests", type=int, default=1024, help="more in flight are refused (429)"
     )
     p.add_argument(
+        "--stream-interval", type=int, default=1,
+        help="send a streamed event once this many tokens accumulated (the first token at once)",
+    )  # fmt: skip
+    p.add_argument(
         "--api-key-file", default=None, help="require this key (Bearer) on the API; or $PDSERVE_API_KEY"
     )
     if with_model_len:
@@ -117,6 +121,7 @@ def _gateway_config(
         max_request_bytes=args.max_request_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
+        stream_interval=args.stream_interval,
         tls=_tls(args),
         api_key=_api_key(args, env),
     )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\npdserve.v1\x1a\x13protos/common.proto\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x04 \x01(\x03\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks2\x94\x01\n\rDecodeService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12:\n\x07GetLoad\x12\x17.pdserve.v1.LoadRequest\x1a\x16.pdserve.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/decode.proto\x12\npdserve.v1\x1a\x13protos/common.proto\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x18\n\x10\x64\x65\x61\x64line_unix_ns\x18\x04 \x01(\x03\x12\x17\n\x0fprefill_address\x18\x05 \x01(\t\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\'\n\x06timing\x18\x06 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks\"f\n\x0eSessionRequest\x12/\n\x08generate\x18\x01 \x01(\x0b\x32\x1b.pdserve.v1.GenerateRequestH\x00\x12\x1b\n\x11\x63\x61ncel_request_id\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x8d\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.pdserve.v1.GenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\r\n\x05\x66\x61ult\x18\x05 \x01(\t\":\n\x0cSessionBatch\x12*\n\x07updates\x18\x01 \x03(\x0b\x32\x19.pdserve.v1.RequestUpdate2\xd9\x01\n\rDecodeService\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12\x43\n\x07Session\x12\x1a.pdserve.v1.SessionRequest\x1a\x18.pdserve.v1.SessionBatch(\x01\x30\x01\x12:\n\x07GetLoad\x12\x17.pdserve.v1.LoadRequest\x1a\x16.pdserve.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_end=340
   _globals['_GENERATERESPONSE']._serialized_start=343
   _globals['_GENERATERESPONSE']._serialized_end=536
-  _globals['_DECODESERVICE']._serialized_start=539
-  _globals['_DECODESERVICE']._serialized_end=687
+  _globals['_SESSIONREQUEST']._serialized_start=538
+  _globals['_SESSIONREQUEST']._serialized_end=640
+  _globals['_REQUESTUPDATE']._serialized_start=643
+  _globals['_REQUESTUPDATE']._serialized_end=784
+  _globals['_SESSIONBATCH']._serialized_start=786
+  _globals['_SESSIONBATCH']._serialized_end=844
+  _globals['_DECODESERVICE']._serialized_start=847
+  _globals['_DECODESERVICE']._serialized_end=1064
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class DecodeServiceStub:
                 request_serializer=protos_dot_decode__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_decode__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pdserve.v1.DecodeService/Session',
+                request_serializer=protos_dot_decode__pb2.SessionRequest.SerializeToString,
+                response_deserializer=protos_dot_decode__pb2.SessionBatch.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/pdserve.v1.DecodeService/GetLoad',
                 request_serializer=protos_dot_common__pb2.LoadRequest.SerializeToString,
@@ -59,6 +64,16 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many requests over one stream (what the gateway uses): each request's updates are those
+        Generate would stream, its error the status Generate would end with; updates of every request
+        that progressed since the last write travel in one batch, so the cost per message is paid
+        per engine step, not per token per request. Ending the session cancels its requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -72,6 +87,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_decode__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_decode__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=protos_dot_decode__pb2.SessionRequest.FromString,
+                    response_serializer=protos_dot_decode__pb2.SessionBatch.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -106,6 +126,33 @@ class DecodeService:
             '/pdserve.v1.DecodeService/Generate',
             protos_dot_decode__pb2.GenerateRequest.SerializeToString,
             protos_dot_decode__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.DecodeService/Session',
+            protos_dot_decode__pb2.SessionRequest.SerializeToString,
+            protos_dot_decode__pb2.SessionBatch.FromString,
             options,
             channel_credentials,
             insecure,

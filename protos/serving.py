@@ -48,6 +48,9 @@ class GrpcServer:
         )
         self.port = 0
         self._watcher: asyncio.Task | None = None
+        # Set when shutdown begins: long-lived streams (decode sessions) end once their work is done
+        # instead of holding the server for the whole grace period.
+        self.stopping = asyncio.Event()
 
     def bind(self, host: str, port: int, tls: TLSConfig | None = None) -> int:
         """Listen on host:port (port 0 picks a free one), with TLS when given; returns the port."""
@@ -117,4 +120,5 @@ class GrpcServer:
         await stop.wait()
         log.info("shutting down (grace %.1fs)", grace_s)
         await self.health.enter_graceful_shutdown()
+        self.stopping.set()
         await self.server.stop(grace_s)

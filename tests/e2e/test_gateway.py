@@ -135,6 +135,30 @@ def test_sse_wire_format_and_stop_strings(gateway, reference):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["prompt_tokens"] > 0
 
 
+def test_stream_interval_sends_fewer_larger_events_with_the_same_text(instances, tiny_model, reference):
+    """--stream-interval 4: the first token at once, then events of at least 4 tokens (the last may
+    be shorter); the text, logprobs and usage are those of the unbatched stream."""
+    prompt = "The lighthouse keeper counted"
+    ref = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=14, logprobs=1))[0]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 14, "temperature": 0, "stream": True, "logprobs": 1,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    gw = start_gateway(instances, tiny_model, "--stream-interval", "4")
+    try:
+        with httpx.stream("POST", f"{gw.http_url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    finally:
+        gw.stop()
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    sizes = [len(c["logprobs"]["tokens"]) for c in choices]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 14, sizes
+    assert len(choices) <= 1 + -(-13 // 4)
+    assert "".join(c["text"] for c in choices) == ref.text
+    logprobs = [lp for c in choices for lp in c["logprobs"]["token_logprobs"]]
+    assert logprobs == pytest.approx([lp.logprob for lp in ref.logprobs], abs=1e-4)
+    assert choices[-1]["finish_reason"] == "length" and events[-1]["usage"]["completion_tokens"] == 14
+
+
 def test_grpc_stubs_and_client(gateway, reference):
     prompt = list(range(40, 70))
     ref = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=9))[0]

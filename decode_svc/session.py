@@ -1,0 +1,122 @@
+"""A gateway's session with a decode instance: many requests over one bidirectional stream.
+
+Per request a session carries exactly what ``Generate`` would: the same responses, and the status it
+would end with as the last update's ``error_code``. What differs is the framing: every update made
+while the previous batch was being written goes out in the next batch. An engine step that advances
+256 requests delivers all of their outputs in one pass of the event loop, so it costs one message
+instead of 256 — gRPC's per-message cost (serialization, HTTP/2 framing, a wake-up on each side) is
+paid per step, not per token per request, and when the gateway reads slower than the engine runs the
+batches simply grow.
+
+The gateway gives a request up with ``cancel_request_id``; a session that ends — closed, cancelled,
+or its peer gone — cancels every request it still runs, and their pages go back as they do for a
+cancelled ``Generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from protos import decode_pb2
+from protos.errors import AlreadyExists, InvalidArgument, Relayed, ServiceError, Unavailable, service_error
+
+log = logging.getLogger("pdserve.decode")
+
+Generate = Callable[[decode_pb2.GenerateRequest], AsyncIterator[decode_pb2.GenerateResponse]]
+CANCEL_GRACE_S = 5.0  # how long the end of a session waits for its requests to give their pages back
+
+
+class Session:
+    def __init__(self, generate: Generate, stopping: asyncio.Event) -> None:
+        """``stopping``: set when the server begins to shut down; from then on new requests are
+        refused (UNAVAILABLE: the gateway sends them elsewhere) and the session ends with its last
+        request."""
+        self.generate, self.stopping = generate, stopping
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._outbox: list[decode_pb2.RequestUpdate] = []
+        self._ready = asyncio.Event()
+        self._reading = True
+
+    async def run(
+        self,
+        requests: AsyncIterator[decode_pb2.SessionRequest],
+        write: Callable[[decode_pb2.SessionBatch], Awaitable[None]],
+    ) -> None:
+        """Serve until the peer has stopped sending and every request has ended (or the call ends)."""
+        reader = asyncio.create_task(self._read(requests), name="session-reader")
+        watch = asyncio.create_task(self._watch_stopping(), name="session-stopping")
+        try:
+            while (self._reading and not self.stopping.is_set()) or self._tasks or self._outbox:
+                await self._ready.wait()
+                self._ready.clear()
+                if self._outbox:
+                    batch, self._outbox = self._outbox, []
+                    await write(decode_pb2.SessionBatch(updates=batch))
+            if not self.stopping.is_set():
+                await reader  # a failed read ends the call with its error
+        finally:
+            reader.cancel()
+            watch.cancel()
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            if tasks:  # let each request give its pages back before the call is gone
+                await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+
+    async def _watch_stopping(self) -> None:
+        await self.stopping.wait()
+        self._ready.set()
+
+    async def _read(self, requests: AsyncIterator[decode_pb2.SessionRequest]) -> None:
+        try:
+            async for request in requests:
+                if request.HasField("generate"):
+                    self._start(request.generate)
+                elif task := self._tasks.get(request.cancel_request_id):
+                    task.cancel()
+        finally:
+            self._reading = False
+            self._ready.set()
+
+    def _start(self, request: decode_pb2.GenerateRequest) -> None:
+        request_id = request.request_id
+        if self.stopping.is_set():
+            self._fail(request_id, Unavailable("decode is shutting down"))
+        elif not request_id:
+            self._fail(request_id, InvalidArgument("request_id: a session's requests must name themselves"))
+        elif request_id in self._tasks:
+            self._fail(request_id, AlreadyExists(f"request_id: {request_id!r} is already in this session"))
+        else:
+            self._tasks[request_id] = asyncio.create_task(self._serve(request), name=f"session-{request_id}")
+
+    async def _serve(self, request: decode_pb2.GenerateRequest) -> None:
+        request_id = request.request_id
+        try:
+            async for response in self.generate(request):
+                self._post(decode_pb2.RequestUpdate(request_id=request_id, response=response))
+        except asyncio.CancelledError:
+            pass  # given up by the gateway, or the session ended: nobody wants an update
+        except Exception as exc:
+            err = service_error(exc, "decode")
+            if err is None:  # a bug: Generate would end with UNKNOWN, and so does this request
+                log.exception("request %s failed", request_id)
+                err = Relayed(grpc.StatusCode.UNKNOWN, f"Unexpected {exc!r}")
+            self._fail(request_id, err)
+        finally:
+            self._tasks.pop(request_id, None)
+            self._ready.set()
+
+    def _fail(self, request_id: str, err: ServiceError) -> None:
+        code = err.code.value[0]
+        update = decode_pb2.RequestUpdate(
+            request_id=request_id, error_code=code, error_message=err.message, fault=err.fault or ""
+        )
+        self._post(update)
+
+    def _post(self, update: decode_pb2.RequestUpdate) -> None:
+        self._outbox.append(update)
+        self._ready.set()
