@@ -20,14 +20,14 @@ import grpc
 
 from decode_svc.job import Admissions, DecodeJob, KVPath
 from decode_svc.kv_landing import KVLanding
+from decode_svc.responses import Responses
 from decode_svc.session import Session
 from engine.async_engine import AsyncEngine, RequestStream
-from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVReceiver
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
-from protos.convert import deadline_ns, load_report, logprob_to_proto, sampling_from_proto
-from protos.errors import EARLY_END_ERRORS, InvalidArgument, Unavailable, statuses
+from protos.convert import deadline_ns, load_report, sampling_from_proto
+from protos.errors import InvalidArgument, statuses
 from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
 
@@ -81,12 +81,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def Session(
         self, requests: AsyncIterator[decode_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        await Session(self.generate, self.stopping).run(requests, context.write)
+        await Session(self.start, self.stopping).run(requests, context.write)
 
     async def generate(
         self, request: decode_pb2.GenerateRequest
     ) -> AsyncIterator[decode_pb2.GenerateResponse]:
         """One request's responses; its errors are raised (``protos.errors`` or the engine's types)."""
+        stream, responses = await self.start(request)
+        try:
+            async for out in stream:
+                msg = decode_pb2.GenerateResponse()
+                responses.fill(msg, out)
+                yield msg
+        finally:
+            stream.close()
+
+    async def start(self, request: decode_pb2.GenerateRequest) -> tuple[RequestStream, Responses]:
+        """Admit a request into this engine's batch (colocated: run here; else reserve → prefill
+        fills the pages → adopt); returns its engine stream and what turns its outputs into
+        responses."""
         timing = common_pb2.TimingMarks()
         timing.CopyFrom(request.timing)
         timing.decode_received_ns = time.time_ns()
@@ -97,41 +110,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if address and params.seed is None:  # decided here: prefill samples the first token with it
             params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
         job = DecodeJob(self.engine, request_id, list(request.prompt_token_ids), params, deadline, timing)
-        num_cached: int | None = None  # colocated: each output carries this engine's count
         if not address:
-            stream = await job.run_here()
-        else:
-            await self.admissions.reserve(job)
-            timing.decode_admitted_ns = time.time_ns()
-            stream, num_cached = await job.fill(self._prefill, address, self.kv, self.admissions)
-        async for msg in self._stream(stream, num_cached, timing):
-            yield msg
-
-    async def _stream(
-        self, stream: RequestStream, num_cached: int | None, timing: common_pb2.TimingMarks
-    ) -> AsyncIterator[decode_pb2.GenerateResponse]:
-        """``num_cached``: prompt tokens prefill found cached; None for a colocated request, whose
-        outputs carry this engine's count, and whose first token also marks ``prefill_done_ns`` and
-        ``transfer_done_ns`` (nothing is transferred)."""
-        first = True
-        try:
-            async for out in stream:
-                if out.finish_reason == "error" and self.engine.failure is not None:
-                    raise Unavailable(f"decode engine: {self.engine.failure!r}")
-                reason = out.finish_reason
-                if reason in EARLY_END_ERRORS:
-                    raise EARLY_END_ERRORS[reason](f"request {out.request_id}: {reason}")
-                if first and num_cached is None:
-                    timing.prefill_done_ns = timing.transfer_done_ns = time.time_ns()
-                if out.num_output_tokens == 2 and out.new_token_ids:
-                    timing.first_decode_token_ns = time.time_ns()
-                if out.finished:
-                    timing.finished_ns = time.time_ns()
-                cached = out.num_cached_tokens if num_cached is None else num_cached
-                yield _response(out, cached, timing if first or out.finished else None)
-                first = False
-        finally:
-            stream.close()
+            return await job.run_here(), Responses(self.engine, None, timing)
+        await self.admissions.reserve(job)
+        timing.decode_admitted_ns = time.time_ns()
+        stream, num_cached = await job.fill(self._prefill, address, self.kv, self.admissions)
+        return stream, Responses(self.engine, num_cached, timing)
 
     def _validate(self, request: decode_pb2.GenerateRequest) -> SamplingParams:
         try:
@@ -141,18 +125,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if not request.prompt_token_ids:
             raise InvalidArgument("prompt_token_ids: must not be empty")
         return params
-
-
-def _response(out: RequestOutput, num_cached: int, timing: common_pb2.TimingMarks | None) -> Any:
-    return decode_pb2.GenerateResponse(
-        token_ids=out.new_token_ids,
-        text=out.new_text,
-        logprobs=[logprob_to_proto(lp) for lp in out.logprobs],
-        finish_reason=out.finish_reason or "",
-        usage=decode_pb2.Usage(
-            prompt_tokens=out.num_prompt_tokens,
-            completion_tokens=out.num_output_tokens,
-            cached_tokens=num_cached,
-        ),
-        timing=timing,
-    )

@@ -16,26 +16,30 @@ cancelled ``Generate``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from decode_svc.responses import Responses
+from engine.output import RequestOutput
+from engine.request_stream import RequestStream
 from protos import decode_pb2
 from protos.errors import AlreadyExists, InvalidArgument, Relayed, ServiceError, Unavailable, service_error
 
 log = logging.getLogger("pdserve.decode")
 
-Generate = Callable[[decode_pb2.GenerateRequest], AsyncIterator[decode_pb2.GenerateResponse]]
+Start = Callable[[decode_pb2.GenerateRequest], Awaitable[tuple[RequestStream, Responses]]]
 CANCEL_GRACE_S = 5.0  # how long the end of a session waits for its requests to give their pages back
 
 
 class Session:
-    def __init__(self, generate: Generate, stopping: asyncio.Event) -> None:
+    def __init__(self, start: Start, stopping: asyncio.Event) -> None:
         """``stopping``: set when the server begins to shut down; from then on new requests are
         refused (UNAVAILABLE: the gateway sends them elsewhere) and the session ends with its last
         request."""
-        self.generate, self.stopping = generate, stopping
+        self.start, self.stopping = start, stopping
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._outbox: list[decode_pb2.RequestUpdate] = []
         self._ready = asyncio.Event()
@@ -96,19 +100,34 @@ class Session:
     async def _serve(self, request: decode_pb2.GenerateRequest) -> None:
         request_id = request.request_id
         try:
-            async for response in self.generate(request):
-                self._post(decode_pb2.RequestUpdate(request_id=request_id, response=response))
+            stream, responses = await self.start(request)
+            # Outputs go straight from the engine loop's delivery into the outbox: a step that
+            # advances every request of the session wakes no task per request.
+            await stream.forward(functools.partial(self._forward, request_id, responses))
         except asyncio.CancelledError:
             pass  # given up by the gateway, or the session ended: nobody wants an update
         except Exception as exc:
-            err = service_error(exc, "decode")
-            if err is None:  # a bug: Generate would end with UNKNOWN, and so does this request
-                log.exception("request %s failed", request_id)
-                err = Relayed(grpc.StatusCode.UNKNOWN, f"Unexpected {exc!r}")
-            self._fail(request_id, err)
+            self._fail(request_id, self._error(request_id, exc))
         finally:
             self._tasks.pop(request_id, None)
             self._ready.set()
+
+    def _forward(self, request_id: str, responses: Responses, out: RequestOutput) -> None:
+        update = decode_pb2.RequestUpdate(request_id=request_id)
+        try:
+            responses.fill(update.response, out)
+        except Exception as exc:  # the request's end (deadline, abort, engine gone): its status
+            self._fail(request_id, self._error(request_id, exc))
+            return
+        self._post(update)
+
+    @staticmethod
+    def _error(request_id: str, exc: Exception) -> ServiceError:
+        err = service_error(exc, "decode")
+        if err is None:  # a bug: Generate would end with UNKNOWN, and so does this request
+            log.error("request %s failed", request_id, exc_info=exc)
+            err = Relayed(grpc.StatusCode.UNKNOWN, f"Unexpected {exc!r}")
+        return err
 
     def _fail(self, request_id: str, err: ServiceError) -> None:
         code = err.code.value[0]

@@ -323,7 +323,7 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             self._unregister(request_id)
-            stream.queue.put_nowait(RequestOutput(request_id, [], "", True, reason))
+            stream.put(RequestOutput(request_id, [], "", True, reason))
 
     async def _apply_commands(self) -> None:
         loop = asyncio.get_running_loop()
@@ -368,7 +368,7 @@ class AsyncEngine:
             return
         if out.finished:
             self._unregister(out.request_id)
-        stream.queue.put_nowait(out)
+        stream.put(out)
 
     def _register(self, request_id: str, deadline_ns: int) -> RequestStream:
         if request_id in self._streams:
