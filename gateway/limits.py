@@ -11,7 +11,8 @@ both before the full encode:
   13 characters per token where English averages about 4).
 - *Tokens, counted in pieces*: a longer text is encoded ``PIECE_CHARS`` at a time and refused as
   soon as the pieces hold more tokens than the limit (plus a slack of ``BOUNDARY_SLACK`` per cut,
-  since a word cut in two can encode to one more token), so the work and memory spent on a
+  which falls just before whitespace, where byte-level BPE pieces encode as in the whole text, but
+  for pre-tokenizers that treat a piece's start unlike a word's), so the work and memory spent on a
   hostile text stop near the limit. A text that passes is encoded whole, as the model expects.
 
 Text over ``INLINE_CHARS`` is encoded on a small dedicated pool (``workers`` threads), so a burst of
@@ -103,8 +104,10 @@ class PromptGuard:
         while start < len(text):
             end = min(start + PIECE_CHARS, len(text))
             if end < len(text):
+                # Cut just before whitespace: pre-tokenizers start a word with its leading space,
+                # so both sides encode as they would in the whole text.
                 space = max(text.rfind(c, end - _WHITESPACE_WINDOW, end) for c in " \n")
-                end = space + 1 if space > start else end
+                end = space if space > start else end
             counted += len(self.tokenizer.encode(text[start:end], add_special_tokens=False))
             if counted - BOUNDARY_SLACK * cuts > self.max_tokens:
                 raise PromptTooLong(counted - BOUNDARY_SLACK * cuts, self.max_tokens)
