@@ -26,6 +26,7 @@ from engine.async_engine import AsyncEngine, RequestStream
 from engine.sampling_params import SamplingParams
 from kvtransfer import KVReceiver
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from protos.channels import ChannelCache
 from protos.convert import deadline_ns, load_report, sampling_from_proto
 from protos.errors import InvalidArgument, statuses
 from protos.serving import CHANNEL_OPTIONS
@@ -49,18 +50,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.request_timeout_s = request_timeout_s
         cfg = engine.engine.cfg
         self.admissions = Admissions(engine, cfg.page_size, cfg.max_num_seqs)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache(lambda address: aio_channel(address, self.tls, CHANNEL_OPTIONS))
         self._seed_rng = random.Random()
         self.stopping = asyncio.Event()  # the server's: set when shutdown begins
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        await self._channels.close()
 
     def _prefill(self, address: str) -> prefill_pb2_grpc.PrefillServiceStub:
-        if address not in self._channels:
-            self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
-        return prefill_pb2_grpc.PrefillServiceStub(self._channels[address])
+        return prefill_pb2_grpc.PrefillServiceStub(self._channels.get(address))
 
     async def GetLoad(self, request: Any, context: Any) -> Any:
         return load_report(

@@ -221,6 +221,9 @@ class Engine:
             num_cached_pages=cached,
             page_size=self.cfg.page_size,
             max_num_seqs=self.cfg.max_num_seqs,
+            num_evictable_pages=self.prefix_cache.num_evictable_pages()
+            if self.prefix_cache is not None
+            else 0,
         )
 
     def has_unfinished(self) -> bool:

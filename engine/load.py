@@ -22,6 +22,7 @@ class EngineLoad:
     num_cached_pages: int  # held by the prefix cache (reusable, evictable when nothing else holds them)
     page_size: int
     max_num_seqs: int
+    num_evictable_pages: int = 0  # of the cached pages, those no request holds (free when evicted)
 
     @property
     def num_unfinished(self) -> int:

@@ -9,6 +9,23 @@ from protos.tls import TLSConfig
 
 
 @dataclass(frozen=True)
+class HTTPLimits:
+    """What one HTTP client connection may cost the REST server."""
+
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this (408)
+    max_header_bytes: int = 32 << 10  # request line + headers; larger → 431
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (whole seconds)
+    body_timeout_s: float = 60.0  # the whole body must arrive within this (408)
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "keep_alive_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes: must be >= 1024, got {self.max_header_bytes}")
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     model: str  # the HF model directory (tokenizer, chat template, context length)
     prefill: tuple[str, ...]  # host:port of every prefill instance
@@ -30,6 +47,7 @@ class GatewayConfig:
     # fewer, larger events for batch-heavy deployments. 1 = an event as soon as tokens arrive.
     stream_interval: int = 1
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
+    http: HTTPLimits = HTTPLimits()  # per-connection bounds of the REST server
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
 
     def __post_init__(self) -> None:

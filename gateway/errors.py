@@ -4,8 +4,13 @@ matching gRPC status code. Everything the gateway rejects or passes on goes thro
 from __future__ import annotations
 
 import hmac
+import logging
 
 import grpc
+
+from gateway.envelope import error_body, request_id
+
+log = logging.getLogger("pdserve.gateway")
 
 _BY_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -23,11 +28,22 @@ _BY_STATUS = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.ALREADY_EXISTS,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.INVALID_ARGUMENT,  # over --max-prompt-tokens: retrying will not help
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# What a client reads when an instance ended its request: the instance's own words (its address, its
+# page counts) go to the gateway's log under the request id. Only a validation message, which names
+# the client's field, is passed on as it is.
+_PUBLIC = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the server is at capacity; retry later",
+    grpc.StatusCode.UNAVAILABLE: "no instance could serve the request; retry later",
+    grpc.StatusCode.FAILED_PRECONDITION: "no instance could serve the request; retry later",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the request did not finish within its deadline",
+    grpc.StatusCode.CANCELLED: "the request was cancelled",
 }
 
 
@@ -56,17 +72,22 @@ class APIError(Exception):
 
     @classmethod
     def from_grpc(cls, code: grpc.StatusCode, details: str) -> APIError:
+        """The error an instance's status stands for. Its details are logged here, with the request
+        id; the client's message carries the id and, for INVALID_ARGUMENT only, the details."""
         status, type_ = _BY_GRPC.get(code, (500, "server_error"))
-        param = (
-            details.split(":", 1)[0] if code is grpc.StatusCode.INVALID_ARGUMENT and ":" in details else None
-        )
-        return cls(status, details or code.name, param, type_)
+        rid = request_id.get()
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            param = details.split(":", 1)[0] if ":" in details else None
+            return cls(status, details or code.name, param, type_)
+        # Refusals are routine under load (the pipeline retries elsewhere): not worth a line each.
+        level = logging.DEBUG if code is grpc.StatusCode.RESOURCE_EXHAUSTED else logging.WARNING
+        log.log(level, "request %s: an instance answered %s: %s", rid, code.name, details)
+        public = _PUBLIC.get(code, "internal error")
+        return cls(status, f"{public} (request id {rid})", None, type_)
 
     @property
     def grpc_code(self) -> grpc.StatusCode:
         return _BY_STATUS.get(self.status, grpc.StatusCode.INTERNAL)
 
     def body(self) -> dict:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
-        }
+        return error_body(self.status, self.message, self.param, self.type)

@@ -12,11 +12,13 @@ away) cancels the decode call, which frees the request's pages on both instances
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -26,6 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.decode_session import DecodeError, DecodeSession
 from gateway.errors import APIError
+from gateway.limits import INLINE_CHARS, PromptGuard, PromptTooLong, check_text
 from gateway.metrics import Metrics
 from gateway.pool import Instance, Pool
 from protos import common_pb2, decode_pb2
@@ -112,35 +115,61 @@ class Generator:
         self._sessions: dict[str, DecodeSession] = {}  # by decode address
 
     # -- input -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def prompts(self) -> PromptGuard:
+        """Bounds tokenization by the longest prompt this gateway accepts."""
+        return PromptGuard(self.tokenizer, self._max_prompt_len)
+
+    @property
+    def _max_prompt_len(self) -> int:
+        context = self.max_model_len - 1  # at least one token is generated
+        return min(self.max_prompt_tokens, context) if self.max_prompt_tokens else context
+
+    def check_prompt_chars(self, num_chars: int, param: str = "prompt") -> None:
+        """Refuse text that cannot fit before any work on it (the chat template, tokenizing)."""
+        try:
+            self.prompts.check_chars(num_chars)
+        except PromptTooLong as e:
+            self._too_long(param, e.at_least, at_least=True)
+
     async def tokenize_async(
         self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
     ) -> list[int]:
-        """``tokenize`` on a worker thread: a multi-megabyte prompt takes seconds to encode, which
-        must not stall every other stream on the event loop."""
-        if isinstance(prompt, str):
-            return await asyncio.to_thread(self.tokenize, prompt, param, add_special_tokens)
+        """``tokenize``, long text on the tokenizer pool: encoding it must not stall every other
+        stream on the event loop."""
+        if isinstance(prompt, str) and len(prompt) > INLINE_CHARS:
+            self.check_prompt_chars(len(prompt), param)
+            return await self.prompts.run(self.tokenize, prompt, param, add_special_tokens)
         return self.tokenize(prompt, param, add_special_tokens)
 
     def tokenize(
         self, prompt: str | list[int], param: str = "prompt", add_special_tokens: bool = True
     ) -> list[int]:
-        ids = self.tokenizer.encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            check_text(prompt, param)
+            try:
+                ids = self.prompts.encode(prompt, add_special_tokens)
+            except PromptTooLong as e:
+                self._too_long(param, e.at_least, at_least=True)
+        else:
+            ids = list(prompt)
         if not ids:
             raise APIError.invalid(param, "must not be empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise APIError.invalid(param, f"token ids must be in [0, {self.vocab_size})")
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise APIError(
-                413,
-                f"{param}: {len(ids)} tokens exceed this server's limit of {self.max_prompt_tokens}",
-                param,
-            )
-        if len(ids) >= self.max_model_len:
-            raise APIError.invalid(
-                param,
-                f"{len(ids)} tokens leave no room to generate within the context of {self.max_model_len}",
-            )
+        if len(ids) > self._max_prompt_len:
+            self._too_long(param, len(ids))
         return ids
+
+    def _too_long(self, param: str, num_tokens: int, at_least: bool = False) -> NoReturn:
+        counted = f"{'at least ' if at_least else ''}{num_tokens} tokens"
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= self.max_model_len - 1:
+            raise APIError(
+                413, f"{param}: {counted} exceed this server's limit of {self.max_prompt_tokens}", param
+            )
+        raise APIError.invalid(
+            param, f"{counted} leave no room to generate within the context of {self.max_model_len}"
+        )
 
     def room(self, prompt_ids: list[int]) -> int:
         """Tokens that can still be generated after the prompt."""

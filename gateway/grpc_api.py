@@ -1,33 +1,45 @@
-"""The public gRPC API (``GatewayService``): the REST pipeline behind a streaming RPC."""
+"""The public gRPC API (``GatewayService``): the REST pipeline behind a streaming RPC.
+
+The server's ``protos.guard.RequestGuard`` runs first: it checks the API key (``authorize``) and
+only then parses the message, so an unauthenticated or malformed call costs no more than that.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
+from gateway.envelope import new_request_id, request_id
 from gateway.errors import APIError, check_api_key
 from gateway.state import GatewayState
 from protos import decode_pb2, gateway_pb2, gateway_pb2_grpc
 from protos.convert import logprob_to_proto, sampling_from_proto
+from protos.errors import Unauthenticated
+from protos.guard import Authorize
 
 MAX_TIMEOUT_S = 24 * 3600.0
+
+
+def authorize(api_key: str) -> Authorize:
+    """The guard's check: ``authorization: Bearer <key>`` metadata, or UNAUTHENTICATED."""
+
+    def check(method: str, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        value = dict(metadata).get("authorization", "")
+        try:
+            check_api_key(value if isinstance(value, str) else value.decode("latin-1"), api_key)
+        except APIError as e:
+            raise Unauthenticated(e.message) from None
+
+    return check
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, state: GatewayState) -> None:
         self.state = state
 
-    def _authorize(self, context: Any) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        check_api_key(str(metadata.get("authorization", "")), self.state.cfg.api_key)
-
     async def ListModels(self, request: Any, context: Any) -> gateway_pb2.ModelsResponse:
-        try:
-            self._authorize(context)
-        except APIError as e:
-            await context.abort(e.grpc_code, e.message)
         card = self.state.model_card()
         return gateway_pb2.ModelsResponse(
             models=[gateway_pb2.ModelInfo(id=card["id"], max_model_len=card["max_model_len"])]
@@ -37,8 +49,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self, request: gateway_pb2.GatewayGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayGenerateResponse]:
         gen = self.state.generator
+        request_id.set(new_request_id())  # this call's task: its log lines carry the id
         try:
-            self._authorize(context)
             if request.model and request.model not in (self.state.model_name, gen.model_name):
                 raise APIError.invalid(
                     "model", f"{request.model!r} is not served here (try {self.state.model_name!r})"

@@ -15,13 +15,16 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.envelope import request_id
 from gateway.errors import APIError, check_api_key
 from gateway.generation import Chunk, Usage
 from gateway.openai_api import (
@@ -35,6 +38,7 @@ from gateway.sse import DONE, SSEFrames
 from gateway.state import GatewayState
 
 log = logging.getLogger("pdserve.gateway")
+_STATUSES = {s.value for s in HTTPStatus}
 _DISCONNECT_POLL_S = 0.25
 T = TypeVar("T")
 
@@ -43,6 +47,10 @@ def create_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0", description="OpenAI-compatible API of pdserve")
     gen = state.generator
 
+    # Starlette runs the last added outermost: the key is checked before a body is read.
+    app.add_middleware(
+        BodyLimit, max_bytes=state.cfg.max_request_bytes, timeout_s=state.cfg.http.body_timeout_s
+    )
     if state.cfg.api_key is not None:
         app.add_middleware(APIKeyAuth, api_key=state.cfg.api_key)
 
@@ -61,7 +69,8 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # a union's member tags ("function-after[...]") are pydantic's, not the client's field names
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             message, param = "the request body is not valid JSON", None
@@ -70,10 +79,23 @@ def create_app(state: GatewayState) -> FastAPI:
         count(request, 400)
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework(request: Request, e: StarletteHTTPException) -> Response:
+        """The framework's own errors (unknown path, wrong method, a body it cannot parse)."""
+        if e.status_code == 400:  # the 400 FastAPI raises itself: a body it could not decode
+            message = "the request body cannot be parsed as JSON"
+        else:
+            message = HTTPStatus(e.status_code).phrase if e.status_code in _STATUSES else "request refused"
+        count(request, e.status_code)
+        body = APIError(e.status_code, f"{message}: {request.method} {request.url.path}"[:200]).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unhandled error serving %s", request.url.path)
-        return JSONResponse(APIError(500, "internal error; see the gateway log").body(), status_code=500)
+        rid = request_id.get()
+        log.exception("request %s: unhandled error serving %s", rid, request.url.path)
+        body = APIError(500, f"internal error (request id {rid})").body()
+        return JSONResponse(body, status_code=500)
 
     def check_model(name: str) -> None:
         if name not in (state.model_name, gen.model_name):
@@ -136,6 +158,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        gen.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError.invalid("top_logprobs", "needs logprobs: true")
         try:
@@ -230,30 +253,38 @@ class APIKeyAuth:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 before any of it is parsed — by
-    its Content-Length, or, for a chunked body, by reading it (up to the limit) before the app runs."""
+    """ASGI middleware: the body is read here, whole, before the app runs: over ``max_bytes`` (by its
+    Content-Length, or by what arrived of a chunked body) it gets 413 before any of it is parsed;
+    not complete within ``timeout_s`` (a client sending it slowly holds a connection and memory)
+    it gets 408."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 60.0) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_bytes:
-                return await self._reject(send)
-            return await self.app(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(
+                send, 413, f"request body over this server's limit of {self.max_bytes} bytes"
+            )
         chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left while sending
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._reject(send)
-            more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left while sending
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_bytes:
+                        return await self._reject(
+                            send, 413, f"request body over this server's limit of {self.max_bytes} bytes"
+                        )
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return await self._reject(send, 408, f"request body not received within {self.timeout_s:g} s")
         replayed = False
 
         async def replay() -> dict:
@@ -265,11 +296,14 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Callable) -> None:
-        error = APIError(413, f"request body over this server's limit of {self.max_bytes} bytes")
-        body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+    async def _reject(self, send: Callable, status: int, message: str) -> None:
+        body = json.dumps(APIError(status, message).body()).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -81,8 +81,19 @@ class _InstanceCollector(Collector):
             "waiting": GaugeMetricFamily(
                 "pdserve_instance_waiting", "Requests queued on the instance", labels=labels
             ),
+            # A page is free, held by requests (running, reserved, leased, in transfer; maybe also
+            # in the prefix cache), or held only by the prefix cache (evictable: reusable, freed when
+            # pages run short). An idle instance with a warm cache has many cached pages, none used.
             "pages_used": GaugeMetricFamily(
-                "pdserve_instance_kv_pages_used", "KV pages not free", labels=labels
+                "pdserve_instance_kv_pages_used", "KV pages held by requests", labels=labels
+            ),
+            "pages_cached": GaugeMetricFamily(
+                "pdserve_instance_kv_pages_cached", "KV pages in the prefix cache", labels=labels
+            ),
+            "pages_evictable": GaugeMetricFamily(
+                "pdserve_instance_kv_pages_evictable",
+                "KV pages held only by the prefix cache (freed when needed)",
+                labels=labels,
             ),
             "pages_total": GaugeMetricFamily("pdserve_instance_kv_pages_total", "KV pages", labels=labels),
         }
@@ -102,7 +113,10 @@ class _InstanceCollector(Collector):
                 gauges["in_flight"].add_metric(key, i.in_flight)
                 gauges["running"].add_metric(key, i.load.num_running)
                 gauges["waiting"].add_metric(key, i.load.num_waiting)
-                gauges["pages_used"].add_metric(key, i.load.num_total_pages - i.load.num_free_pages)
+                free, evictable = i.load.num_free_pages, i.load.num_evictable_pages
+                gauges["pages_used"].add_metric(key, i.load.num_total_pages - free - evictable)
+                gauges["pages_cached"].add_metric(key, i.load.num_cached_pages)
+                gauges["pages_evictable"].add_metric(key, evictable)
                 gauges["pages_total"].add_metric(key, i.load.num_total_pages)
                 routed.add_metric(key, i.num_routed)
                 kv_bytes.add_metric(key, i.load.kv_bytes_transferred)

@@ -12,15 +12,27 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from engine.output import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from gateway.errors import APIError
 from gateway.generation import Usage
+from gateway.limits import unicode_problem
 
 _INT32_MAX, _UINT32_MAX = 2**31 - 1, 2**32 - 1
+
+
+def _encodable(v: str) -> str:
+    if (problem := unicode_problem(v)) is not None:
+        raise ValueError(problem)
+    return v
+
+
+# Every client string that may reach the tokenizer, a stop-string search or a log line: it must be
+# text UTF-8 can carry (a lone surrogate fails deep inside the tokenizer or protobuf otherwise).
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
@@ -30,19 +42,19 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     presence_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0, description="not supported; must be 0")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=0)
-    user: str | None = None
+    user: Text | None = None
     top_k: int = Field(default=-1, ge=-1, le=_INT32_MAX)  # the internal protos carry int32
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=_UINT32_MAX)]] = Field(
@@ -82,7 +94,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = Field(default=False, description="not supported")
@@ -109,7 +121,16 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _parts(cls, v: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        for part in v if isinstance(v, list) else ():
+            for value in part.values():
+                if isinstance(value, str) and (problem := unicode_problem(value)) is not None:
+                    raise ValueError(problem)
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):

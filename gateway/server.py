@@ -11,10 +11,13 @@ from collections.abc import Iterator
 import uvicorn
 
 from gateway.config import GatewayConfig
-from gateway.grpc_api import GatewayServicer
-from gateway.http import BodyLimit, create_app
+from gateway.envelope import RequestIds
+from gateway.grpc_api import GatewayServicer, authorize
+from gateway.http import create_app
+from gateway.limits import guarded_protocol
 from gateway.state import GatewayState
 from protos import gateway_pb2, gateway_pb2_grpc
+from protos.guard import RequestGuard
 from protos.serving import GrpcServer
 
 log = logging.getLogger("pdserve.gateway")
@@ -22,16 +25,18 @@ log = logging.getLogger("pdserve.gateway")
 
 async def serve(cfg: GatewayConfig) -> None:
     state = GatewayState(cfg)
-    grpc_server = GrpcServer(
-        [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name],
-        max_message_bytes=cfg.max_request_bytes,
-    )
+    service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+    # The key is checked before a byte of the message is parsed; health and reflection stay open.
+    guard = RequestGuard(authorize(cfg.api_key), protected=(f"/{service}/",)) if cfg.api_key else None
+    grpc_server = GrpcServer([service], max_message_bytes=cfg.max_request_bytes, guard=guard)
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(state), grpc_server.server)
     grpc_port = grpc_server.bind(cfg.host, cfg.grpc_port, cfg.tls)
-    app = BodyLimit(create_app(state), cfg.max_request_bytes)
     http = _HTTPServer(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
-    )
+        uvicorn.Config(
+            RequestIds(create_app(state)), host=cfg.host, port=cfg.port, log_level="warning",
+            access_log=False, http=guarded_protocol(cfg.http), timeout_keep_alive=cfg.http.keep_alive_s,
+        )
+    )  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, http.request_exit)

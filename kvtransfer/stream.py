@@ -29,6 +29,7 @@ from kvtransfer.base import (
 from kvtransfer.layout import KVLayout
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
 from protos.convert import logprob_from_proto
+from protos.guard import MalformedMessage
 
 log = logging.getLogger(__name__)
 DRAINED_KEY = "pdserve-kv-drained"  # trailer: the receiver consumed the whole stream before answering
@@ -163,6 +164,8 @@ class StreamReceiver(KVReceiver, kvtransfer_pb2_grpc.KVTransferServicer):
                 grpc.StatusCode.ABORTED, "the sender closed the stream before committing"
             )
         except Exception as exc:  # a backend's own error (CUDA, NCCL) ends the transfer like ours do
+            if isinstance(exc, MalformedMessage):  # logged by the server's guard, rate-limited
+                exc = TransferError(exc.code, exc.message)
             err = exc if isinstance(exc, TransferError) else TransferError(INTERNAL, f"receiver: {exc!r}")
             if not isinstance(exc, TransferError):
                 log.exception("KV transfer receiver failed")

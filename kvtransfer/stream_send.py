@@ -20,6 +20,7 @@ from kvtransfer.base import Destination, KVSender, SendSession, TransferError, r
 from kvtransfer.layout import KVLayout
 from kvtransfer.stream import DRAINED_KEY, FAILED_PRECONDITION, host_id, layout_from_proto, layout_to_proto
 from protos import kvtransfer_pb2, kvtransfer_pb2_grpc
+from protos.channels import ChannelCache
 from protos.convert import logprob_to_proto
 from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
@@ -36,7 +37,10 @@ class StreamSender(KVSender):
     def __init__(self, layout: KVLayout, pool: Any, tls: TLSConfig | None = None) -> None:
         self.layout, self.pool, self.tls = layout, pool, tls
         self.sender_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # An evicted receiver is handshaken again on its next transfer (a new channel, a new session).
+        self._channels = ChannelCache(
+            lambda address: aio_channel(address, self.tls, CHANNEL_OPTIONS), on_evict=self.forget
+        )
         self._handshaken: set[str] = set()
         self._connecting: dict[str, asyncio.Future[None]] = {}  # address -> its handshake in flight
         self.num_bytes_sent = 0
@@ -53,9 +57,7 @@ class StreamSender(KVSender):
         raise NotImplementedError
 
     def stub(self, address: str) -> kvtransfer_pb2_grpc.KVTransferStub:
-        if address not in self._channels:
-            self._channels[address] = aio_channel(address, self.tls, CHANNEL_OPTIONS)
-        return kvtransfer_pb2_grpc.KVTransferStub(self._channels[address])
+        return kvtransfer_pb2_grpc.KVTransferStub(self._channels.get(address))
 
     def forget(self, address: str) -> None:
         """Handshake again before the next transfer to ``address`` (its data plane broke)."""
@@ -108,8 +110,7 @@ class StreamSender(KVSender):
         return self.session(dest, src_pages, num_tokens, deadline_ns)
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        await self._channels.close()
 
 
 class StreamSession(SendSession):

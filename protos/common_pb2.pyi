@@ -69,7 +69,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("role", "num_total_pages", "num_free_pages", "num_cached_pages", "page_size", "num_running", "num_waiting", "num_held_pages", "num_pending_transfers", "max_num_seqs", "kv_bytes_transferred", "rss_bytes", "cpu_seconds")
+    __slots__ = ("role", "num_total_pages", "num_free_pages", "num_cached_pages", "page_size", "num_running", "num_waiting", "num_held_pages", "num_pending_transfers", "max_num_seqs", "kv_bytes_transferred", "rss_bytes", "num_evictable_pages", "cpu_seconds")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class LoadReport(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVICTABLE_PAGES_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     role: str
     num_total_pages: int
@@ -95,5 +96,6 @@ class LoadReport(_message.Message):
     max_num_seqs: int
     kv_bytes_transferred: int
     rss_bytes: int
+    num_evictable_pages: int
     cpu_seconds: float
-    def __init__(self, role: _Optional[str] = ..., num_total_pages: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_cached_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held_pages: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_bytes_transferred: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., cpu_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., num_total_pages: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_cached_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held_pages: _Optional[int] = ..., num_pending_transfers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., kv_bytes_transferred: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., num_evictable_pages: _Optional[int] = ..., cpu_seconds: _Optional[float] = ...) -> None: ...

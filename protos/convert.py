@@ -85,6 +85,7 @@ def load_report(
         num_total_pages=load.num_total_pages,
         num_free_pages=load.num_free_pages,
         num_cached_pages=load.num_cached_pages,
+        num_evictable_pages=load.num_evictable_pages,
         page_size=load.page_size,
         num_running=load.num_running,
         num_waiting=load.num_waiting,

@@ -34,6 +34,12 @@ class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(ServiceError):
+    """Missing or wrong credentials (the public API's key)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class AlreadyExists(ServiceError):
     """A request with this id is in flight here."""
 

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.guard import RequestGuard
 from protos.tls import TLSConfig
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,19 @@ def host_port(host: str, port: int) -> str:
 
 
 class GrpcServer:
-    def __init__(self, service_names: Iterable[str], max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        """``max_message_bytes``: larger requests are refused by gRPC with RESOURCE_EXHAUSTED."""
+    def __init__(
+        self,
+        service_names: Iterable[str],
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        guard: RequestGuard | None = None,
+    ) -> None:
+        """``max_message_bytes``: larger requests are refused by gRPC with RESOURCE_EXHAUSTED.
+        ``guard``: parses every request (malformed → INVALID_ARGUMENT, logged per peer at most once a
+        minute) and checks credentials where it was told to; a plain one by default."""
         options = dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_message_bytes}
-        self.server = grpc.aio.server(options=list(options.items()))  # each key once: gRPC takes the first
+        self.server = grpc.aio.server(  # each option key once: gRPC takes the first
+            options=list(options.items()), interceptors=[guard or RequestGuard()]
+        )
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
