@@ -40,22 +40,36 @@ wait_for() {
     done
 }
 as_root() { [ "$(id -u)" = 0 ] || fail "$1 needs root"; }
+# bounded SECONDS COMMAND...: COMMAND under `timeout`, waited for in the background, so that a signal
+# to this script (Ctrl-C, CI's own timeout) runs the teardown at once, not when COMMAND ends.
+bounded_pid=""
+bounded() {
+    timeout "$@" &
+    bounded_pid=$!
+    local rc=0
+    wait "$bounded_pid" || rc=$?
+    bounded_pid=""
+    return "$rc"
+}
 apt_install() {
     as_root "installing $*"
     export DEBIAN_FRONTEND=noninteractive
     # The package lists may be missing or stale on a fresh machine: update only when the install fails.
-    timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-        || { timeout 300 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } \
+    bounded 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
+        || { bounded 300 apt-get update -qq && bounded 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null; } \
         || fail "apt-get install $* failed"
 }
 
 # --- 1. engine and Compose ------------------------------------------------------------------------
 dockerd_pid=""
+wheels_pid=""
 compose=()
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     set +e
+    [ -z "$wheels_pid" ] || kill -TERM -- "-$wheels_pid" 2>/dev/null
+    [ -z "$bounded_pid" ] || { kill -TERM "$bounded_pid" 2>/dev/null; wait "$bounded_pid" 2>/dev/null; }
     if [ ${#compose[@]} -gt 0 ] && docker info >/dev/null 2>&1; then
         if [ "$rc" != 0 ]; then
             echo "--- compose ps / logs (last 40 lines per service) ---" >&2
@@ -92,7 +106,7 @@ if ! docker info >/dev/null 2>&1; then
     as_root "starting dockerd"
     driver=()
     [ -z "${DOCKERD_STORAGE_DRIVER:-}" ] || driver=(--storage-driver "$DOCKERD_STORAGE_DRIVER")
-    step "starting dockerd ${driver[*]} (log: $out/dockerd.log)"
+    step "starting dockerd${driver[*]:+ ${driver[*]}} (log: $out/dockerd.log)"
     dockerd ${driver[@]+"${driver[@]}"} >"$out/dockerd.log" 2>&1 &
     dockerd_pid=$!
     wait_for 60 "dockerd answering on its socket" docker info
@@ -119,24 +133,29 @@ export PDSERVE_HTTP_PORT=$http_port PDSERVE_GRPC_PORT=$grpc_port
 compose=("${compose_bin[@]}" -p "$project" -f docker/compose.yaml --profile cpu)
 
 # --- 2. images ------------------------------------------------------------------------------------
+# Both mostly download (Debian's mirror, the package index): side by side.
+step "wheels: docker/wheels.sh in the background (log: $out/wheels.log)"
+# Its own process group, so that the teardown can stop it and its pip if the base image fails.
+setsid bash docker/wheels.sh >"$out/wheels.log" 2>&1 &
+wheels_pid=$!
 if [ -z "${PDSERVE_PYTHON_IMAGE:-}" ]; then
     step "base image: docker/base-image.sh"
-    bash docker/base-image.sh pdserve-base:bookworm
+    bounded 1200 bash docker/base-image.sh pdserve-base:bookworm || fail "docker/base-image.sh"
     export PDSERVE_PYTHON_IMAGE=pdserve-base:bookworm
 fi
-step "wheels: docker/wheels.sh"
-bash docker/wheels.sh 2>&1 | grep -v "^WARNING: Location 'file:" || true
-[ -f docker/wheels/.requirements ] || fail "docker/wheels.sh did not finish"
+wait "$wheels_pid" || { tail -20 "$out/wheels.log" >&2; fail "docker/wheels.sh"; }
+wheels_pid=""
+step "$(tail -1 "$out/wheels.log")"
 export PDSERVE_PIP_OFFLINE=1
 step "compose build (base $PDSERVE_PYTHON_IMAGE, log: $out/build.log)"
-if ! timeout 1800 "${compose[@]}" build model >"$out/build.log" 2>&1; then
+if ! bounded 1200 "${compose[@]}" build model >"$out/build.log" 2>&1; then
     tail -40 "$out/build.log" >&2
     fail "compose build"
 fi
 
 # --- 3. up and serving ----------------------------------------------------------------------------
 step "compose up -d (gateway on 127.0.0.1:$http_port, gRPC :$grpc_port)"
-timeout 600 "${compose[@]}" up -d --no-build || fail "compose up"
+bounded 600 "${compose[@]}" up -d --no-build || fail "compose up"
 container() { "${compose[@]}" ps -q "$1"; }
 healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(container "$1")")" = healthy ]; }
 wait_for 300 "gateway healthy" healthy gateway
