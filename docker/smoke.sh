@@ -208,8 +208,25 @@ as_root "killing a container's process"
 kill -KILL "$server_pid"
 restarted() { [ "$(docker inspect -f '{{.RestartCount}}' "$decode_id")" -gt "$restarts" ]; }
 wait_for 60 "decode restarted by its restart policy" restarted
+# Healthy again: a passing health check that began after the container's latest start (the status
+# alone could be the one from before the crash).
+healthy_since_start() {
+    docker inspect "$1" | python3 -c '
+import json, re, sys
+from datetime import datetime
+
+def when(text):  # RFC 3339 with up to 9 fractional digits, which datetime does not parse
+    m = re.fullmatch(r"([^.]+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    fraction = (m[2] or "")[:6].ljust(6, "0")
+    zone = "+00:00" if m[3] == "Z" else m[3]
+    return datetime.fromisoformat(f"{m[1]}.{fraction}{zone}")
+
+state = json.load(sys.stdin)[0]["State"]
+started = when(state["StartedAt"])
+sys.exit(not any(e["ExitCode"] == 0 and when(e["Start"]) > started for e in state["Health"]["Log"]))'
+}
 step "decode restarted (RestartCount $(docker inspect -f '{{.RestartCount}}' "$decode_id")); waiting for healthy"
-wait_for 300 "decode healthy after the restart" healthy decode
+wait_for 300 "decode healthy after the restart" healthy_since_start "$decode_id"
 # The gateway reconnects by itself; until it has, requests may fail, so retry for a bounded time.
 wait_for 180 "gateway healthy after the decode restart" healthy gateway
 deadline=$((SECONDS + 120))
