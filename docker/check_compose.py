@@ -59,9 +59,24 @@ def profile_of(service: dict[str, Any]) -> str:
     return ",".join(sorted(profiles)) or "(none)"
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a Compose .env file ({} when it is missing)."""
+    if not path.is_file():
+        return {}
+    lines = (ln.strip() for ln in path.read_text().splitlines())
+    return dict(ln.split("=", 1) for ln in lines if "=" in ln and not ln.startswith("#"))
+
+
 def check_compose(path: Path, errors: list[str]) -> None:
     doc = yaml.safe_load(path.read_text())
     services: dict[str, dict[str, Any]] = doc.get("services") or {}
+    # Compose 1.x (Debian's docker-compose) rejects the key; the project name lives in docker/.env.
+    if "name" in doc:
+        errors.append("top-level 'name:': Compose 1.x rejects it; set COMPOSE_PROJECT_NAME in docker/.env")
+    env_file = path.with_name(".env")
+    env = read_env_file(env_file)
+    if env.get("COMPOSE_PROJECT_NAME") != "pdserve" or env.get("COMPOSE_PROFILES") != "cpu":
+        errors.append(f"{env_file}: want COMPOSE_PROJECT_NAME=pdserve and COMPOSE_PROFILES=cpu, got {env}")
     if "models" not in (doc.get("volumes") or {}):
         errors.append("top-level volume 'models' is not declared")
 
