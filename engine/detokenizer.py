@@ -2,10 +2,12 @@
 
 A token can end in the middle of a multi-byte character (byte-level BPE splits é, 中 and emoji across
 tokens), and some decoders change a token's text depending on its neighbours (SentencePiece strips
-the leading space of the first token). So the text of token i is never `decode([i])`: we decode a
-short window of recent tokens twice, without and with the new ones, and emit the difference
-(the prefix/read-offset technique of HF TGI and vLLM). A window whose text ends in U+FFFD is an
-incomplete character; its text is held back until a later token completes it (or `flush`).
+the leading space of the first token). So the text of token i is never `decode([i])`: the text of a
+short window of recent tokens is decoded without and with the new one and the difference emitted
+(the prefix/read-offset technique of HF TGI and vLLM), and a window whose text ends in an incomplete
+character is held back until a later token completes it (or `flush`). The `tokenizers` library
+implements exactly that in Rust (`DecodeStream`, what vLLM's fast detokenizer uses): one call per
+token instead of two decodes and the bookkeeping in Python — this runs once per streamed token.
 """
 
 from __future__ import annotations
@@ -35,14 +37,12 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self.output_ids: list[int] = []
         self._text_parts: list[str] = []
-        # self._ids[self._prefix:self._read] is already emitted context; self._ids[self._read:] is pending.
-        self._ids = list(prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT_TOKENS) :])
-        self._prefix_text = self._decode(self._ids)
-        if self._prefix_text.endswith(_REPLACEMENT):
+        self._held = 0  # output tokens at the end whose text is held back (an incomplete character)
+        context = list(prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT_TOKENS) :])
+        if self._decode(context).endswith(_REPLACEMENT):
             # The prompt ends inside a character: its context would make our deltas inconsistent.
-            self._ids, self._prefix_text = [], ""
-        self._prefix = 0
-        self._read = len(self._ids)
+            context = []
+        self._step = tokenizer.decode_stream(skip_special_tokens, context)
 
     @property
     def text(self) -> str:
@@ -55,39 +55,36 @@ class IncrementalDetokenizer:
         """Add one output token; return the newly completed text ("" while a character is
         incomplete or the token has no text, e.g. a skipped special token)."""
         self.output_ids.append(token_id)
-        self._ids.append(token_id)
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
+        delta = self._step(token_id)
+        if delta is None:
+            self._held += 1
             return ""
-        return self._advance(new_text)
+        self._held = 0
+        if delta:
+            self._text_parts.append(delta)
+        return delta
 
     def push_many(self, token_ids: Sequence[int]) -> str:
         """Add several output tokens at once: the text ``push`` would have returned for them
-        together, from one decode of the window."""
-        if not token_ids:
-            return ""
-        self.output_ids += token_ids
-        self._ids += token_ids
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT):
-            return ""
-        return self._advance(new_text)
+        together."""
+        return "".join([self.push(t) for t in token_ids])
 
     def flush(self) -> str:
         """Return the held-back text (a trailing partial character as U+FFFD), as when the request
         ends; the stream is then consistent with decode(output_ids)."""
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) <= len(self._prefix_text):
+        if not self._held:
             return ""
-        return self._advance(new_text)
-
-    def _advance(self, new_text: str) -> str:
-        delta = new_text[len(self._prefix_text) :]
-        # The pending tokens become the next window's context; older tokens are no longer needed.
-        del self._ids[: self._read]
-        self._prefix, self._read = 0, len(self._ids)
-        self._prefix_text = self._decode(self._ids)
-        self._text_parts.append(delta)
+        held = self.output_ids[-self._held :]
+        before = self.output_ids[
+            max(0, len(self.output_ids) - self._held - _PROMPT_CONTEXT_TOKENS) : -self._held
+        ]
+        delta = self._decode(before + held)[len(self._decode(before)) :]
+        self._held = 0
+        self._step = self._tokenizer.decode_stream(
+            self._skip_special, self.output_ids[-_PROMPT_CONTEXT_TOKENS:]
+        )
+        if delta:
+            self._text_parts.append(delta)
         return delta
 
     def _decode(self, ids: Sequence[int]) -> str:

@@ -8,8 +8,9 @@ decode and apply_chat_template, which the unit tests check against HF itself.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
 
 
 class Tokenizer:
@@ -79,6 +81,18 @@ class Tokenizer:
         """Text of `ids`. Invalid or incomplete UTF-8 becomes U+FFFD (as in HF); ids outside the
         vocabulary (padded embedding rows) decode to nothing."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(
+        self, skip_special_tokens: bool = True, context: Sequence[int] = ()
+    ) -> Callable[[int], str | None]:
+        """Incremental decoding (``tokenizers.decoders.DecodeStream``): a function of the next token
+        id returning its new text, or None while it ends in an incomplete character. ``context``:
+        ids already seen (their text is not returned), so the first token decodes as it reads after
+        them."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        for token_id in context:
+            stream.step(self._tok, token_id)
+        return functools.partial(stream.step, self._tok)
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
