@@ -22,6 +22,11 @@ class EngineLoad:
     num_cached_pages: int  # held by the prefix cache (reusable, evictable when nothing else holds them)
     page_size: int
     max_num_seqs: int
+    # Totals since start (rates are differences of two snapshots): prompts whose prefill finished
+    # here, the part of them the prefix cache served, and tokens sampled here.
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
 
     @property
     def num_unfinished(self) -> int:

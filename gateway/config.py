@@ -28,6 +28,7 @@ class GatewayConfig:
     max_concurrent_requests: int = 1024  # in flight through this gateway; more → 429 / RESOURCE_EXHAUSTED
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
+    log_requests: bool = True  # one access line per request (gateway.access_log)
 
     def __post_init__(self) -> None:
         if not self.decode:
