@@ -123,19 +123,21 @@ class GatewayState:
             await asyncio.sleep(self.cfg.health_interval_s / 2)
 
     async def _probe(self, instance: Instance) -> None:
-        """A two-token request through ``instance`` and a healthy peer of the other role (none in
-        colocated mode); raises if it fails. With no healthy peer there is nothing to pair it with:
-        it is admitted on its health check, and the peer's own probe will pair them."""
-        prefill: Instance | None = None
-        if instance.role == "decode":
-            decode = instance
-            if not self.colocated and (prefill := _first(self.prefill.healthy())) is None:
-                return
+        """A two-token request through ``instance`` with every healthy instance of the other role
+        (none in colocated mode: the decode runs the prompt itself), all of which must pass: each
+        peer's own connection to a restarted instance must be back, not only one. With no healthy
+        peer there is nothing to pair it with: it is admitted on its health check, and the peers'
+        own probes pair them later."""
+        pairs: list[tuple[Instance, Instance | None]]
+        if self.colocated:
+            pairs = [(instance, None)]
+        elif instance.role == "decode":
+            pairs = [(instance, p) for p in self.prefill.healthy()]
         else:
-            prefill = instance
-            if (peer := _first(self.decode.healthy())) is None:
-                return
-            decode = peer
+            pairs = [(d, instance) for d in self.decode.healthy()]
+        await asyncio.gather(*(self._canary_through(d, p) for d, p in pairs))
+
+    async def _canary_through(self, decode: Instance, prefill: Instance | None) -> None:
         request = decode_pb2.GenerateRequest(
             request_id=f"canary-{uuid.uuid4().hex[:12]}",
             prompt_token_ids=self.generator.tokenize("pdserve canary"),
@@ -148,7 +150,3 @@ class GatewayState:
             num_tokens += len(msg.token_ids)
         if num_tokens != CANARY_PARAMS.max_tokens:
             raise RuntimeError(f"canary got {num_tokens} tokens, asked for {CANARY_PARAMS.max_tokens}")
-
-
-def _first(instances: list[Instance]) -> Instance | None:
-    return instances[0] if instances else None

@@ -26,9 +26,14 @@ from protos.tls import TLSConfig
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
 # Clients (gateway → instances, decode → prefill, the KV sender) allow the same message sizes.
+# A peer that restarts on its address is reconnected to within half a second of listening again
+# (gRPC's default backoff grows to minutes while it is down, and fails calls meanwhile).
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
