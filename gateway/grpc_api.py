@@ -30,7 +30,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             await context.abort(e.grpc_code, e.message)
         card = self.state.model_card()
         return gateway_pb2.ModelsResponse(
-            models=[gateway_pb2.ModelInfo(id=card["id"], max_model_len=card["max_model_len"])]
+            models=[
+                gateway_pb2.ModelInfo(
+                    id=card["id"], max_model_len=card["max_model_len"], vocab_size=card["vocab_size"]
+                )
+            ]
         )
 
     async def Generate(

@@ -50,7 +50,9 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
         help="a child that exits is restarted (exponential backoff); once more than this many times "
         "within --restart-window-s, `up` gives up and stops everything",
     )  # fmt: skip
-    upp.add_argument("--restart-window-s", type=float, default=RestartPolicy.window_s)
+    upp.add_argument(
+        "--restart-window-s", type=float, default=RestartPolicy.window_s, help="see --max-restarts"
+    )
     add_instance_ops_args(upp)
     add_gateway_args(upp, with_model_len=False)
     add_log_format(upp)

@@ -43,6 +43,7 @@ from pdserve.loadtest.metrics import (
 from pdserve.loadtest.workload import (
     RequestSpec,
     arrival_times,
+    grpc_vocab_size,
     load_jsonl,
     random_workload,
     served_vocab_size,
@@ -68,7 +69,7 @@ class LoadTestConfig:
     output_len_min: int = 64
     output_len_max: int = 128
     vocab_low: int = 0
-    vocab_high: int | None = None  # None: the served model's vocab_size (GET /v1/models at base_url)
+    vocab_high: int | None = None  # None: the served model's vocab_size (asked of the gateway)
     seed: int = 0
     request_rate: float = math.inf
     max_concurrency: int | None = None
@@ -298,7 +299,13 @@ def _num_ids(prompt: str | list[int]) -> int:
 async def run(cfg: LoadTestConfig) -> tuple[Summary, list[RequestRecord], str]:
     """Warm up (all at once, not measured), then the measured run; returns its summary and records."""
     if cfg.dataset == "random" and cfg.vocab_high is None:
-        cfg = dataclasses.replace(cfg, vocab_high=await served_vocab_size(cfg.base_url, auth_headers()))
+        if cfg.backend == "rest":
+            vocab = await served_vocab_size(cfg.base_url, auth_headers())
+        else:
+            vocab = await grpc_vocab_size(
+                cfg.grpc_address, tuple((k.lower(), v) for k, v in auth_headers().items())
+            )
+        cfg = dataclasses.replace(cfg, vocab_high=vocab)
     specs = build_workload(cfg)
     warmup, measured = specs[: cfg.warmup_requests], specs[cfg.warmup_requests :]
     opener = rest_sender if cfg.backend == "rest" else grpc_sender

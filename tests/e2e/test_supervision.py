@@ -259,6 +259,10 @@ def test_rolling_restart_of_every_instance_under_load_fails_no_request(tmp_path)
 
 def test_access_and_stats_lines_are_logged_with_the_instance_name(tmp_path):
     with running_up(tmp_path, "--num-prefill", "1", "--num-decode", "1") as up:
+        # the model card says which prompt ids are valid (what `pdserve bench` / `soak` draw from)
+        card = httpx.get(f"{up.base}/v1/models", timeout=10).json()["data"][0]
+        config = json.loads((tmp_path / "cache" / "models" / "tiny-qwen3" / "config.json").read_text())
+        assert card["vocab_size"] == config["vocab_size"]
         body = {"model": "tiny-qwen3", "prompt": "log me", "max_tokens": 5}
         r = httpx.post(f"{up.base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 200
