@@ -255,6 +255,12 @@ def test_rolling_restart_of_every_instance_under_load_fails_no_request(tmp_path)
     assert load.failed_since(0.0) == [], "".join(failed_lines)
     log = "".join(up.lines)
     assert log.count("draining:") >= 4 and "drain timeout:" not in log
+    # each drained instance released every page before it exited
+    stopped = re.findall(
+        r"stopped: (\d+) of (\d+) KV pages free, (\d+) more held by the prefix cache only", log
+    )
+    assert len(stopped) >= 4
+    assert all(int(free) + int(cached) == int(total) for free, total, cached in stopped), stopped
 
 
 def test_access_and_stats_lines_are_logged_with_the_instance_name(tmp_path):
