@@ -107,6 +107,13 @@ def _up(args: argparse.Namespace, env: Env) -> int:
                 str(args.max_concurrent_requests)]  # fmt: skip
     gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
+    # Only the devices instances will use: checked here, not in the placement (which is pure).
+    roles = (["prefill"] if args.num_prefill else []) + ["decode"]
+    for role in roles:
+        value = getattr(args, f"{role}_device")
+        for device in (value or args.device).split(","):
+            if device and device != "auto":
+                check_device(f"--{role}-device" if value else "--device", device)
     model = model_dir(args.model, env)  # resolved once: every child loads the same directory
     prefill, decode = up_instance_args(args, engine)
     if args.start_timeout_s <= 0:
@@ -116,7 +123,7 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s)
     return up(
         model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s,
-        policy, instance_grace_s=args.drain_timeout_s + 10.0,
+        policy, args.drain_timeout_s + 10.0,  # an instance drains, then gets SIGKILL
     )  # fmt: skip
 
 
@@ -146,7 +153,6 @@ def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[
         # auto resolved here, once, so placement (shared GPUs, distinct devices) sees real devices
         devices = [resolve_device(d) for d in instance_devices(f"--{role}-device", value, args.device, count)]
         for device in devices:
-            check_device(f"--{role}-device" if value else "--device", device)
             check_kv_backend(args.kv_backend, device)
         own = ["--kv-after-prefill"] if role == "prefill" and args.kv_after_prefill else []
         per_role.append(
