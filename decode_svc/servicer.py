@@ -8,7 +8,6 @@ place (``statuses``).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
@@ -28,6 +27,7 @@ from kvtransfer import KVReceiver
 from protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.channels import ChannelCache
 from protos.convert import deadline_ns, load_report, sampling_from_proto
+from protos.drain import Drain
 from protos.errors import InvalidArgument, statuses
 from protos.serving import CHANNEL_OPTIONS
 from protos.tls import TLSConfig, aio_channel
@@ -52,7 +52,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         self.admissions = Admissions(engine, cfg.page_size, cfg.max_num_seqs)
         self._channels = ChannelCache(lambda address: aio_channel(address, self.tls, CHANNEL_OPTIONS))
         self._seed_rng = random.Random()
-        self.stopping = asyncio.Event()  # the server's: set when shutdown begins
+        self.drain = Drain(())  # the server's (``server.py``): sessions admit their requests through it
 
     async def close(self) -> None:
         await self._channels.close()
@@ -79,7 +79,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def Session(
         self, requests: AsyncIterator[decode_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        await Session(self.start, self.stopping).run(requests, context.write)
+        await Session(self.start, self.drain).run(requests, context.write)
 
     async def generate(
         self, request: decode_pb2.GenerateRequest

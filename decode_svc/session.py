@@ -26,6 +26,7 @@ from decode_svc.responses import Responses
 from engine.output import RequestOutput
 from engine.request_stream import RequestStream
 from protos import decode_pb2
+from protos.drain import DRAINING, Drain
 from protos.errors import AlreadyExists, InvalidArgument, Relayed, ServiceError, Unavailable, service_error
 
 log = logging.getLogger("pdserve.decode")
@@ -35,11 +36,11 @@ CANCEL_GRACE_S = 5.0  # how long the end of a session waits for its requests to 
 
 
 class Session:
-    def __init__(self, start: Start, stopping: asyncio.Event) -> None:
-        """``stopping``: set when the server begins to shut down; from then on new requests are
-        refused (UNAVAILABLE: the gateway sends them elsewhere) and the session ends with its last
-        request."""
-        self.start, self.stopping = start, stopping
+    def __init__(self, start: Start, drain: Drain) -> None:
+        """``drain``: the server's. Each request is admitted through it, so a drain waits for the
+        session's running requests; once draining, new requests are refused (UNAVAILABLE: the
+        gateway sends them elsewhere) and the session ends with its last request."""
+        self.start, self.drain = start, drain
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._outbox: list[decode_pb2.RequestUpdate] = []
         self._ready = asyncio.Event()
@@ -54,13 +55,13 @@ class Session:
         reader = asyncio.create_task(self._read(requests), name="session-reader")
         watch = asyncio.create_task(self._watch_stopping(), name="session-stopping")
         try:
-            while (self._reading and not self.stopping.is_set()) or self._tasks or self._outbox:
+            while (self._reading and not self.drain.draining) or self._tasks or self._outbox:
                 await self._ready.wait()
                 self._ready.clear()
                 if self._outbox:
                     batch, self._outbox = self._outbox, []
                     await write(decode_pb2.SessionBatch(updates=batch))
-            if not self.stopping.is_set():
+            if not self.drain.draining:
                 await reader  # a failed read ends the call with its error
         finally:
             reader.cancel()
@@ -72,7 +73,7 @@ class Session:
                 await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
 
     async def _watch_stopping(self) -> None:
-        await self.stopping.wait()
+        await self.drain.started.wait()
         self._ready.set()
 
     async def _read(self, requests: AsyncIterator[decode_pb2.SessionRequest]) -> None:
@@ -88,12 +89,12 @@ class Session:
 
     def _start(self, request: decode_pb2.GenerateRequest) -> None:
         request_id = request.request_id
-        if self.stopping.is_set():
-            self._fail(request_id, Unavailable("decode is shutting down"))
-        elif not request_id:
+        if not request_id:
             self._fail(request_id, InvalidArgument("request_id: a session's requests must name themselves"))
         elif request_id in self._tasks:
             self._fail(request_id, AlreadyExists(f"request_id: {request_id!r} is already in this session"))
+        elif not self.drain.try_admit():
+            self._fail(request_id, Unavailable(DRAINING))
         else:
             self._tasks[request_id] = asyncio.create_task(self._serve(request), name=f"session-{request_id}")
 
@@ -110,6 +111,7 @@ class Session:
             self._fail(request_id, self._error(request_id, exc))
         finally:
             self._tasks.pop(request_id, None)
+            self.drain.release()
             self._ready.set()
 
     def _forward(self, request_id: str, responses: Responses, out: RequestOutput) -> None:

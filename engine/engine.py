@@ -91,6 +91,7 @@ class Engine:
         self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
         self._inflight: _Launched | None = None  # the launched step not read back yet (overlap)
         self._ranks_failure = "closed"  # why the ranks were stopped (``check_ranks``)
+        self._num_prompt_tokens = self._num_cached_prompt_tokens = self._num_generated_tokens = 0
 
     def close(self) -> None:
         """Free the model, KV pool and graphs, and stop the other tensor- or context-parallel ranks,
@@ -224,6 +225,9 @@ class Engine:
             num_evictable_pages=self.prefix_cache.num_evictable_pages()
             if self.prefix_cache is not None
             else 0,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_cached_prompt_tokens=self._num_cached_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens,
         )
 
     def has_unfinished(self) -> bool:
@@ -333,6 +337,10 @@ class Engine:
             token = sampled.token_ids[i]
             seq.num_inflight -= 1
             seq.token_ids.append(token)
+            self._num_generated_tokens += 1
+            if seq.num_output == 1:  # its prompt was prefilled here (adopted ones arrive with a token)
+                self._num_prompt_tokens += seq.num_prompt
+                self._num_cached_prompt_tokens += seq.num_cached_prompt
             logprob = None
             if seq.params.logprobs is not None and sampled.logprobs is not None:
                 top = sampled.top_logprobs[i][: seq.params.logprobs] if sampled.top_logprobs else []

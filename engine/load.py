@@ -23,6 +23,11 @@ class EngineLoad:
     page_size: int
     max_num_seqs: int
     num_evictable_pages: int = 0  # of the cached pages, those no request holds (free when evicted)
+    # Totals since start (rates are differences of two snapshots): prompts whose prefill finished
+    # here, the part of them the prefix cache served, and tokens sampled here.
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
 
     @property
     def num_unfinished(self) -> int:

@@ -49,6 +49,7 @@ class GatewayConfig:
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
     http: HTTPLimits = HTTPLimits()  # per-connection bounds of the REST server
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
+    log_requests: bool = True  # one access line per request (gateway.access_log)
 
     def __post_init__(self) -> None:
         if not self.decode:

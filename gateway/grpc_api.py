@@ -42,7 +42,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def ListModels(self, request: Any, context: Any) -> gateway_pb2.ModelsResponse:
         card = self.state.model_card()
         return gateway_pb2.ModelsResponse(
-            models=[gateway_pb2.ModelInfo(id=card["id"], max_model_len=card["max_model_len"])]
+            models=[
+                gateway_pb2.ModelInfo(
+                    id=card["id"], max_model_len=card["max_model_len"], vocab_size=card["vocab_size"]
+                )
+            ]
         )
 
     async def Generate(

@@ -3,9 +3,11 @@ and picking one by the pool's routing policy.
 
 Every ``health_interval_s`` each instance is asked for ``grpc.health.v1`` status and its
 ``LoadReport`` (both bounded by ``health_timeout_s``). ``eject_after`` consecutive failures — or
-one failed request that could not reach it — take it out of routing; the next successful check
-brings it back. An instance is never removed from the pool: a restarted process on the same
-address rejoins by answering its health check.
+one failed request that could not reach it, or one NOT_SERVING answer (the instance is draining or
+its engine died: it says so itself) — take it out of routing. An instance is never removed from
+the pool: a restarted process on the same address rejoins once it answers its health check and,
+when the pool has a ``probe`` (the gateway's data-path canary through that instance), the probe
+passes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -76,6 +78,11 @@ class Pool:
         )
         self.instances = [Instance(a, role, aio_channel(a, tls, CHANNEL_OPTIONS)) for a in addresses]
         self._task: asyncio.Task | None = None
+        # Run before an instance that answers its health check is routed to again; raises if the
+        # instance cannot serve. None: the health check alone admits.
+        self.probe: Callable[[Instance], Awaitable[None]] | None = None
+        self.on_pick: Callable[[str, str], None] | None = None  # (role, address) of each pick
+        self._probing: dict[str, asyncio.Task] = {}
 
     # -- routing -----------------------------------------------------------------------------------
     def healthy(self) -> list[Instance]:
@@ -90,6 +97,8 @@ class Pool:
         instance = by_address[chosen.address]
         self.policy.observe(chosen, prompt_ids)
         instance.num_routed += 1
+        if self.on_pick is not None:
+            self.on_pick(self.role, instance.address)
         return instance
 
     def mark_unreachable(self, instance: Instance, reason: str) -> None:
@@ -105,6 +114,8 @@ class Pool:
                 health_pb2.HealthCheckRequest(service=""), timeout=self.health_timeout_s
             )
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                # Its own word, not a flaky network: out of routing now, not after eject_after checks.
+                instance.failures = max(instance.failures, self.eject_after - 1)
                 raise RuntimeError(
                     f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
                 )
@@ -124,10 +135,29 @@ class Pool:
                     reason,
                 )
             return False
+        instance.failures = 0
         if not instance.healthy:
-            log.info("%s %s admitted", self.role, instance.address)
-        instance.healthy, instance.failures = True, 0
-        return True
+            if self.probe is None:
+                log.info("%s %s admitted", self.role, instance.address)
+                instance.healthy = True
+            elif instance.address not in self._probing:
+                task = asyncio.get_running_loop().create_task(self._admit(instance), name="probe")
+                self._probing[instance.address] = task
+        return instance.healthy
+
+    async def _admit(self, instance: Instance) -> None:
+        """Route to ``instance`` again once the probe through it passes (else the next check retries)."""
+        assert self.probe is not None
+        try:
+            await self.probe(instance)
+        except Exception as e:  # whatever the probe's failure, the instance stays out of routing
+            why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else repr(e)
+            log.warning("%s %s answers but its canary failed (%s)", self.role, instance.address, why)
+        else:
+            log.info("%s %s admitted (canary through it passed)", self.role, instance.address)
+            instance.healthy, instance.failures = True, 0
+        finally:
+            del self._probing[instance.address]
 
     async def refresh_loads(self) -> None:
         """Fetch every healthy instance's load report now (a scrape reads current counters, not ones
@@ -153,9 +183,10 @@ class Pool:
             await asyncio.sleep(self.health_interval_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._probing.values()]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for i in self.instances:
             await i.channel.close()

@@ -12,7 +12,6 @@ Each handler imports what it runs inside itself, so ``pdserve generate`` loads n
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from engine.env import Env
@@ -38,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdserve.logs import setup_logging
+
     env = Env.read()
-    logging.basicConfig(level=env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    setup_logging(env.log_level, getattr(args, "log_format", "text"))
     try:
         return args.func(args, env)
     except (ValueError, FileNotFoundError) as e:

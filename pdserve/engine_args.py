@@ -1,5 +1,7 @@
 """The engine flags every engine-running command shares (generate, prefill, decode, up), the
-``EngineConfig`` they resolve to, and the embedded tiny model used when no ``--model`` is given."""
+``EngineConfig`` they resolve to, the model a ``--model`` value names (a directory, a Hugging Face
+hub id found in the local cache, or the embedded tiny model when none is given), and the device
+check that turns "this torch has no CUDA" into one line naming the fix."""
 
 from __future__ import annotations
 
@@ -27,11 +29,48 @@ def default_model_dir(env: Env) -> Path:
     return path
 
 
+def model_dir(value: str | None, env: Env) -> str:
+    """The directory ``--model`` names: a directory as given; ``ORG/NAME`` from the local Hugging
+    Face cache (``HF_HOME`` / ``HF_HUB_CACHE``, never the network); None: the embedded tiny model."""
+    if value is None:
+        return str(default_model_dir(env))
+    if Path(value).exists() or value.count("/") != 1 or value.startswith((".", "/")):
+        return value  # a path (a missing one is reported by whoever reads it, naming the file)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(value, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"--model {value}: not a directory here and not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); download it first (`hf download {value}`) or pass its directory"
+        ) from None
+
+
+def check_device(flag: str, device: str) -> None:
+    """``device`` can be used by this torch build; else one line saying what to do instead."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+        raise ValueError(
+            f"{flag} {device}: this torch ({torch.__version__}) is {build}; use --device cpu (or auto), "
+            "or install a CUDA build of torch on a machine with a GPU"
+        )
+    index = device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {device}: only {torch.cuda.device_count()} GPUs are visible")
+
+
 def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
     from engine.config import EngineConfig
 
+    check_device("--device", args.device)
     return EngineConfig(
-        model=args.model or str(default_model_dir(env)),
+        model=model_dir(args.model, env),
         device=args.device,
         dtype=args.dtype,
         load_format=args.load_format,
@@ -56,7 +95,11 @@ def engine_config_from_args(args: argparse.Namespace, env: Env) -> EngineConfig:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    p.add_argument(
+        "--model", default=None,
+        help="HF model directory, or a hub id (ORG/NAME) already in the local Hugging Face cache "
+        "(default: the embedded tiny model)",
+    )  # fmt: skip
     p.add_argument(
         "--device", default="auto",
         help="cpu, cuda, cuda:N, or auto: the first GPU when CUDA is available, else the CPU",

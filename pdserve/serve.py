@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.env import Env
-from pdserve.engine_args import add_engine_args, default_model_dir, engine_config_from_args
+from pdserve.engine_args import add_engine_args, engine_config_from_args, model_dir
+from pdserve.logs import add_log_format
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -43,12 +44,18 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
             svc.add_argument(
                 "--advertise-host", default=None, help="host prefill sends KV to (default: --host)"
             )
+        add_instance_ops_args(svc)
+        add_log_format(svc)
         add_tls_args(svc)
         svc.set_defaults(func=_serve, role=role)
 
     gw = sub.add_parser("gateway", help="run the gateway: OpenAI-compatible REST + public gRPC")
-    gw.add_argument("--model", default=None, help="HF model directory (default: the embedded tiny model)")
+    gw.add_argument(
+        "--model", default=None,
+        help="HF model directory or a cached hub id, ORG/NAME (default: the embedded tiny model)",
+    )  # fmt: skip
     add_gateway_args(gw)
+    add_log_format(gw)
     gw.add_argument(
         "--prefill", action="append", default=[],
         help="prefill host:port (repeatable); none: colocated, each decode instance prefills its own requests",
@@ -56,6 +63,18 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--decode", action="append", required=True, help="decode host:port (repeatable)")
     add_tls_args(gw)
     gw.set_defaults(func=_gateway)
+
+
+def add_instance_ops_args(p: argparse.ArgumentParser) -> None:
+    """Drain and stats flags of a prefill / decode instance (``pdserve up`` passes them on)."""
+    p.add_argument(
+        "--drain-timeout-s", type=float, default=30.0,
+        help="on SIGTERM: stop admitting, let running requests finish for at most this long, then exit",
+    )  # fmt: skip
+    p.add_argument(
+        "--log-stats-interval-s", type=float, default=10.0,
+        help="log a stats line (running/waiting, tok/s, KV pages, prefix-cache hits, KV transfer) this often; 0: never",
+    )  # fmt: skip
 
 
 def add_kv_after_prefill(p: argparse.ArgumentParser) -> None:
@@ -97,6 +116,9 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
     p.add_argument(
         "--api-key-file", default=None, help="require this key (Bearer) on the API; or $PDSERVE_API_KEY"
     )
+    p.add_argument(
+        "--disable-log-requests", action="store_true", help="no access line per request at the gateway"
+    )
     if with_model_len:
         p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
 
@@ -107,7 +129,7 @@ def _gateway_config(
     from gateway.config import GatewayConfig
 
     return GatewayConfig(
-        model=args.model or str(default_model_dir(env)),
+        model=model_dir(args.model, env),
         prefill=tuple(prefill),
         decode=tuple(decode),
         host=args.host,
@@ -124,6 +146,7 @@ def _gateway_config(
         stream_interval=args.stream_interval,
         tls=_tls(args),
         api_key=_api_key(args, env),
+        log_requests=not args.disable_log_requests,
     )
 
 
@@ -172,6 +195,7 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
                 engine_cfg, args.host, args.port, args.kv_backend, args.request_timeout_s,
                 kv_chunk_delay_s=args.kv_fault_delay_ms / 1e3, tls=_tls(args),
                 max_queued_requests=args.max_queued_requests, kv_layerwise=not args.kv_after_prefill,
+                drain_timeout_s=args.drain_timeout_s, log_stats_interval_s=args.log_stats_interval_s,
             )
         )  # fmt: skip
     from decode_svc.server import DecodeConfig
@@ -186,5 +210,7 @@ def _serve(args: argparse.Namespace, env: Env) -> int:
             args.request_timeout_s,
             args.advertise_host,
             tls=_tls(args),
+            drain_timeout_s=args.drain_timeout_s,
+            log_stats_interval_s=args.log_stats_interval_s,
         )
     )

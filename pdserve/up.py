@@ -8,8 +8,16 @@ import argparse
 from collections import Counter
 
 from engine.env import Env
-from pdserve.engine_args import add_engine_args, default_model_dir
-from pdserve.serve import KV_BACKEND_HELP, add_gateway_args, add_kv_after_prefill, add_tls_args
+from pdserve.engine_args import add_engine_args, check_device, model_dir
+from pdserve.logs import add_log_format
+from pdserve.serve import (
+    KV_BACKEND_HELP,
+    add_gateway_args,
+    add_instance_ops_args,
+    add_kv_after_prefill,
+    add_tls_args,
+)
+from pdserve.supervisor import RestartPolicy
 
 
 def add_up_command(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +45,17 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
         "--start-timeout-s", type=float, default=600.0,
         help="every instance loads and the gateway is healthy within this, or everything stops",
     )  # fmt: skip
+    upp.add_argument(
+        "--max-restarts", type=int, default=RestartPolicy.max_restarts,
+        help="a child that exits is restarted (exponential backoff); once more than this many times "
+        "within --restart-window-s, `up` gives up and stops everything",
+    )  # fmt: skip
+    upp.add_argument(
+        "--restart-window-s", type=float, default=RestartPolicy.window_s, help="see --max-restarts"
+    )
+    add_instance_ops_args(upp)
     add_gateway_args(upp, with_model_len=False)
+    add_log_format(upp)
     add_tls_args(upp)
     upp.set_defaults(func=_up)
 
@@ -65,7 +83,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     engine = ["--dtype", args.dtype, "--load-format", args.load_format, "--page-size", str(args.page_size),
               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--attention-backend", args.attention_backend,
-              "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+              "--request-timeout-s", str(args.request_timeout_s), "--drain-timeout-s", str(args.drain_timeout_s),
+              "--log-stats-interval-s", str(args.log_stats_interval_s), "--log-format", args.log_format]  # fmt: skip
     engine += ["--kv-cache-mib", str(args.kv_cache_mib)] if args.kv_cache_mib is not None else []
     engine += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
     engine += ["--no-prefix-cache"] if args.no_prefix_cache else []
@@ -79,7 +98,8 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
     engine += tls
     gateway = ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy,
-               "--request-timeout-s", str(args.request_timeout_s)]  # fmt: skip
+               "--request-timeout-s", str(args.request_timeout_s), "--log-format", args.log_format]  # fmt: skip
+    gateway += ["--disable-log-requests"] if args.disable_log_requests else []
     gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
     gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
     gateway += ["--api-key-file", args.api_key_file] if args.api_key_file else []  # else $PDSERVE_API_KEY
@@ -87,11 +107,24 @@ def _up(args: argparse.Namespace, env: Env) -> int:
                 str(args.max_concurrent_requests)]  # fmt: skip
     gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
     gateway += tls
-    model = args.model or str(default_model_dir(env))
+    # Only the devices instances will use: checked here, not in the placement (which is pure).
+    roles = (["prefill"] if args.num_prefill else []) + ["decode"]
+    for role in roles:
+        value = getattr(args, f"{role}_device")
+        for device in (value or args.device).split(","):
+            if device and device != "auto":
+                check_device(f"--{role}-device" if value else "--device", device)
+    model = model_dir(args.model, env)  # resolved once: every child loads the same directory
     prefill, decode = up_instance_args(args, engine)
     if args.start_timeout_s <= 0:
         raise ValueError(f"--start-timeout-s: must be > 0, got {args.start_timeout_s}")
-    return up(model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s)
+    if args.drain_timeout_s < 0 or args.log_stats_interval_s < 0:
+        raise ValueError("--drain-timeout-s / --log-stats-interval-s: must be >= 0")
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s)
+    return up(
+        model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s,
+        policy, args.drain_timeout_s + 10.0,  # an instance drains, then gets SIGKILL
+    )  # fmt: skip
 
 
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:

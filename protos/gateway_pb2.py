@@ -26,7 +26,7 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import decode_pb2 as protos_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\npdserve.v1\x1a\x13protos/common.proto\x1a\x13protos/decode.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc1\x01\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\xdc\x01\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks\"\x0f\n\rModelsRequest\".\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"7\n\x0eModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo2\xac\x01\n\x0eGatewayService\x12U\n\x08Generate\x12\".pdserve.v1.GatewayGenerateRequest\x1a#.pdserve.v1.GatewayGenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.pdserve.v1.ModelsRequest\x1a\x1a.pdserve.v1.ModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\npdserve.v1\x1a\x13protos/common.proto\x1a\x13protos/decode.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc1\x01\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\xdc\x01\n\x17GatewayGenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.pdserve.v1.TimingMarks\"\x0f\n\rModelsRequest\"B\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\"7\n\x0eModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo2\xac\x01\n\x0eGatewayService\x12U\n\x08Generate\x12\".pdserve.v1.GatewayGenerateRequest\x1a#.pdserve.v1.GatewayGenerateResponse0\x01\x12\x43\n\nListModels\x12\x19.pdserve.v1.ModelsRequest\x1a\x1a.pdserve.v1.ModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSREQUEST']._serialized_start=522
   _globals['_MODELSREQUEST']._serialized_end=537
   _globals['_MODELINFO']._serialized_start=539
-  _globals['_MODELINFO']._serialized_end=585
-  _globals['_MODELSRESPONSE']._serialized_start=587
-  _globals['_MODELSRESPONSE']._serialized_end=642
-  _globals['_GATEWAYSERVICE']._serialized_start=645
-  _globals['_GATEWAYSERVICE']._serialized_end=817
+  _globals['_MODELINFO']._serialized_end=605
+  _globals['_MODELSRESPONSE']._serialized_start=607
+  _globals['_MODELSRESPONSE']._serialized_end=662
+  _globals['_GATEWAYSERVICE']._serialized_start=665
+  _globals['_GATEWAYSERVICE']._serialized_end=837
 # @@protoc_insertion_point(module_scope)

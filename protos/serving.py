@@ -2,6 +2,8 @@
 
 Health (``grpc.health.v1``) reports NOT_SERVING until ``mark_serving`` (after warm-up) and again
 from the start of a graceful shutdown, for the overall server ("") and for each named service.
+An engine-backed instance drains on SIGTERM / SIGINT (``protos.drain``): NOT_SERVING, no new
+admissions, the running requests finish (up to the drain timeout), then it stops.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.drain import Drain
 from protos.guard import RequestGuard
 from protos.tls import TLSConfig
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20
 # Clients (gateway → instances, decode → prefill, the KV sender) allow the same message sizes.
+# A peer that restarts on its address is reconnected to within half a second of listening again
+# (gRPC's default backoff grows to minutes while it is down, and fails calls meanwhile).
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
@@ -42,13 +50,16 @@ class GrpcServer:
         service_names: Iterable[str],
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         guard: RequestGuard | None = None,
+        admission_methods: Iterable[str] = (),
     ) -> None:
         """``max_message_bytes``: larger requests are refused by gRPC with RESOURCE_EXHAUSTED.
         ``guard``: parses every request (malformed → INVALID_ARGUMENT, logged per peer at most once a
-        minute) and checks credentials where it was told to; a plain one by default."""
+        minute) and checks credentials where it was told to; a plain one by default.
+        ``admission_methods``: the full method names a drain refuses (``protos.drain``)."""
         options = dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_message_bytes}
+        self.drain = Drain(admission_methods)
         self.server = grpc.aio.server(  # each option key once: gRPC takes the first
-            options=list(options.items()), interceptors=[guard or RequestGuard()]
+            options=list(options.items()), interceptors=[guard or RequestGuard(), self.drain]
         )
         self.service_names = list(service_names)
         self.health = health.aio.HealthServicer()
@@ -58,9 +69,6 @@ class GrpcServer:
         )
         self.port = 0
         self._watcher: asyncio.Task | None = None
-        # Set when shutdown begins: long-lived streams (decode sessions) end once their work is done
-        # instead of holding the server for the whole grace period.
-        self.stopping = asyncio.Event()
 
     def bind(self, host: str, port: int, tls: TLSConfig | None = None) -> int:
         """Listen on host:port (port 0 picks a free one), with TLS when given; returns the port."""
@@ -99,19 +107,30 @@ class GrpcServer:
         self._watcher = asyncio.get_running_loop().create_task(poll(), name="health-watch")
 
     async def serve_engine(
-        self, engine: Any, role: str, host: str, close: Callable[[], Awaitable[None]]
+        self,
+        engine: Any,
+        role: str,
+        host: str,
+        close: Callable[[], Awaitable[None]],
+        drain_timeout_s: float = 30.0,
     ) -> None:
         """The life of an engine-backed instance (prefill, decode), once its services are added and
         its port bound: start the engine loop and the server, report SERVING (until the loop dies),
         print where it listens (the line ``pdserve up`` and the tests read), serve until a signal,
-        then stop the engine and ``close`` the instance's own clients."""
+        drain (running requests get ``drain_timeout_s`` to finish), then stop the engine and
+        ``close`` the instance's own clients."""
         engine.start()
         await self.start()
         await self.mark_serving()
         self.watch(lambda: engine.failure is None)
         print(f"pdserve {role} listening on {host_port(host, self.port)}", flush=True)
         try:
-            await self.run_until_signal()
+            await self.run_until_signal(drain_timeout_s)
+            load = engine.load
+            log.info(
+                "%s stopped: %d of %d KV pages free, %d more held by the prefix cache only",
+                role, load.num_free_pages, load.num_total_pages, load.num_cached_pages,
+            )  # fmt: skip
         finally:
             closed = await engine.stop()
             await close()
@@ -120,15 +139,22 @@ class GrpcServer:
                 logging.shutdown()
                 os._exit(1)
 
-    async def run_until_signal(self, grace_s: float = 5.0) -> None:
-        """Serve until SIGINT/SIGTERM, then stop accepting work and give in-flight RPCs ``grace_s``."""
+    async def run_until_signal(self, drain_timeout_s: float = 5.0, grace_s: float = 2.0) -> None:
+        """Serve until SIGINT/SIGTERM; then report NOT_SERVING, refuse new admissions, wait up to
+        ``drain_timeout_s`` for the admitted calls to end, and stop (other calls get ``grace_s``)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down (grace %.1fs)", grace_s)
         await self.health.enter_graceful_shutdown()
-        self.stopping.set()
+        self.drain.start()
+        log.info(
+            "draining: %d requests running (drain timeout %.1fs)", self.drain.num_in_flight, drain_timeout_s
+        )
+        if await self.drain.wait_idle(drain_timeout_s):
+            log.info("drained: no request running; shutting down")
+        else:
+            log.warning("drain timeout: %d requests still running are cancelled", self.drain.num_in_flight)
         await self.server.stop(grace_s)

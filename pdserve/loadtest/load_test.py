@@ -42,7 +42,14 @@ from pdserve.loadtest.metrics import (
     write_report,
 )
 from pdserve.loadtest.server_cpu import scrape_cpu_seconds, us_per_token
-from pdserve.loadtest.workload import RequestSpec, arrival_times, load_jsonl, random_workload
+from pdserve.loadtest.workload import (
+    RequestSpec,
+    arrival_times,
+    grpc_vocab_size,
+    load_jsonl,
+    random_workload,
+    served_vocab_size,
+)
 
 # ---- config ---------------------------------------------------------------------------------------
 
@@ -64,7 +71,7 @@ class LoadTestConfig:
     output_len_min: int = 64
     output_len_max: int = 128
     vocab_low: int = 0
-    vocab_high: int = 1000  # below the embedded tiny model's special tokens (1021..1023)
+    vocab_high: int | None = None  # None: the served model's vocab_size (asked of the gateway)
     seed: int = 0
     request_rate: float = math.inf
     max_concurrency: int | None = None
@@ -97,7 +104,10 @@ class LoadTestConfig:
                 1 <= self.output_len_min <= self.output_len_max,
                 "need 1 <= --output-len-min <= --output-len-max",
             ),
-            (0 <= self.vocab_low < self.vocab_high, "need 0 <= --vocab-low < --vocab-high"),
+            (
+                0 <= self.vocab_low < (self.vocab_high or self.vocab_low + 1),
+                "need 0 <= --vocab-low < --vocab-high",
+            ),
             (self.request_rate > 0, "--request-rate must be > 0 (inf = all at once)"),
             (self.max_concurrency is None or self.max_concurrency >= 1, "--max-concurrency must be >= 1"),
             (self.max_duration_s is None or self.max_duration_s >= 0, "--max-duration-s must be >= 0"),
@@ -113,6 +123,7 @@ def build_workload(cfg: LoadTestConfig) -> list[RequestSpec]:
     total = cfg.warmup_requests + cfg.num_requests
     if cfg.dataset == "random":
         lens = (cfg.input_len_min, cfg.input_len_max), (cfg.output_len_min, cfg.output_len_max)
+        assert cfg.vocab_high is not None, "resolved from the server by run()"
         return random_workload(total, *lens, (cfg.vocab_low, cfg.vocab_high), cfg.seed)
     assert cfg.dataset_path is not None, "validated in LoadTestConfig"
     specs = load_jsonl(Path(cfg.dataset_path))
@@ -296,6 +307,14 @@ def _num_ids(prompt: str | list[int]) -> int:
 
 async def run(cfg: LoadTestConfig) -> tuple[Summary, list[RequestRecord], str]:
     """Warm up (all at once, not measured), then the measured run; returns its summary and records."""
+    if cfg.dataset == "random" and cfg.vocab_high is None:
+        if cfg.backend == "rest":
+            vocab = await served_vocab_size(cfg.base_url, auth_headers())
+        else:
+            vocab = await grpc_vocab_size(
+                cfg.grpc_address, tuple((k.lower(), v) for k, v in auth_headers().items())
+            )
+        cfg = dataclasses.replace(cfg, vocab_high=vocab)
     specs = build_workload(cfg)
     warmup, measured = specs[: cfg.warmup_requests], specs[cfg.warmup_requests :]
     opener = rest_sender if cfg.backend == "rest" else grpc_sender
@@ -336,7 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for name in ("input-len-min", "input-len-max", "output-len-min", "output-len-max"):
         add(f"--{name}", type=int, default=getattr(d, name.replace("-", "_")), help="random dataset, tokens")
     add("--vocab-low", type=int, default=d.vocab_low, help="random prompt token ids in [low, high)")
-    add("--vocab-high", type=int, default=d.vocab_high)
+    add("--vocab-high", type=int, default=d.vocab_high, help="default: the served model's vocab_size")
     add("--seed", type=int, default=d.seed, help="random prompts and arrival times")
     add("--request-rate", type=float, default=d.request_rate, help="Poisson req/s; inf = all at once")
     add("--max-concurrency", type=int, default=d.max_concurrency, help="requests in flight at most")

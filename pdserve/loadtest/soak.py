@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from pdserve.loadtest.load_test import auth_headers
+from pdserve.loadtest.workload import served_vocab_size
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.convert import is_idle
 
@@ -39,7 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--input-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(8, 64), metavar=("MIN", "MAX"))
-    p.add_argument("--vocab-high", type=int, default=1000, help="token ids are drawn from [0, this)")
+    p.add_argument(
+        "--vocab-high", type=int, default=None,
+        help="token ids are drawn from [0, this) (default: the served model's vocab_size, from /v1/models)",
+    )  # fmt: skip
     p.add_argument("--sample-interval-s", type=float, default=1.0)
     p.add_argument("--max-rss-growth-pct", type=float, default=20.0)
     p.add_argument("--idle-timeout-s", type=float, default=30.0, help="how long instances get to go idle")
@@ -103,6 +107,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     ) as client:
         health = (await client.get("/health")).json()
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
+    if args.vocab_high is None:
+        args.vocab_high = await served_vocab_size(args.base_url, auth_headers())
     instances = {a: "prefill" for a in health["prefill"]} | {a: "decode" for a in health["decode"]}
     counts: dict[str, Any] = {"requests": 0, "output_tokens": 0, "errors": {}}
     samples: list[dict[str, Any]] = []

@@ -72,3 +72,42 @@ def arrival_times(num_requests: int, request_rate: float, seed: int) -> list[flo
         times.append(now)
         now += rng.expovariate(request_rate)
     return times
+
+
+async def served_vocab_size(base_url: str, headers: dict[str, str]) -> int:
+    """The served model's vocabulary size, from the gateway's model card (``vocab_size`` in GET
+    /v1/models; ``ModelInfo.vocab_size`` over gRPC, ``grpc_vocab_size``): random prompts drawn
+    from ``[0, vocab_size)`` are all valid for that model."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(
+            base_url=base_url, timeout=30, trust_env=False, headers=headers
+        ) as client:
+            resp = await client.get("/v1/models")
+            resp.raise_for_status()
+            return int(resp.json()["data"][0]["vocab_size"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise RuntimeError(
+            f"cannot read the model's vocab_size at {base_url}/v1/models ({exc!r}); pass --vocab-high"
+        ) from exc
+
+
+async def grpc_vocab_size(address: str, metadata: tuple[tuple[str, str], ...]) -> int:
+    """``served_vocab_size`` through the gateway's gRPC API (ListModels)."""
+    import grpc
+
+    from protos import gateway_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await gateway_pb2_grpc.GatewayServiceStub(channel).ListModels(
+                gateway_pb2.ModelsRequest(), timeout=30, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise RuntimeError(
+                f"cannot list models at {address} ({exc.code().name}); pass --vocab-high"
+            ) from exc
+    if not reply.models or not reply.models[0].vocab_size:
+        raise RuntimeError(f"the gateway at {address} names no vocab_size; pass --vocab-high")
+    return reply.models[0].vocab_size

@@ -127,24 +127,41 @@ def test_cancelling_a_request_or_the_session_frees_its_pages(decode):
     asyncio.run(scenario())
 
 
-def test_shutdown_ends_an_idle_session_without_waiting_out_the_grace_period(tiny_model, tmp_path):
+def test_sigterm_drains_a_session_running_requests_finish_new_ones_are_refused(tiny_model, tmp_path):
     service = Service("decode", tiny_model, *ENGINE, log_dir=tmp_path).wait_ready()
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[list[int], decode_pb2.RequestUpdate, float]:
         async with grpc.aio.insecure_channel(service.address) as channel:
             call = decode_pb2_grpc.DecodeServiceStub(channel).Session()
-            await call.write(_request("one", [4, 5, 6], 3))
+            await call.write(_request("running", [4, 5, 6], 300))
+            tokens: list[int] = []
+            refused = None
             async with asyncio.timeout(TIMEOUT_S):
-                while not any(u.response.finish_reason for u in (await call.read()).updates):
-                    pass
-            start = time.monotonic()
-            service.proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(call.read(), timeout=4)  # the session ends: EOF with status OK
-            assert await call.code() is grpc.StatusCode.OK
-            return time.monotonic() - start
+                tokens += (await call.read()).updates[0].response.token_ids
+                service.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)  # the drain has begun
+                await call.write(_request("late", [7, 8, 9], 3))
+                while True:
+                    batch = await call.read()
+                    if batch is grpc.aio.EOF:
+                        break
+                    for u in batch.updates:
+                        if u.request_id == "late":
+                            refused = u
+                        else:
+                            tokens += u.response.token_ids
+                start = time.monotonic()
+                assert await call.code() is grpc.StatusCode.OK  # the session ended by itself
+            assert refused is not None
+            return tokens, refused, time.monotonic() - start
 
     try:
-        assert asyncio.run(scenario()) < 4  # the server's grace period is 5 s
-        assert service.proc.wait(timeout=10) == 0
+        tokens, refused, _ = asyncio.run(scenario())
+        assert len(tokens) == 300  # the running request finished whole
+        assert (
+            refused.error_code == grpc.StatusCode.UNAVAILABLE.value[0] and "draining" in refused.error_message
+        )
+        assert service.proc.wait(timeout=15) == 0
+        assert "KV pages free" in service.log()
     finally:
         service.stop()
