@@ -3,7 +3,7 @@
 ``LogitAdjustments.build`` runs only for a step where some row asked for one of them (the sampler's
 fast path does not change otherwise). It scatters what the host knows — each row's output tokens
 so far, and for repetition_penalty its prompt — into dense ``[batch, vocab]`` tensors on the
-device with ``index_put_``; a token the host does not have yet (overlap scheduling: the previous
+device with ``scatter_add_``; a token the host does not have yet (overlap scheduling: the previous
 step's sample, still on the device) is read from ``last_tokens`` by its row, on the device. Nothing
 is read back, so the step stays free of host syncs. The cost is one scatter of the rows' history
 per step: O(tokens so far) host work for the rows that asked, none for the others.
@@ -98,10 +98,10 @@ class LogitAdjustments:
             inflight = [i for i in penalized if rows[i].inflight_row >= 0]
             if inflight:
                 assert last_tokens is not None, "a row's newest token is on the device"
-                row_ids = _upload(np.array(inflight, dtype=np.int64), device)
-                src = _upload(np.array([rows[i].inflight_row for i in inflight], dtype=np.int64), device)
-                ones = torch.ones(len(inflight), dtype=torch.float32, device=device)
-                counts.index_put_((row_ids, last_tokens[src]), ones, accumulate=True)
+                rows_and_src = np.array([(i, rows[i].inflight_row) for i in inflight], dtype=np.int64).T
+                idx = _upload(rows_and_src.copy(), device)  # [2, n]: row, its row in last_tokens
+                flat = idx[0] * vocab_size + last_tokens.index_select(0, idx[1])  # [n]
+                counts.view(-1).scatter_add_(0, flat, torch.ones(len(inflight), device=device))
             scalars = torch.tensor(
                 [[p.frequency_penalty for p in params], [p.presence_penalty for p in params],
                  [p.repetition_penalty for p in params]], dtype=torch.float32,
@@ -141,8 +141,8 @@ def _count(
     if sum(lengths):
         row_ids = np.repeat(np.array(rows, dtype=np.int64), lengths)
         token_ids = np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens])
-        idx = _upload(np.stack([row_ids, token_ids]), device)  # [2, total]
-        counts.index_put_((idx[0], idx[1]), torch.ones(idx.shape[1], device=device), accumulate=True)
+        flat = _upload(row_ids * vocab_size + token_ids, device)  # [total]
+        counts.view(-1).scatter_add_(0, flat, torch.ones(flat.shape[0], device=device))
     return counts
 
 
@@ -163,9 +163,9 @@ def _bias(
     bias = torch.zeros(len(params), vocab_size, dtype=torch.float32, device=device)
     if entries:
         assert all(t < vocab_size for _, t, _ in entries), "logit_bias ids are checked against the vocab"
-        idx = _upload(np.array([(i, t) for i, t, _ in entries], dtype=np.int64).T.copy(), device)
+        flat = _upload(np.array([i * vocab_size + t for i, t, _ in entries], dtype=np.int64), device)
         values = _upload(np.array([b for _, _, b in entries], dtype=np.float32), device)
-        bias.index_put_((idx[0], idx[1]), values, accumulate=True)
+        bias.view(-1).scatter_add_(0, flat, values)
     return bias
 
 

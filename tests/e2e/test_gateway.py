@@ -197,7 +197,7 @@ BAD_INPUTS = [
     ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p", None),
     ({"model": MODEL, "prompt": "x", "n": 2}, "n", None),
     ({"model": MODEL, "prompt": "x", "presence_penalty": 3}, "presence_penalty", None),
-    ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias.abc.[key]", None),
+    ({"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias.abc", None),
     ({"model": MODEL, "prompt": "x", "logit_bias": {"1": 101}}, "logit_bias.1", None),
     ({"model": MODEL, "prompt": "x", "logit_bias": {str(10**6): 1}}, "logit_bias", None),
     ({"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 3}, "min_tokens", None),
