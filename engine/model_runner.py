@@ -265,8 +265,8 @@ class ModelRunner:
             self.last_tokens[:n].copy_(out.token_ids)
         self.cp.broadcast_tokens(self.last_tokens[:n])  # no-op for one rank
         if adjusted and self.tp.world_size > 1:
-            # A worker rank mirrors no token history (``engine.distributed.plans``): rank 0's
-            # penalised samples are the step's.
+            # A worker rank's mirror (``engine.distributed.plans``) lacks the tokens it never
+            # computed (prompts from the prefix cache): rank 0's penalised samples are the step's.
             CPGroup(self.tp.rank, self.tp.world_size, self.tp.group).broadcast_tokens(self.last_tokens[:n])
         turn, self._readback_turn = self._readback_turn, self._readback_turn ^ 1
         token_ids = self._readback[turn][:n]  # [n]
