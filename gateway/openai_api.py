@@ -1,7 +1,7 @@
 """The OpenAI-compatible request schemas (pydantic) and response bodies.
 
 Requests are checked three times: pydantic for types and ranges (a failure names the field and
-becomes HTTP 400), ``unsupported`` for fields OpenAI defines that we do not implement (accepted
+becomes HTTP 400), ``check_supported`` for fields OpenAI defines that we do not implement (accepted
 only at their no-op value: ``n`` 1, ``echo`` false, no ``tools``, ...; any other value is a 400
 naming the field and saying it is not supported), then ``sampling`` for the engine's own rules. A
 field no one defines is a 400 as well (``extra="forbid"``), so a client never silently gets
@@ -39,6 +39,8 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
