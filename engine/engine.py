@@ -86,6 +86,7 @@ class Engine:
         )  # fmt: skip
         eos = frozenset(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, eos)
+        self.runner.eos_token_ids = eos
         self._seqs: dict[str, Sequence] = {}
         self._seed_rng = random.Random(cfg.seed)
         self.overlap = cfg.overlap if cfg.overlap is not None else self.runner.device.type == "cuda"
@@ -197,6 +198,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InvalidRequest(f"prompt: token ids must be in [0, {vocab})")
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab:  # sorted by id
+            raise InvalidRequest(f"logit_bias: token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"prompt: {len(prompt_ids)} tokens leave no room to generate within the model's context "

@@ -42,6 +42,7 @@ from engine.graphs import (
 from engine.kvcache.page_pool import KVPagePool
 from engine.layers.kernels import create_layer_ops, layer_ops_name
 from engine.loader import load_model
+from engine.logit_adjust import LogitAdjustments
 from engine.packing import pack
 from engine.sampling import Sampler, SamplingTensors
 from engine.sampling_params import SamplingParams
@@ -141,6 +142,8 @@ class ModelRunner:
             )  # fmt: skip
             self.attn_backend = ContextParallelAttention(self.attn_backend, self.cp)
         self.sampler = Sampler()
+        # What min_tokens holds back besides stop_token_ids; the engine adds its tokenizer's.
+        self.eos_token_ids = frozenset(model_cfg.eos_token_ids)
         self.graphs: DecodeGraphRunner | None = None  # captured once the KV pool exists
         self.piecewise: PiecewiseGraphRunner | None = None
         self.num_pages = self._num_pages()
@@ -243,17 +246,28 @@ class ModelRunner:
         tokens (their ``logits`` are not read; no logprobs there)."""
         n = len(batch.seqs)
         out = None
+        params = [seq.params for seq in batch.seqs]
+        adjusted = LogitAdjustments.needed(params)
         if self.cp.rank == 0:
             tensors = SamplingTensors.build(
-                [seq.params for seq in batch.seqs],
+                params,
                 seeds=[seq.seed for seq in batch.seqs],
                 steps=[seq.num_output + seq.num_inflight for seq in batch.seqs],
                 vocab_size=logits.shape[-1],
                 device=self.device,
+                adjust=LogitAdjustments.of_batch(
+                    batch.seqs, self.eos_token_ids, logits.shape[-1], self.device, self.last_tokens
+                )
+                if adjusted
+                else None,
             )
             out = self.sampler(logits, tensors)
             self.last_tokens[:n].copy_(out.token_ids)
         self.cp.broadcast_tokens(self.last_tokens[:n])  # no-op for one rank
+        if adjusted and self.tp.world_size > 1:
+            # A worker rank's mirror (``engine.distributed.plans``) lacks the tokens it never
+            # computed (prompts from the prefix cache): rank 0's penalised samples are the step's.
+            CPGroup(self.tp.rank, self.tp.world_size, self.tp.group).broadcast_tokens(self.last_tokens[:n])
         turn, self._readback_turn = self._readback_turn, self._readback_turn ^ 1
         token_ids = self._readback[turn][:n]  # [n]
         token_ids.copy_(self.last_tokens[:n], non_blocking=True)

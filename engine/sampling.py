@@ -1,10 +1,13 @@
 """Batched next-token sampling without CPU-GPU syncs or generator state.
 
-Contract: ``Sampler()(logits, SamplingTensors.build(...))`` picks one token per row. Greedy rows
-(temperature 0) take the argmax of the raw logits. Random rows divide by the temperature, keep the
-top-k ranks, keep the nucleus (smallest sorted prefix whose mass reaches top_p, computed on the
-top-k-renormalised distribution; the top token is always kept), and then run an exponential race:
-``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)``, which draws ``i`` with probability ``p_i``.
+Contract: ``Sampler()(logits, SamplingTensors.build(...))`` picks one token per row. The logits are
+first adjusted when some row asked for penalties, a logit bias or min_tokens
+(``engine.logit_adjust``; skipped entirely otherwise). Greedy rows (temperature 0) take the argmax.
+Random rows divide by the temperature, keep the top-k ranks, keep the nucleus (smallest sorted
+prefix whose mass reaches top_p, computed on the top-k-renormalised distribution; the top token is
+always kept), drop tokens under min_p times the top token's probability, and then run an
+exponential race: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)``, which draws ``i`` with probability
+``p_i``. Logprobs are those of the raw logits.
 
 The uniform behind ``E_i`` is a counter-based hash of (seed, step, vocab id) built from int64 tensor
 ops, so a seeded request gets the same token whatever else is in the batch and wherever its row sits,
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from engine.logit_adjust import LogitAdjustments
 from engine.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -31,8 +35,9 @@ class SamplingTensors:
 
     The Python fields are known at build time so that a step can skip whole code paths without
     looking at tensor values: ``all_greedy`` (no random rows), ``any_top_k_top_p`` (some random row
-    filters, so the vocab must be sorted), ``return_logprobs`` (some row asked for logprobs, even
-    top-0) and ``max_logprobs`` (widest top-n requested, 0 if none).
+    filters, so the vocab must be sorted), ``any_min_p``, ``return_logprobs`` (some row asked for
+    logprobs, even top-0) and ``max_logprobs`` (widest top-n requested, 0 if none). ``adjust``:
+    the step's penalties and biases, None when no row has any.
     """
 
     temperatures: Tensor  # [batch] float32, 0 for greedy rows
@@ -40,10 +45,13 @@ class SamplingTensors:
     top_ps: Tensor  # [batch] float32, 1.0 when off
     seeds: Tensor  # [batch] int64 in [0, 2**63)
     steps: Tensor  # [batch] int64, index of the sampled token within the request's output
+    min_ps: Tensor | None = None  # [batch] float32, 0 when off
     all_greedy: bool = False
     any_top_k_top_p: bool = True
+    any_min_p: bool = False
     return_logprobs: bool = False
     max_logprobs: int = 0
+    adjust: LogitAdjustments | None = None
 
     @classmethod
     def build(
@@ -53,15 +61,17 @@ class SamplingTensors:
         steps: Sequence[int],
         vocab_size: int,
         device: torch.device | str,
+        adjust: LogitAdjustments | None = None,
     ) -> SamplingTensors:
         """Pack on the CPU, then copy asynchronously (from pinned memory when the target is CUDA)."""
         assert len(params) == len(seeds) == len(steps), "params, seeds and steps must align"
         assert all(0 <= s < 2**63 for s in seeds), "seeds must be in [0, 2**63)"
         top_ks = [vocab_size if p.greedy or p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
         top_ps = [1.0 if p.greedy else p.top_p for p in params]
+        min_ps = [0.0 if p.greedy else p.min_p for p in params]
         floats_cpu = torch.tensor(
-            [[p.temperature for p in params], top_ps], dtype=torch.float32
-        )  # [2, batch]
+            [[p.temperature for p in params], top_ps, min_ps], dtype=torch.float32
+        )  # [3, batch]
         ints_cpu = torch.tensor([top_ks, list(seeds), list(steps)], dtype=torch.int64)  # [3, batch]
         device = torch.device(device)
         if device.type == "cuda":
@@ -75,10 +85,13 @@ class SamplingTensors:
             top_ks=ints[0],
             seeds=ints[1],
             steps=ints[2],
+            min_ps=floats[2],
             all_greedy=all(p.greedy for p in params),
             any_top_k_top_p=any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps),
+            any_min_p=any(m > 0.0 for m in min_ps),
             return_logprobs=bool(requested),
             max_logprobs=max(requested, default=0),
+            adjust=adjust,
         )
 
 
@@ -96,14 +109,15 @@ class Sampler:
     """Stateless: the same (logits row, params, seed, step) always yields the same token."""
 
     def __call__(self, logits: Tensor, t: SamplingTensors) -> SampleOutput:
-        logits = logits.float()  # [batch, vocab]
+        raw = logits.float()  # [batch, vocab]
+        logits = raw if t.adjust is None else t.adjust.apply(raw)  # [batch, vocab]
         token_ids = logits.argmax(dim=-1)  # [batch]
         if not t.all_greedy:
             sampled = _sample_random(logits, t)  # [batch]
             token_ids = torch.where(t.temperatures == 0, token_ids, sampled)
         out = SampleOutput(token_ids=token_ids)
         if t.return_logprobs:
-            logprobs = torch.log_softmax(logits, dim=-1)  # [batch, vocab]
+            logprobs = torch.log_softmax(raw, dim=-1)  # [batch, vocab]
             out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1)
             if t.max_logprobs > 0:
                 out.top_logprobs, out.top_token_ids = logprobs.topk(t.max_logprobs, dim=-1)
@@ -111,7 +125,8 @@ class Sampler:
 
 
 def _sample_random(logits: Tensor, t: SamplingTensors) -> Tensor:
-    """Temperature, top-k, top-p and the exponential race; greedy rows return garbage (masked later).
+    """Temperature, top-k, top-p, min-p and the exponential race; greedy rows return garbage (masked
+    later).
 
     The race uses unnormalised weights ``exp(x - max)``: the race is scale-invariant per row, and the
     weights are then bit-identical on the sorted and unsorted paths, so a row's token does not depend
@@ -121,7 +136,9 @@ def _sample_random(logits: Tensor, t: SamplingTensors) -> Tensor:
     scaled = logits / temperatures[:, None]  # [batch, vocab]
     noise = -torch.log(hash_uniform(t.seeds, t.steps, logits.shape[-1]))  # [batch, vocab], Exp(1)
     if not t.any_top_k_top_p:
-        weights = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True))  # [batch, vocab]
+        weights = torch.exp(scaled - scaled.amax(dim=-1, keepdim=True))  # [batch, vocab], top = 1
+        if t.any_min_p:
+            weights = _drop_under_min_p(weights, t)
         return (weights / noise).argmax(dim=-1)
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)  # [batch, vocab]
     ranks = torch.arange(logits.shape[-1], device=logits.device)  # [vocab]
@@ -131,8 +148,17 @@ def _sample_random(logits: Tensor, t: SamplingTensors) -> Tensor:
     mass_before = (cumulative - weights) / cumulative[:, -1:]  # [batch, vocab], 0 at rank 0
     outside_nucleus = (mass_before >= t.top_ps[:, None]) & (t.top_ps[:, None] < 1.0)
     weights = weights.masked_fill(outside_nucleus, 0.0)
+    if t.any_min_p:
+        weights = _drop_under_min_p(weights, t)
     race = weights / noise.gather(1, sorted_ids)  # [batch, vocab]
     return sorted_ids.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _drop_under_min_p(weights: Tensor, t: SamplingTensors) -> Tensor:
+    """``weights`` are probabilities relative to the top token's (which is 1), so min_p compares
+    with them directly; the top token always stays."""
+    assert t.min_ps is not None, "built with min_ps"
+    return weights.masked_fill(weights < t.min_ps[:, None], 0.0)
 
 
 def hash_uniform(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:

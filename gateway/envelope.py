@@ -1,6 +1,8 @@
 """Every error a client gets, in the OpenAI error envelope, and the request id that ties it to the log.
 
-The body is always ``{"error": {"message", "type", "param", "code"}}`` — from a route, from the web
+The body is always ``{"error": {"message", "type", "param", "code"}}``, ``code`` a string or null as
+OpenAI's (``model_not_found``, ``unsupported_parameter``, ``unsupported_value``, ``invalid_api_key``,
+``rate_limit_exceeded``; null where OpenAI has none) — from a route, from the web
 framework (unknown path 404, wrong method 405, an unparsable body 400), or from the HTTP protocol
 layer itself (431 headers too large, 408 headers too slow, 400 not HTTP; ``raw_response``).
 
@@ -22,10 +24,11 @@ from typing import Any
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("pdserve_request_id", default="-")
 
 _TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
 def error_body(
-    status: int, message: str, param: str | None = None, type: str | None = None
+    status: int, message: str, param: str | None = None, type: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     kind = type or _TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
     return {
@@ -33,7 +36,7 @@ def error_body(
             "message": _printable(message),
             "type": kind,
             "param": param and _printable(param),
-            "code": status,
+            "code": code or _CODES.get(status),
         }
     }
 

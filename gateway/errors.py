@@ -60,15 +60,34 @@ def check_api_key(authorization: str, expected: str | None) -> None:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None) -> None:
+    """``code``: OpenAI's machine-readable code (a string), None where there is none."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, type: str | None = None,
+        code: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
         self.counted = False  # already in the request metrics (the generation pipeline counts its own)
 
     @classmethod
-    def invalid(cls, param: str, message: str) -> APIError:
-        return cls(400, f"{param}: {message}", param)
+    def invalid(cls, param: str, message: str, code: str | None = None) -> APIError:
+        return cls(400, f"{param}: {message}", param, code=code)
+
+    @classmethod
+    def unsupported(cls, param: str, value: object = None) -> APIError:
+        """A field (or, with ``value``, one value of it) this server does not implement."""
+        if value is None:
+            return cls.invalid(param, "not supported", "unsupported_parameter")
+        return cls.invalid(param, f"{value!r:.60} is not supported", "unsupported_value")
+
+    @classmethod
+    def model_not_found(cls, name: str, served: str) -> APIError:
+        return cls(
+            404, f"model: {name!r:.100} is not served here (try {served!r})", "model", "not_found_error",
+            "model_not_found",
+        )  # fmt: skip
 
     @classmethod
     def from_grpc(cls, code: grpc.StatusCode, details: str) -> APIError:
@@ -90,4 +109,4 @@ class APIError(Exception):
         return _BY_STATUS.get(self.status, grpc.StatusCode.INTERNAL)
 
     def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.type)
+        return error_body(self.status, self.message, self.param, self.type, self.code)

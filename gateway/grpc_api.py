@@ -56,9 +56,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_id.set(new_request_id())  # this call's task: its log lines carry the id
         try:
             if request.model and request.model not in (self.state.model_name, gen.model_name):
-                raise APIError.invalid(
-                    "model", f"{request.model!r} is not served here (try {self.state.model_name!r})"
-                )
+                raise APIError.model_not_found(request.model, self.state.model_name)
             kind = request.WhichOneof("prompt")
             if kind is None:
                 raise APIError.invalid("prompt", "set text or token_ids")
@@ -71,6 +69,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise APIError.invalid(
                     f"sampling.{str(e).split(':', 1)[0]}", str(e).split(":", 1)[-1].strip()
                 ) from None
+            if params.logit_bias and params.logit_bias[-1][0] >= gen.vocab_size:  # sorted by id
+                raise APIError.invalid("sampling.logit_bias", f"token ids must be in [0, {gen.vocab_size})")
             if not 0 <= request.timeout_s <= MAX_TIMEOUT_S:  # also false for NaN
                 raise APIError.invalid(
                     "timeout_s", f"must be in [0, {MAX_TIMEOUT_S:.0f}] seconds (0 = the default)"

@@ -1,5 +1,5 @@
 """The REST API (FastAPI): /v1/completions, /v1/chat/completions (SSE when ``stream``), /v1/models,
-/health, /metrics.
+/health, /metrics; /v1/models/{id}, /tokenize, /detokenize and /version (``gateway.utility_api``).
 
 Every error is an OpenAI-style JSON body with the right status: 400 for what the client sent
 (malformed JSON, wrong types, out-of-range values — naming the parameter), 429 when every instance
@@ -33,9 +33,11 @@ from gateway.openai_api import (
     chat_logprobs,
     completion_logprobs,
     envelope,
+    template_kwargs,
 )
 from gateway.sse import DONE, SSEFrames
 from gateway.state import GatewayState
+from gateway.utility_api import add_utility_routes
 
 log = logging.getLogger("pdserve.gateway")
 _STATUSES = {s.value for s in HTTPStatus}
@@ -73,11 +75,13 @@ def create_app(state: GatewayState) -> FastAPI:
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p)]
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
+            error = APIError(400, "the request body is not valid JSON")
+        elif first.get("type") == "extra_forbidden" and param is not None:
+            error = APIError.unsupported(param)  # a field this server does not know
         else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
+            error = APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param)
         count(request, 400)
-        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+        return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _framework(request: Request, e: StarletteHTTPException) -> Response:
@@ -99,12 +103,9 @@ def create_app(state: GatewayState) -> FastAPI:
 
     def check_model(name: str) -> None:
         if name not in (state.model_name, gen.model_name):
-            raise APIError(
-                400,
-                f"model: {name!r} is not served here (try {state.model_name!r})",
-                "model",
-                "not_found_error",
-            )
+            raise APIError.model_not_found(name, state.model_name)
+
+    add_utility_routes(app, state)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -123,8 +124,9 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
+        body.check_supported()
         prompt_ids = await gen.tokenize_async(body.single_prompt())
-        params = body.sampling(body.max_tokens or 16, body.logprobs)
+        params = body.sampling(body.max_tokens or 16, body.logprobs, gen.vocab_size)
         gen.check_max_tokens(prompt_ids, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         chunks = gen.generate(prompt_ids, params, "completions", request_id)
@@ -157,18 +159,20 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
+        body.check_supported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         gen.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError.invalid("top_logprobs", "needs logprobs: true")
+        kwargs = template_kwargs(body.chat_template_kwargs)
         try:
-            text = await asyncio.to_thread(gen.tokenizer.apply_chat_template, messages)
+            text = await asyncio.to_thread(gen.tokenizer.apply_chat_template, messages, **kwargs)
         except Exception as e:  # a template's raise_exception: the conversation does not fit it
             raise APIError.invalid("messages", str(e)) from None
         prompt_ids = await gen.tokenize_async(text, "messages", add_special_tokens=False)
         top = body.top_logprobs or 0
         max_tokens = body.max_completion_tokens or body.max_tokens or gen.room(prompt_ids)
-        params = body.sampling(max_tokens, top if body.logprobs else None)
+        params = body.sampling(max_tokens, top if body.logprobs else None, gen.vocab_size)
         gen.check_max_tokens(prompt_ids, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         chunks = gen.generate(prompt_ids, params, "chat", request_id)

@@ -63,8 +63,9 @@ class PrefillJob:
         return len(self.pages)
 
     async def run(self, layerwise: bool) -> None:
-        """Queue the prompt alone; the first token is sampled with the request's own seed."""
-        first_only = dataclasses.replace(self.params, max_tokens=1, stop=(), ignore_eos=True)
+        """Queue the prompt alone; the first token is sampled with the request's own seed and
+        sampling params (min_tokens and ignore_eos included: they decide whether EOS may be drawn)."""
+        first_only = dataclasses.replace(self.params, max_tokens=1, stop=())
         self.stream = await self.engine.generate(
             self.request_id, self.prompt, first_only, self.deadline,
             hold_kv=not layerwise, stream_kv=layerwise,

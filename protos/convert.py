@@ -32,6 +32,14 @@ def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
         skip_special_tokens=(
             msg.skip_special_tokens if msg.HasField("skip_special_tokens") else defaults.skip_special_tokens
         ),
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=(
+            msg.repetition_penalty if msg.HasField("repetition_penalty") else defaults.repetition_penalty
+        ),
+        min_p=msg.min_p,
+        min_tokens=msg.min_tokens,
+        logit_bias=tuple(msg.logit_bias.items()),
     )
 
 
@@ -47,6 +55,12 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
         skip_special_tokens=params.skip_special_tokens,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        min_p=params.min_p,
+        min_tokens=params.min_tokens,
+        logit_bias=dict(params.logit_bias),
     )
 
 

@@ -100,7 +100,7 @@ def test_decode_killed_mid_stream(core):
         for r, _ in streams:
             r.close()
         client.close()
-        assert len(errors) == 1 and errors[0][1]["code"] == 503, errors
+        assert len(errors) == 1 and errors[0][1]["type"] == "service_unavailable", errors
         assert errors[0][0] - start < 15
         address = victim.address
         wait_for(lambda: not health(gw)["decode"][address], 10, "gateway ejects the dead decode")

@@ -139,12 +139,16 @@ def test_overlap_scheduling_changes_no_token(model_dir):
 
 
 def test_overlapped_engine_steps_do_not_sync(model_dir):
-    """Steady-state decode through ``Engine.step`` with overlap: the only wait is on the previous
+    """Steady-state decode through ``Engine.step`` with overlap (penalised rows too): the only wait is on the previous
     step's read-back event, which the sync debug mode does not count; any other sync raises."""
     engine = _llm(model_dir, max_num_seqs=16).engine
     for i in range(12):
+        # a third of the rows with penalties, a bias, min_tokens and min_p: their history is
+        # scattered on the device, and the newest token read there
+        controls = dict(repetition_penalty=1.3, frequency_penalty=0.5, logit_bias={7: 3.0}, min_tokens=70,
+                        min_p=0.05) if i % 3 == 0 else {}  # fmt: skip
         engine.add_request(f"r{i}", list(range(3 + i, 40 + 3 * i)), SamplingParams(
-            temperature=0 if i % 2 else 0.9, seed=i, max_tokens=64, ignore_eos=True))  # fmt: skip
+            temperature=0 if i % 2 else 0.9, seed=i, max_tokens=64, ignore_eos=True, **controls))  # fmt: skip
     for _ in range(6):  # prefill, then decode at every batch size this run will use
         engine.step()
     torch.cuda.synchronize()

@@ -27,12 +27,22 @@ FIRST = [LONG, "hello", "a short one about the sea and the wind", "red green blu
 SECOND = [LONG, "the wind"]  # LONG again: served from the prefix cache
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.9, seed=7)
+# A worker rank's mirror lacks what it never computed (a prompt from the prefix cache, a token in
+# flight): penalties must still give every rank rank 0's tokens. LONG's second run is a cache hit.
+PENALISED = SamplingParams(
+    max_tokens=10,
+    ignore_eos=True,
+    temperature=0,
+    repetition_penalty=1.5,
+    presence_penalty=0.5,
+    logit_bias={3: 2.0},
+)
 
 
 def run(llm: LLM) -> tuple[list[list[int]], list[int]]:
     """Token ids of every request of two ``generate`` calls, and the cached-token counts."""
-    first = llm.generate(FIRST, [GREEDY, GREEDY, SEEDED, GREEDY])
-    second = llm.generate(SECOND, [GREEDY, SEEDED])
+    first = llm.generate(FIRST, [GREEDY, GREEDY, SEEDED, PENALISED])
+    second = llm.generate(SECOND, [PENALISED, SEEDED])
     outs = first + second
     return [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
 
