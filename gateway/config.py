@@ -46,6 +46,9 @@ class GatewayConfig:
     # Tokens per streamed event at least (the first token and the last event are never held back):
     # fewer, larger events for batch-heavy deployments. 1 = an event as soon as tokens arrive.
     stream_interval: int = 1
+    # When every instance refused a request as full, it waits this long for room, retrying, before
+    # the client gets 429: a burst above capacity queues, as in one engine, instead of failing.
+    queue_timeout_s: float = 30.0
     tls: TLSConfig | None = None  # gRPC to the instances and on the public gRPC port
     http: HTTPLimits = HTTPLimits()  # per-connection bounds of the REST server
     api_key: str | None = field(default=None, repr=False)  # required on /v1/* and the public gRPC API
@@ -73,5 +76,7 @@ class GatewayConfig:
             raise ValueError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("api_key: use at least 8 characters")
+        if self.queue_timeout_s < 0:
+            raise ValueError(f"queue_timeout_s: must be >= 0, got {self.queue_timeout_s}")
         if self.request_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("request_timeout_s and health_interval_s must be > 0")

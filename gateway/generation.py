@@ -98,8 +98,9 @@ class Generator:
         max_prompt_tokens: int | None = None,
         max_concurrent_requests: int = 1024,
         stream_interval: int = 1,
+        queue_timeout_s: float = 30.0,
     ) -> None:
-        self.stream_interval = stream_interval
+        self.stream_interval, self.queue_timeout_s = stream_interval, queue_timeout_s
         self.max_prompt_tokens, self.max_concurrent_requests = max_prompt_tokens, max_concurrent_requests
         self.num_in_flight = 0
         self.prefill, self.decode, self.metrics = prefill, decode, metrics
@@ -257,10 +258,18 @@ class Generator:
         tried: dict[str, set[str]] = {"prefill": set(), "decode": set()}
         refused: APIError | None = None
         colocated = not self.prefill.instances  # each decode instance runs its prompts itself
+        since, waits = time.monotonic(), 0
         while True:
             decode = self.decode.pick(prompt_ids, tried["decode"])
             prefill = None if colocated else self.prefill.pick(prompt_ids, tried["prefill"])
             if decode is None or (prefill is None and not colocated):
+                if (
+                    refused is not None
+                    and refused.status == 429
+                    and await self._wait_for_room(since, waits, request)
+                ):
+                    tried, refused, waits = {"prefill": set(), "decode": set()}, None, waits + 1
+                    continue
                 role = "decode" if decode is None else "prefill"
                 raise refused or APIError(
                     503, f"no healthy {role} instance to serve the request", type="service_unavailable"
@@ -290,6 +299,22 @@ class Generator:
                 if not started and prefill is not None:
                     prefill.in_flight -= 1
                 await responses.aclose()  # given up early: decode cancels the request
+
+    async def _wait_for_room(self, since: float, waits: int, request: decode_pb2.GenerateRequest) -> bool:
+        """Every instance refused the request as full: wait a little (10 ms, doubling to 200 ms) and
+        say whether to try them again — not past ``queue_timeout_s`` nor the request's deadline."""
+        delay = min(0.2, 0.01 * 2**waits)
+        if (
+            time.monotonic() + delay - since > self.queue_timeout_s
+            or time.time_ns() + delay * 1e9 > request.deadline_unix_ns
+        ):
+            return False
+        self.metrics.queued.inc()
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            self.metrics.queued.dec()
+        return True
 
     def _session(self, decode: Instance) -> DecodeSession:
         session = self._sessions.get(decode.address)

@@ -27,6 +27,9 @@ class Metrics:
             "pdserve_requests", "Finished requests by API and outcome", ["api", "status"], registry=r
         )
         self.in_flight = Gauge("pdserve_requests_in_flight", "Requests being served", registry=r)
+        self.queued = Gauge(
+            "pdserve_requests_queued", "Requests waiting for room: every instance was full", registry=r
+        )
         self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.output_tokens = Counter("pdserve_generation_tokens", "Generated tokens", registry=r)
         self.ttft = Histogram("pdserve_time_to_first_token_seconds", "TTFT", buckets=_LATENCY, registry=r)

@@ -44,7 +44,7 @@ class GatewayState:
         self.metrics = Metrics([self.prefill, self.decode])
         self.generator = LoggedGenerator(
             cfg.model, self.prefill, self.decode, self.metrics, cfg.request_timeout_s, cfg.max_model_len,
-            cfg.max_prompt_tokens, cfg.max_concurrent_requests, cfg.stream_interval,
+            cfg.max_prompt_tokens, cfg.max_concurrent_requests, cfg.stream_interval, cfg.queue_timeout_s,
         )  # fmt: skip
         self.generator.log_requests = cfg.log_requests
         for pool in (self.prefill, self.decode):

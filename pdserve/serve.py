@@ -110,6 +110,10 @@ def add_gateway_args(p: argparse.ArgumentParser, with_model_len: bool = True) ->
         "--max-concurrent-requests", type=int, default=1024, help="more in flight are refused (429)"
     )
     p.add_argument(
+        "--queue-timeout-s", type=float, default=30.0,
+        help="when every instance is full, a request waits this long for room (then 429)",
+    )  # fmt: skip
+    p.add_argument(
         "--stream-interval", type=int, default=1,
         help="send a streamed event once this many tokens accumulated (the first token at once)",
     )  # fmt: skip
@@ -144,6 +148,7 @@ def _gateway_config(
         max_prompt_tokens=args.max_prompt_tokens,
         max_concurrent_requests=args.max_concurrent_requests,
         stream_interval=args.stream_interval,
+        queue_timeout_s=args.queue_timeout_s,
         tls=_tls(args),
         api_key=_api_key(args, env),
         log_requests=not args.disable_log_requests,

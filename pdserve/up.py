@@ -97,15 +97,9 @@ def _up(args: argparse.Namespace, env: Env) -> int:
     tls_flags = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     tls = [part for flag, value in tls_flags.items() if value for part in (flag, value)]
     engine += tls
-    gateway = ["--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy,
-               "--request-timeout-s", str(args.request_timeout_s), "--log-format", args.log_format]  # fmt: skip
-    gateway += ["--disable-log-requests"] if args.disable_log_requests else []
-    gateway += ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    gateway = ["--log-format", args.log_format]
     gateway += ["--max-model-len", str(args.max_model_len)] if args.max_model_len is not None else []
-    gateway += ["--api-key-file", args.api_key_file] if args.api_key_file else []  # else $PDSERVE_API_KEY
-    gateway += ["--max-request-bytes", str(args.max_request_bytes), "--max-concurrent-requests",
-                str(args.max_concurrent_requests)]  # fmt: skip
-    gateway += ["--max-prompt-tokens", str(args.max_prompt_tokens)] if args.max_prompt_tokens else []
+    gateway += gateway_flags(args)
     gateway += tls
     # Only the devices instances will use: checked here, not in the placement (which is pure).
     roles = (["prefill"] if args.num_prefill else []) + ["decode"]
@@ -125,6 +119,26 @@ def _up(args: argparse.Namespace, env: Env) -> int:
         model, prefill, decode, gateway, args.host, args.port, args.grpc_port, args.start_timeout_s,
         policy, args.drain_timeout_s + 10.0,  # an instance drains, then gets SIGKILL
     )  # fmt: skip
+
+
+def gateway_flags(args: argparse.Namespace) -> list[str]:
+    """Every gateway flag given to ``pdserve up`` (those ``add_gateway_args`` defines) that differs
+    from its default, as the gateway child's arguments: a new gateway flag works under ``up``
+    without a line here. ``up`` sets the listening address itself."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_gateway_args(parser, with_model_len=False)
+    flags: list[str] = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if (
+            not action.option_strings
+            or action.dest in ("host", "port", "grpc_port")
+            or value == action.default
+        ):
+            continue
+        flag = action.option_strings[0]
+        flags += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return flags
 
 
 def up_instance_args(args: argparse.Namespace, engine: list[str]) -> tuple[list[list[str]], list[list[str]]]:

@@ -320,6 +320,37 @@ def test_prefix_aware_prefill_routing_hits_the_cache(instances, tiny_model, poli
         assert not all(follow_ups), "round robin should split some groups across the two prefills"
 
 
+def test_a_request_waits_for_room_when_every_decode_is_full(instances, tiny_model):
+    """The only decode holds one sequence and runs one: with --queue-timeout-s 0 a request is 429 at
+    once; by default it waits, and is served once the running one ends."""
+    one = instances["one_seq"]
+    impatient = start_gateway(instances, tiny_model, "--queue-timeout-s", "0", decode=[one])
+    patient = start_gateway(instances, tiny_model, decode=[one])
+    busy = decode_pb2_grpc.DecodeServiceStub(one.channel).Generate(
+        decode_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7], prefill_address=instances["prefill"][0].address,
+            sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)),
+        ), timeout=TIMEOUT_S,
+    )  # fmt: skip
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}
+    try:
+        next(busy)
+        assert one.load().num_running == 1
+        refused = httpx.post(f"{impatient.http_url}/v1/completions", json=body, timeout=TIMEOUT_S)
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        threading.Timer(1.0, busy.cancel).start()  # room in a second
+        start = time.monotonic()
+        served = httpx.post(f"{patient.http_url}/v1/completions", json=body, timeout=TIMEOUT_S)
+        assert served.status_code == 200, served.text
+        assert 0.8 < time.monotonic() - start < 20
+        assert served.json()["usage"]["completion_tokens"] == 2
+    finally:
+        busy.cancel()
+        impatient.stop()
+        patient.stop()
+    one.wait_idle()
+
+
 def test_full_decode_refuses_and_the_gateway_retries_elsewhere(instances, tiny_model):
     one = instances["one_seq"]
     gw = start_gateway(
