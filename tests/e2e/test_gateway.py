@@ -320,18 +320,24 @@ def test_prefix_aware_prefill_routing_hits_the_cache(instances, tiny_model, poli
         assert not all(follow_ups), "round robin should split some groups across the two prefills"
 
 
+def _occupy(decode: Service, prefill: Service):
+    """A long request straight to ``decode`` (through ``prefill``): its stream, to read and cancel."""
+    params = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+    return decode_pb2_grpc.DecodeServiceStub(decode.channel).Generate(
+        decode_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7], prefill_address=prefill.address, sampling=sampling_to_proto(params)
+        ),
+        timeout=TIMEOUT_S,
+    )
+
+
 def test_a_request_waits_for_room_when_every_decode_is_full(instances, tiny_model):
     """The only decode holds one sequence and runs one: with --queue-timeout-s 0 a request is 429 at
     once; by default it waits, and is served once the running one ends."""
     one = instances["one_seq"]
     impatient = start_gateway(instances, tiny_model, "--queue-timeout-s", "0", decode=[one])
     patient = start_gateway(instances, tiny_model, decode=[one])
-    busy = decode_pb2_grpc.DecodeServiceStub(one.channel).Generate(
-        decode_pb2.GenerateRequest(
-            prompt_token_ids=[5, 6, 7], prefill_address=instances["prefill"][0].address,
-            sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)),
-        ), timeout=TIMEOUT_S,
-    )  # fmt: skip
+    busy = _occupy(one, instances["prefill"][0])
     body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}
     try:
         next(busy)
@@ -356,12 +362,7 @@ def test_full_decode_refuses_and_the_gateway_retries_elsewhere(instances, tiny_m
     gw = start_gateway(
         instances, tiny_model, "--decode-policy", "round_robin", decode=[one, instances["decode"][0]]
     )
-    busy = decode_pb2_grpc.DecodeServiceStub(one.channel).Generate(
-        decode_pb2.GenerateRequest(
-            prompt_token_ids=[5, 6, 7], prefill_address=instances["prefill"][0].address,
-            sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)),
-        ), timeout=TIMEOUT_S,
-    )  # fmt: skip
+    busy = _occupy(one, instances["prefill"][0])
     try:
         next(busy)
         with httpx.Client(timeout=TIMEOUT_S) as client:
