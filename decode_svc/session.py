@@ -96,7 +96,11 @@ class Session:
         elif not self.drain.try_admit():
             self._fail(request_id, Unavailable(DRAINING))
         else:
-            self._tasks[request_id] = asyncio.create_task(self._serve(request), name=f"session-{request_id}")
+            task = self._tasks[request_id] = asyncio.create_task(
+                self._serve(request), name=f"session-{request_id}"
+            )
+            # Not in _serve's finally: a task cancelled before its first step never runs it.
+            task.add_done_callback(functools.partial(self._ended, request_id))
 
     async def _serve(self, request: decode_pb2.GenerateRequest) -> None:
         request_id = request.request_id
@@ -109,10 +113,11 @@ class Session:
             pass  # given up by the gateway, or the session ended: nobody wants an update
         except Exception as exc:
             self._fail(request_id, self._error(request_id, exc))
-        finally:
-            self._tasks.pop(request_id, None)
-            self.drain.release()
-            self._ready.set()
+
+    def _ended(self, request_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(request_id, None)
+        self.drain.release()
+        self._ready.set()
 
     def _forward(self, request_id: str, responses: Responses, out: RequestOutput) -> None:
         update = decode_pb2.RequestUpdate(request_id=request_id)

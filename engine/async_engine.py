@@ -187,6 +187,8 @@ class AsyncEngine:
         stream, which starts with the first token's output. Not a coroutine on purpose: the engine
         owns ``pages`` from the moment of the call (before any await), and whatever happens after —
         the request is invalid, the caller is cancelled — frees them exactly once."""
+        if self.failure is not None:  # nobody would run ``add``: the pages go back with the error
+            return self._failed(EngineFailed(f"the engine loop failed: {self.failure!r}"))
         try:
             stream = self._register(request_id, deadline_ns)
         except ValueError as exc:

@@ -20,6 +20,9 @@ _REPLACEMENT = "\ufffd"
 # Prompt tokens decoded with the first output tokens, so context-dependent decoders (SentencePiece's
 # leading space) render the first output token as it reads after the prompt.
 _PROMPT_CONTEXT_TOKENS = 5
+# Held tokens past which the held bytes can never complete a character (see ``_unstick``), and how
+# many of the newest stay held then (they may still start one).
+_MAX_HELD, _KEEP_HELD = 8, 3
 
 
 class IncrementalDetokenizer:
@@ -27,7 +30,9 @@ class IncrementalDetokenizer:
 
     Contract: for output ids t1..tn, "".join(push(t) for t in ids) + flush() equals
     tokenizer.decode(ids) for byte-level tokenizers (decoders whose output does not depend on what
-    precedes the first token); and push() never returns text ending in a partial character.
+    precedes the first token) — but for runs of bytes that form no character, where the number of
+    U+FFFD may differ; push() never returns text ending in a partial character, and costs the same
+    whatever came before.
     """
 
     def __init__(
@@ -38,11 +43,7 @@ class IncrementalDetokenizer:
         self.output_ids: list[int] = []
         self._text_parts: list[str] = []
         self._held = 0  # output tokens at the end whose text is held back (an incomplete character)
-        context = list(prompt_ids[max(0, len(prompt_ids) - _PROMPT_CONTEXT_TOKENS) :])
-        if self._decode(context).endswith(_REPLACEMENT):
-            # The prompt ends inside a character: its context would make our deltas inconsistent.
-            context = []
-        self._step = tokenizer.decode_stream(skip_special_tokens, context)
+        self._restart(prompt_ids)
 
     @property
     def text(self) -> str:
@@ -58,10 +59,23 @@ class IncrementalDetokenizer:
         delta = self._step(token_id)
         if delta is None:
             self._held += 1
-            return ""
+            return self._unstick() if self._held > _MAX_HELD else ""
         self._held = 0
         if delta:
             self._text_parts.append(delta)
+        return delta
+
+    def _unstick(self) -> str:
+        """Many tokens held: their bytes end in something no later token can complete (a UTF-8
+        character is at most 4 bytes), yet every push would decode the growing window again. Emit
+        all but the last ``_KEEP_HELD`` tokens' text (as U+FFFD, as decode() shows it) and go on
+        from there."""
+        keep = self.output_ids[-_KEEP_HELD:]
+        del self.output_ids[-_KEEP_HELD:]
+        self._held -= _KEEP_HELD
+        delta = self.flush()
+        for token_id in keep:  # through the fresh stream, as pushes
+            delta += self.push(token_id)
         return delta
 
     def push_many(self, token_ids: Sequence[int]) -> str:
@@ -80,12 +94,19 @@ class IncrementalDetokenizer:
         ]
         delta = self._decode(before + held)[len(self._decode(before)) :]
         self._held = 0
-        self._step = self._tokenizer.decode_stream(
-            self._skip_special, self.output_ids[-_PROMPT_CONTEXT_TOKENS:]
-        )
+        self._restart(self.output_ids)
         if delta:
             self._text_parts.append(delta)
         return delta
+
+    def _restart(self, seen: Sequence[int]) -> None:
+        """A fresh stream that has seen the last few of ``seen`` as context."""
+        context = list(seen[max(0, len(seen) - _PROMPT_CONTEXT_TOKENS) :])
+        if self._decode(context).endswith(_REPLACEMENT):
+            # The context ends inside a character (or in bytes that form none): it would make our
+            # deltas inconsistent.
+            context = []
+        self._step = self._tokenizer.decode_stream(self._skip_special, context)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""

@@ -88,26 +88,30 @@ class DecodeSession:
         self._outgoing.put_nowait(decode_pb2.SessionRequest(generate=request))
         grace = max(0.0, (request.deadline_unix_ns - time.time_ns()) / 1e9) + DEADLINE_GRACE_S
         timer = asyncio.get_running_loop().call_later(grace, box.put, _silent(self.address))
-        finished = False
+        ended = False  # decode ended it (its last response, or its error): nothing to cancel
         try:
-            while not finished:
-                responses = []
+            while not ended:
+                responses, error = [], None
                 for update in await box.take():
-                    if isinstance(update, DecodeError):
-                        finished = True
-                        raise update
+                    if isinstance(update, DecodeError):  # the session broke, or decode went silent
+                        error = update
+                        break
                     if update.error_code:
-                        finished = True
-                        raise DecodeError(
+                        ended = True
+                        error = DecodeError(
                             _CODES[update.error_code], update.error_message, update.fault or None
                         )
+                        break
                     responses.append(update.response)
-                    finished = bool(update.response.finish_reason)
-                yield responses
+                    ended = bool(update.response.finish_reason)
+                if responses:  # what decode sent before an error still reaches the caller
+                    yield responses
+                if error is not None:
+                    raise error
         finally:
             timer.cancel()
             del self._boxes[request_id]
-            if not finished and self._call is not None:  # the caller gave up: so does decode
+            if not ended and self._call is not None:  # given up (the caller, or the deadline): decode too
                 self._outgoing.put_nowait(decode_pb2.SessionRequest(cancel_request_id=request_id))
 
     def _open(self) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -214,8 +214,9 @@ class Generator:
         m.in_flight.inc()
         m.prompt_tokens.inc(len(prompt_ids))
         self.num_in_flight += 1
+        dispatch = self._dispatch(request, prompt_ids)
         try:
-            async for batch in self._dispatch(request, prompt_ids):
+            async for batch in dispatch:
                 now = time.monotonic()
                 if num_new := sum(len(msg.token_ids) for msg in batch):
                     (m.ttft if num_out == 0 else m.itl).observe(now - last)
@@ -235,6 +236,7 @@ class Generator:
             status = "cancelled"
             raise
         finally:
+            await dispatch.aclose()  # now, not when the generator is collected: decode is told at once
             self.num_in_flight -= 1
             m.in_flight.dec()
             m.requests.labels(api, status).inc()
@@ -254,22 +256,20 @@ class Generator:
 
     async def _dispatch(
         self, request: decode_pb2.GenerateRequest, prompt_ids: list[int]
-    ) -> AsyncIterator[list[decode_pb2.GenerateResponse]]:
+    ) -> AsyncGenerator[list[decode_pb2.GenerateResponse], None]:
         tried: dict[str, set[str]] = {"prefill": set(), "decode": set()}
         refused: APIError | None = None
         colocated = not self.prefill.instances  # each decode instance runs its prompts itself
+        full: APIError | None = None  # a "no room" refusal, if any came: worth waiting for
         since, waits = time.monotonic(), 0
         while True:
             decode = self.decode.pick(prompt_ids, tried["decode"])
             prefill = None if colocated else self.prefill.pick(prompt_ids, tried["prefill"])
             if decode is None or (prefill is None and not colocated):
-                if (
-                    refused is not None
-                    and refused.status == 429
-                    and await self._wait_for_room(since, waits, request)
-                ):
-                    tried, refused, waits = {"prefill": set(), "decode": set()}, None, waits + 1
+                if full is not None and await self._wait_for_room(since, waits, request):
+                    tried, refused, full, waits = {"prefill": set(), "decode": set()}, None, None, waits + 1
                     continue
+                refused = full or refused
                 role = "decode" if decode is None else "prefill"
                 raise refused or APIError(
                     503, f"no healthy {role} instance to serve the request", type="service_unavailable"
@@ -292,6 +292,8 @@ class Generator:
                 if started:
                     raise APIError.from_grpc(e.code, e.details) from None
                 refused = self._refusal(e, decode, prefill, tried)
+                if refused is not None and refused.status == 429:
+                    full = refused
                 if refused is None:
                     raise APIError.from_grpc(e.code, e.details) from None
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -110,3 +111,18 @@ def test_find_stop_with_streamed_deltas(tok):
         if found is not None:
             break
     assert found == text.index("😀") and text.startswith("Le café 😀 é")
+
+
+def test_bytes_that_never_form_a_character_stream_in_linear_time(tok):
+    """A client can bias the sampler towards a byte no character starts with (0xFF): the text is
+    U+FFFD per byte as decode() shows it, streamed as it comes, each push as cheap as the first."""
+    ff = tok.token_to_id("ÿ")  # byte-level BPE's symbol for the byte 0xFF
+    assert ff is not None and tok.decode([ff]) == "\ufffd"
+    for n in (500, 4000):
+        ids = [ff] * n + tok.encode(" then café")
+        start = time.perf_counter()
+        parts = stream(tok, ids)
+        elapsed = time.perf_counter() - start
+        assert "".join(parts) == tok.decode(ids)
+        assert sum(len(p) for p in parts[: n // 2]) > 0  # not all held back to the end
+        assert elapsed < 0.5 + n * 50e-6, elapsed  # linear: ~µs per token, not a decode of the window
