@@ -33,6 +33,7 @@ import os
 import pickle
 import signal
 import socket
+import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -120,12 +121,18 @@ class TPWorkers:
     def dead_rank(self, timeout_s: float) -> str | None:
         """Which worker is gone and how, waiting up to ``timeout_s`` for one to exit (a collective
         fails as soon as a dying peer's sockets close, before the peer is reaped); None if all live."""
-        wait([p.sentinel for p in self.procs], timeout_s)
-        try:
-            self.check_alive()
-        except RuntimeError as e:
-            return str(e)
-        return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.check_alive()
+            except RuntimeError as e:
+                return str(e)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            # The sentinel fires when the process exits; polling too covers one whose sentinel
+            # another process still holds open (is_alive asks the kernel directly).
+            wait([p.sentinel for p in self.procs], min(left, 0.05))
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers and leave the group. ``graceful``: every worker is alive and idle, so all
