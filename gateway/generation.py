@@ -67,10 +67,12 @@ class _Chunker:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
         self.num_sent = 0
+        self.num_received = 0  # output tokens decode sent so far
 
     def add(self, batch: list[decode_pb2.GenerateResponse]) -> Chunk | None:
         new = [t for msg in batch for t in msg.token_ids]
         self.token_ids += new
+        self.num_received += len(new)
         self.logprobs += [logprob_from_proto(lp) for msg in batch for lp in msg.logprobs]
         self.text.push_many([t for t in new if t not in self.stop_ids])
         end = batch[-1]
@@ -218,10 +220,10 @@ class Generator:
         try:
             async for batch in dispatch:
                 now = time.monotonic()
-                if num_new := sum(len(msg.token_ids) for msg in batch):
-                    (m.ttft if num_out == 0 else m.itl).observe(now - last)
-                    last, num_out = now, num_out + num_new
                 chunk = chunks.add(batch)
+                if chunks.num_received > num_out:
+                    (m.ttft if num_out == 0 else m.itl).observe(now - last)
+                    last, num_out = now, chunks.num_received
                 if chunk is None:
                     continue
                 if chunk.timing is not None:

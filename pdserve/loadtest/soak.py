@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from pdserve.loadtest.load_test import auth_headers
+from pdserve.loadtest.senders import auth_headers
 from pdserve.loadtest.workload import served_vocab_size
 from protos import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from protos.convert import is_idle

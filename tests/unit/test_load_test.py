@@ -14,11 +14,9 @@ import pytest
 
 from pdserve.loadtest.load_test import (
     LoadTestConfig,
-    RequestError,
     build_parser,
     build_workload,
     main,
-    on_rest_chunk,
 )
 from pdserve.loadtest.metrics import (
     RequestRecord,
@@ -32,6 +30,7 @@ from pdserve.loadtest.metrics import (
     write_plots,
     write_report,
 )
+from pdserve.loadtest.senders import RequestError, on_rest_chunk
 from pdserve.loadtest.workload import RequestSpec, arrival_times, load_jsonl, random_workload
 
 
